@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# OS packages for the multi-host namespace cluster tests: sshd per namespace, pdsh for
+# DeepSpeed's launcher, iproute2 for netns/veth, iperf3 and nftables for doctor's fault cases.
+set -euo pipefail
+need=()
+for pkg in openssh-server openssh-client pdsh iproute2 iperf3 nftables; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-os-deps: missing ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
+  exit 0
+fi
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

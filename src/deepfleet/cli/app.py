@@ -1,0 +1,32 @@
+"""The `deepfleet` command. Each subcommand lives in its own module and is registered here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from deepfleet.errors import DeepfleetError
+
+app = typer.Typer(
+    name="deepfleet",
+    help="From a few GPU servers to a fine-tuned LLM across all of them, with DeepSpeed.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def main() -> None:
+    try:
+        app()
+    except DeepfleetError as exc:
+        print(exc.render(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

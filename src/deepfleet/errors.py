@@ -1,0 +1,51 @@
+"""The one user-facing error type.
+
+Anything a user can cause (a bad recipe, an unreachable host, unreadable data) raises
+`DeepfleetError`. The CLI catches it once and prints one line per problem:
+``error: <where>: <what> (fix: <how>)``, then exits with `exit_code` (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Problem:
+    what: str
+    where: str = ""
+    fix: str = ""
+
+    def render(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        return f"{text} (fix: {self.fix})" if self.fix else text
+
+
+@dataclass
+class DeepfleetError(Exception):
+    """One or more problems a user can fix. `exit_code` is what the CLI exits with."""
+
+    problems: list[Problem] = field(default_factory=list)
+    exit_code: int = EXIT_BAD_INPUT
+
+    def __init__(self, what: str = "", *, where: str = "", fix: str = "",
+                 problems: Iterable[Problem] = (), exit_code: int = EXIT_BAD_INPUT):
+        self.problems = list(problems) or [Problem(what=what, where=where, fix=fix)]
+        self.exit_code = exit_code
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(f"error: {p.render()}" for p in self.problems)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

@@ -1,0 +1,1 @@
+"""The fleet: inventory, OpenSSH transport, per-host facts, doctor checks, ssh-setup."""

@@ -1,0 +1,1 @@
+"""Launch: per-host command builders (pure: argv + env), backends, supervisor."""

@@ -1,0 +1,1 @@
+"""Pure planning: recipe schema, memory estimate, DeepSpeed config build and validation."""

@@ -1,0 +1,131 @@
+"""The recipe: one YAML file that says what to train, on what data, and how.
+
+Every section is a typed model that forbids unknown keys; `recipe_io.load_recipe` turns
+pydantic's errors into one line each, with file:line, key path and a did-you-mean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_MODEL_PREFIX = "builtin:"
+BUILTIN_DATA = "builtin:tasks"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name: str = "builtin:tiny"               # HF Hub id, local HF dir, or builtin:tiny
+    revision: Optional[str] = None            # Hub revision (branch, tag or commit)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class ValidationSpec(Section):
+    split: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of train held out
+    files: list[str] = []                       # or separate validation files
+    every_steps: int = Field(0, ge=0)           # 0: only at the end
+
+
+class DataSpec(Section):
+    train: list[str] = [BUILTIN_DATA]           # JSONL/JSON/parquet files, a saved HF dataset dir, or builtin:tasks
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "text"] = "auto"
+    max_length: int = Field(512, ge=8)
+    packing: bool = True
+    validation: ValidationSpec = ValidationSpec()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class TrainSpec(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)   # overrides epochs when set
+    global_batch: int = Field(16, gt=0)            # sequences (or packed rows) per optimizer step, all ranks
+    micro_batch: int = Field(4, gt=0)              # per rank per forward
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0)              # < 1: fraction of steps; >= 1: steps
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)        # 0 turns clipping off
+    seed: int = 42
+    gradient_checkpointing: bool = False
+
+
+class DeepSpeedSpec(Section):
+    zero: Union[Literal["auto"], int] = 2
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: Optional[str] = None
+    config: Optional[str] = None     # path to the user's own DeepSpeed JSON; validated, "auto" filled in
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        # `deepspeed: auto` lets the planner choose; `deepspeed: ds.json` points at a user config.
+        if value == "auto":
+            return {"zero": "auto"}
+        if isinstance(value, int):
+            return {"zero": value}
+        if isinstance(value, str):
+            return {"config": value}
+        return value
+
+    @field_validator("zero")
+    @classmethod
+    def _stage(cls, value):
+        if value != "auto" and value not in (0, 1, 2, 3):
+            raise ValueError("ZeRO stage must be 0, 1, 2, 3 or auto")
+        return value
+
+
+class CheckpointSpec(Section):
+    every_steps: int = Field(0, ge=0)        # 0: off
+    every_minutes: float = Field(0, ge=0)    # 0: off
+    keep: int = Field(2, ge=1)               # newest complete checkpoints kept
+    preempt_signal: Literal["SIGTERM", "SIGUSR1"] = "SIGTERM"
+
+
+class LoggingSpec(Section):
+    every_steps: int = Field(1, gt=0)
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = Field(None, gt=0)   # per rank, for MFU; measured when unset
+    heartbeat_seconds: float = Field(5.0, gt=0)
+
+
+class Recipe(Section):
+    model: ModelSpec = ModelSpec()
+    method: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraSpec = LoraSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    logging: LoggingSpec = LoggingSpec()
+    output_dir: str = "runs/demo"
+    resume: bool = True
+    env: dict[str, str] = {}          # extra environment for every rank
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value):
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir)

@@ -1,0 +1,122 @@
+"""Recipe loading: YAML text + `key=value` overrides -> a validated `Recipe`, or every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.plan.recipe import Recipe
+
+KeyPath = tuple[str, ...]
+
+
+def key_lines(text: str) -> dict[KeyPath, int]:
+    """Map each mapping key path in a YAML document to its 1-based line number."""
+    lines: dict[KeyPath, int] = {}
+
+    def walk(node: yaml.Node, path: KeyPath) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (str(key_node.value),)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (str(index),)] = item.start_mark.line + 1
+                walk(item, path + (str(index),))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DeepfleetError(f"override {item!r} is not key=value", where="command line",
+                                 fix="write it like train.lr=1e-4")
+        parts = key.strip().split(".")
+        target = result
+        for part in parts[:-1]:
+            if not isinstance(target.get(part), dict):
+                target[part] = {} if target.get(part) is None else target[part]
+            if not isinstance(target[part], dict):
+                raise DeepfleetError(f"override {item!r}: {part} is not a section", where="command line",
+                                     fix=f"override a key inside a section, e.g. train.lr=1e-4")
+            target = target[part]
+        target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
+    """The field names of the sub-model reached by `path`, for did-you-mean suggestions."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
+    loc = tuple(str(part) for part in error["loc"])
+    # Union/shorthand validators add type tags such as "function-before[...]" to loc: drop them.
+    loc = tuple(part for part in loc if not part.startswith(("function-", "union[", "literal[")) and "[" not in part)
+    key_path = ".".join(loc) or "(top level)"
+    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+    where = f"{source}:{line}" if line else source
+    if error["type"] == "extra_forbidden":
+        hint = did_you_mean(loc[-1], _fields_at(Recipe, loc[:-1]))
+        allowed = ", ".join(_fields_at(Recipe, loc[:-1]))
+        return Problem(what=f"unknown key {key_path}{hint}", where=where,
+                       fix=f"remove it or use one of: {allowed}")
+    message = error["msg"].removeprefix("Value error, ")
+    return Problem(what=f"{key_path}: {message}", where=where,
+                   fix="see the commented example in examples/ for allowed values")
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+        lines = key_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
+                             fix="check indentation and quoting on that line") from None
+    if not isinstance(data, dict):
+        raise DeepfleetError("a recipe must be a YAML mapping of sections", where=source,
+                             fix="start with keys such as model:, data:, train:")
+    overrides = list(overrides)
+    data = apply_overrides(data, overrides)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem(e, source, lines) for e in exc.errors()]
+        raise DeepfleetError(problems=problems) from None
+
+
+def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file (or use the built-in defaults when `path` is None)."""
+    if path is None:
+        return parse_recipe("", "<defaults>", overrides)
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read recipe: {exc.strerror}", where=str(path),
+                             fix="check the path, or run without a recipe for the built-in demo") from None
+    return parse_recipe(text, str(path), overrides)
