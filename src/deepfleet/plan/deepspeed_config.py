@@ -110,3 +110,14 @@ def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total
         "wall_clock_breakdown": False,
     }
     return config
+
+
+def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
+                             bf16_supported: bool) -> dict[str, Any]:
+    """The config a run uses: the recipe's explicit stage, the planner's choice, or the user's JSON."""
+    spec = recipe.deepspeed
+    if spec.config is not None or spec.zero == "auto":
+        raise DeepfleetError("deepspeed: auto and deepspeed.config are not supported yet", where="deepspeed",
+                             fix="set deepspeed.zero to 0, 1, 2 or 3")
+    return build_deepspeed_config(recipe, stage=int(spec.zero), world_size=world_size, total_steps=total_steps,
+                                  accelerator=accelerator, bf16_supported=bf16_supported)
