@@ -1,0 +1,163 @@
+"""Reading training data: JSONL, JSON, parquet, a saved HF dataset dir, or `builtin:tasks`.
+
+Every record keeps where it came from (`file:line` for JSONL, `file record N` otherwise), so a
+later problem with its shape can point at it. Unreadable files and malformed JSONL lines are
+`DeepfleetError`s; all malformed lines are collected before raising (the first few are listed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deepfleet.errors import DeepfleetError, Problem
+from deepfleet.train.builtin import BUILTIN_DATA_NAME, BUILTIN_TRAIN_RECORDS, builtin_task_records
+
+MAX_LISTED_PROBLEMS = 5
+BUILTIN_VALIDATION_RECORDS = 256
+SUPPORTED = ".jsonl, .json, .parquet, a saved HF dataset dir, or builtin:tasks"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceRecord:
+    fields: dict[str, Any]
+    where: str      # file:line (JSONL) or "file record N"; for error messages
+
+
+def capped_problems(problems: list[Problem], *, fix: str) -> list[Problem]:
+    """The first few problems, plus one line saying how many more there were."""
+    if len(problems) <= MAX_LISTED_PROBLEMS:
+        return problems
+    hidden = len(problems) - MAX_LISTED_PROBLEMS
+    where = problems[MAX_LISTED_PROBLEMS].where
+    return [*problems[:MAX_LISTED_PROBLEMS],
+            Problem(what=f"... and {hidden} more like these", where=where, fix=fix)]
+
+
+def _unreadable(path: Path, reason: str, key: str) -> DeepfleetError:
+    return DeepfleetError(f"cannot read data file: {reason}", where=str(path),
+                          fix=f"check the path and permissions in {key} (relative paths are from the current directory)")
+
+
+def _read_text(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _unreadable(path, "not UTF-8 text", key) from None
+    except OSError as exc:
+        raise _unreadable(path, exc.strerror or str(exc), key) from None
+
+
+def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
+    records: list[SourceRecord] = []
+    problems: list[Problem] = []
+    fix = "make each line one JSON object, e.g. {\"messages\": [...]}"
+    for number, line in enumerate(_read_text(path, key).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(what=f"malformed JSON line: {exc.msg} (column {exc.colno})", where=where, fix=fix))
+            continue
+        if not isinstance(value, dict):
+            problems.append(Problem(what=f"line is a JSON {type(value).__name__}, not an object", where=where, fix=fix))
+            continue
+        records.append(SourceRecord(fields=value, where=where))
+    if problems:
+        raise DeepfleetError(problems=capped_problems(problems, fix=fix))
+    return records
+
+
+def read_json(path: Path, key: str) -> list[SourceRecord]:
+    try:
+        value = json.loads(_read_text(path, key))
+    except json.JSONDecodeError as exc:
+        raise DeepfleetError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}",
+                             fix="fix the JSON, or use JSONL (one object per line)") from None
+    if not isinstance(value, list):
+        raise DeepfleetError(f"a .json data file must hold a list of records, not a {type(value).__name__}",
+                             where=str(path), fix="write [ {...}, {...} ] or use JSONL (one object per line)")
+    return _records_from_rows(value, path)
+
+
+def _records_from_rows(rows: list[Any], path: Path) -> list[SourceRecord]:
+    records: list[SourceRecord] = []
+    problems: list[Problem] = []
+    for index, row in enumerate(rows, start=1):
+        if isinstance(row, dict):
+            records.append(SourceRecord(fields=row, where=f"{path} record {index}"))
+        else:
+            problems.append(Problem(what=f"record is a {type(row).__name__}, not an object",
+                                    where=f"{path} record {index}", fix="make each record a JSON object"))
+    if problems:
+        raise DeepfleetError(problems=capped_problems(problems, fix="make each record a JSON object"))
+    return records
+
+
+def read_parquet(path: Path, key: str) -> list[SourceRecord]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise _unreadable(path, str(exc).splitlines()[0], key) from None
+    return _records_from_rows(rows, path)
+
+
+def read_dataset_dir(path: Path, key: str) -> list[SourceRecord]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DeepfleetError(f"directory is not a saved HF dataset ({str(exc).splitlines()[0]})", where=str(path),
+                             fix="save it with Dataset.save_to_disk, or point at a .jsonl/.json/.parquet file") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if "train" not in loaded and len(splits) != 1:
+            raise DeepfleetError(f"saved DatasetDict has splits {splits} and none is 'train'", where=str(path),
+                                 fix="save the split you want to train on by itself, or name it 'train'")
+        loaded = loaded["train"] if "train" in loaded else loaded[splits[0]]
+    return _records_from_rows(loaded.to_list(), path)
+
+
+def read_builtin(*, seed: int, validation: bool) -> list[SourceRecord]:
+    if validation:
+        rows = builtin_task_records(BUILTIN_VALIDATION_RECORDS, seed=seed, split="heldout")
+    else:
+        rows = builtin_task_records(BUILTIN_TRAIN_RECORDS, seed=seed, split="train")
+    name = f"{BUILTIN_DATA_NAME}[{'heldout' if validation else 'train'}]"
+    return [SourceRecord(fields=row, where=f"{name} record {index}") for index, row in enumerate(rows, start=1)]
+
+
+def read_source(source: str, *, key: str, seed: int, validation: bool = False) -> list[SourceRecord]:
+    """All records of one entry of `data.train` (or `data.validation.files`, which `key` names).
+
+    `builtin:tasks` gives the built-in training records, or, as a validation source, held-out ones.
+    """
+    if source == BUILTIN_DATA_NAME:
+        return read_builtin(seed=seed, validation=validation)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DeepfleetError("data file not found", where=str(path),
+                             fix=f"check {key} (relative paths are from the current directory)")
+    if path.is_dir():
+        records = read_dataset_dir(path, key)
+    elif path.suffix == ".jsonl":
+        records = read_jsonl(path, key)
+    elif path.suffix == ".json":
+        records = read_json(path, key)
+    elif path.suffix == ".parquet":
+        records = read_parquet(path, key)
+    else:
+        raise DeepfleetError(f"unsupported data file type {path.suffix or '(none)'!r}", where=str(path),
+                             fix=f"use {SUPPORTED}")
+    if not records:
+        raise DeepfleetError("data file holds no records", where=str(path),
+                             fix=f"add records or remove it from {key}")
+    return records

@@ -1,0 +1,269 @@
+"""Training data: read every source, convert records, tokenize, mask labels, hold out validation.
+
+Loss is only on assistant tokens for chat formats (messages, alpaca, sharegpt): each assistant
+turn's character span is found by rendering the conversation prefix with the tokenizer's own
+chat template, so any HF template works. The text format trains on every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.recipe import DataSpec
+from deepfleet.train.data_formats import CHAT_FORMATS, Conversation, convert_records, detect_format
+from deepfleet.train.data_sources import SourceRecord, read_source
+
+IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]      # IGNORE_INDEX (-100) where there is no loss
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetReport:
+    n_train: int
+    n_validation: int
+    n_truncated: int          # sequences cut to max_length (train + validation)
+    n_tokens: int             # train tokens after truncation
+    format: str               # the format of every source, or "a+b" when sources differ
+    n_label_tokens: int = 0   # train tokens that carry loss
+    n_without_answer: int = 0  # records dropped because no answer token was left (e.g. cut by truncation)
+    max_length: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Sample:
+    content: Conversation | str
+    where: str
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Conversation, *, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _located_span(text: str, message: dict, cursor: int, eos: str | None) -> tuple[int, int]:
+    # Fallback for templates whose prefix renders differently from the full conversation.
+    start = text.find(message["content"], cursor)
+    if start < 0:
+        return cursor, cursor
+    end = start + len(message["content"])
+    if eos and text.startswith(eos, end):
+        end += len(eos)
+    return start, end
+
+
+def answer_spans(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn (its content and end token)."""
+    text = render_chat(tokenizer, messages, generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = render_chat(tokenizer, messages[:index], generation_prompt=True) if index else ""
+            through = render_chat(tokenizer, messages[: index + 1], generation_prompt=False)
+        except TemplateError:
+            before = through = None
+        if before is not None and text.startswith(before) and text.startswith(through) and len(through) > len(before) >= cursor:
+            span = (len(before), len(through))
+        else:
+            span = _located_span(text, message, cursor, tokenizer.eos_token)
+        spans.append(span)
+        cursor = span[1]
+    return text, spans
+
+
+def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    span_index = 0
+    for position, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
+            labels[position] = ids[position]
+    return labels
+
+
+def _tokenize_by_pieces(tokenizer: PreTrainedTokenizerBase, text: str,
+                        spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    # Slow tokenizers have no offsets: tokenize the text between span boundaries piece by piece.
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        for piece, trained in ((text[cursor:start], False), (text[start:end], True)):
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+            ids += piece_ids
+            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+        cursor = end
+    return ids, labels
+
+
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> TokenizedExample:
+    """Token ids of the chat-template rendering, with labels only on assistant turns."""
+    text, spans = answer_spans(tokenizer, messages)
+    if tokenizer.is_fast:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = _labels_from_offsets(ids, list(encoded["offset_mapping"]), spans)
+    else:
+        ids, labels = _tokenize_by_pieces(tokenizer, text, spans)
+    return TokenizedExample(input_ids=ids, labels=labels)
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> TokenizedExample:
+    """Token ids of plain text (with the tokenizer's special tokens and a closing eos), all trained."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return TokenizedExample(input_ids=ids, labels=list(ids))
+
+
+def finish_example(example: TokenizedExample, max_length: int) -> tuple[TokenizedExample, bool]:
+    """Cut to max_length and mask the first label (no token predicts it); returns (example, was_truncated)."""
+    truncated = len(example.input_ids) > max_length
+    ids, labels = example.input_ids[:max_length], example.labels[:max_length]
+    if labels:
+        labels = [IGNORE_INDEX, *labels[1:]]
+    return TokenizedExample(input_ids=ids, labels=labels), truncated
+
+
+def _load_samples(sources: list[str], *, fmt: str, key: str, seed: int,
+                  validation: bool) -> tuple[list[_Sample], list[str]]:
+    """Samples from every source and the format each source was read as."""
+    samples: list[_Sample] = []
+    formats: list[str] = []
+    for source in sources:
+        records: list[SourceRecord] = read_source(source, key=key, seed=seed, validation=validation)
+        source_format = detect_format(records[0]) if fmt == "auto" else fmt
+        contents = convert_records(records, source_format)
+        samples += [_Sample(content=content, where=record.where) for content, record in zip(contents, records)]
+        formats.append(source_format)
+    return samples, formats
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, formats: list[str], sources: list[str]) -> None:
+    """Chat formats need the tokenizer's chat template; say which source needs it when it is missing."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    chat_sources = [source for source, fmt in zip(sources, formats) if fmt in CHAT_FORMATS]
+    if chat_sources:
+        fmt = formats[sources.index(chat_sources[0])]
+        raise DeepfleetError(f"{fmt}-format data needs a chat template, and the model's tokenizer has none",
+                             where=chat_sources[0],
+                             fix="use a chat/instruct model (e.g. a *-Instruct id), or data in format: text")
+
+
+def _tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> TokenizedExample:
+    if isinstance(sample.content, str):
+        return tokenize_text(tokenizer, sample.content)
+    try:
+        return tokenize_conversation(tokenizer, sample.content)
+    except TemplateError as exc:
+        raise DeepfleetError(f"the chat template rejected this conversation: {exc}", where=sample.where,
+                             fix="check the roles and their order (many templates need user/assistant turns alternating)") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TokenizedSet:
+    examples: list[TokenizedExample]
+    n_truncated: int
+    n_without_answer: int
+
+
+def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample], max_length: int) -> _TokenizedSet:
+    """Tokenized, truncated examples; those left with no trained token are dropped and counted."""
+    examples: list[TokenizedExample] = []
+    n_truncated = n_without_answer = 0
+    for sample in samples:
+        example, truncated = finish_example(_tokenize_sample(tokenizer, sample), max_length)
+        n_truncated += truncated
+        if all(label == IGNORE_INDEX for label in example.labels):
+            n_without_answer += 1
+            continue
+        examples.append(example)
+    return _TokenizedSet(examples=examples, n_truncated=n_truncated, n_without_answer=n_without_answer)
+
+
+def split_validation(examples: list[TokenizedExample], fraction: float,
+                     seed: int) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """Hold out round(fraction * n) examples (at least 1), chosen by `seed`; both parts keep file order."""
+    if fraction <= 0:
+        return examples, []
+    n_validation = max(1, round(fraction * len(examples)))
+    if n_validation >= len(examples):
+        raise DeepfleetError(f"data.validation.split={fraction} leaves no training data from {len(examples)} examples",
+                             where="data.validation.split", fix="lower the split or add data")
+    order = list(range(len(examples)))
+    random.Random(f"deepfleet-validation:{seed}").shuffle(order)
+    held = set(order[:n_validation])
+    train = [example for index, example in enumerate(examples) if index not in held]
+    validation = [example for index, example in enumerate(examples) if index in held]
+    return train, validation
+
+
+def _warn_truncated(n_truncated: int, n_total: int, max_length: int) -> None:
+    if n_truncated:
+        log.warning("%d of %d sequences are longer than data.max_length=%d and were truncated",
+                    n_truncated, n_total, max_length)
+
+
+def _empty_dataset_error(data: DataSpec, n_without_answer: int) -> DeepfleetError:
+    if n_without_answer:
+        return DeepfleetError(f"no training example has an answer token left ({n_without_answer} had none)",
+                              where="data.train", fix="raise data.max_length, or check the records have assistant turns")
+    return DeepfleetError("the training data is empty", where="data.train", fix="add records to the data files")
+
+
+def build_datasets(data: DataSpec, tokenizer: PreTrainedTokenizerBase, *,
+                   seed: int) -> tuple[list[TokenizedExample], list[TokenizedExample], DatasetReport]:
+    """(train, validation, report) from `data`: deterministic for `seed`, identical on every rank.
+
+    Validation is `data.validation.files` (where `builtin:tasks` means its held-out split) or a
+    `data.validation.split` fraction of the training examples. Sequences over `data.max_length`
+    are truncated and counted, with one warning.
+    """
+    if data.validation.files and data.validation.split > 0:
+        raise DeepfleetError("both data.validation.split and data.validation.files are set",
+                             where="data.validation", fix="keep one of them")
+    samples, formats = _load_samples(data.train, fmt=data.format, key="data.train", seed=seed, validation=False)
+    check_chat_template(tokenizer, formats, data.train)
+    train_set = tokenize_samples(tokenizer, samples, data.max_length)
+    if not train_set.examples:
+        raise _empty_dataset_error(data, train_set.n_without_answer)
+    train, validation = split_validation(train_set.examples, data.validation.split, seed)
+    n_truncated, n_without_answer = train_set.n_truncated, train_set.n_without_answer
+    n_total = len(samples)
+    if data.validation.files:
+        files = data.validation.files
+        held_samples, held_formats = _load_samples(files, fmt=data.format, key="data.validation.files",
+                                                   seed=seed, validation=True)
+        check_chat_template(tokenizer, held_formats, files)
+        held_set = tokenize_samples(tokenizer, held_samples, data.max_length)
+        validation = held_set.examples
+        n_truncated += held_set.n_truncated
+        n_without_answer += held_set.n_without_answer
+        n_total += len(held_samples)
+        formats += held_formats
+    _warn_truncated(n_truncated, n_total, data.max_length)
+    report = DatasetReport(
+        n_train=len(train), n_validation=len(validation), n_truncated=n_truncated,
+        n_tokens=sum(len(example) for example in train), format="+".join(dict.fromkeys(formats)),
+        n_label_tokens=sum(sum(label != IGNORE_INDEX for label in example.labels) for example in train),
+        n_without_answer=n_without_answer, max_length=data.max_length,
+    )
+    return train, validation, report
