@@ -1,0 +1,87 @@
+"""Parameter counts, LoRA trainable counts and the memory breakdown, checked against peft and DeepSpeed."""
+
+import pytest
+import torch
+from deepspeed.runtime.zero.stage3 import model_to_params
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from deepfleet.plan.memory import (count_lora_params, estimate_activation_bytes, estimate_model_state_bytes,
+                                   is_valid_zero_setting, largest_layer_params, model_shape_from_config)
+
+
+def tiny_config(tie=False) -> LlamaConfig:
+    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tie)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
+def test_lora_count_matches_peft(targets):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config())
+    ours = count_lora_params(model, rank=8, target_modules=targets)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert ours == trainable > 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_counts_match_deepspeed_model_to_params(tie):
+    model = AutoModelForCausalLM.from_config(tiny_config(tie))
+    total, largest = model_to_params(model)
+    shape = model_shape_from_config(tiny_config(tie))
+    assert (shape.total_params, shape.largest_layer_params) == (total, largest)
+    assert largest_layer_params(model) == largest
+
+
+def test_lora_shape_adds_adapters_and_trains_only_them():
+    full = model_shape_from_config(tiny_config())
+    lora = model_shape_from_config(tiny_config(), method="lora", lora_rank=8)
+    assert lora.trainable_params < full.total_params
+    assert lora.total_params == full.total_params + lora.trainable_params
+
+
+def test_lora_optimizer_states_shrink_with_trainable_params():
+    full = model_shape_from_config(tiny_config())
+    lora = model_shape_from_config(tiny_config(), method="lora", lora_rank=8)
+    a = estimate_model_state_bytes(full, stage=2, offload="none", nodes=1, ranks_per_node=2)
+    b = estimate_model_state_bytes(lora, stage=2, offload="none", nodes=1, ranks_per_node=2)
+    assert b.optimizer_states == 8 * lora.trainable_params // 2
+    assert a.optimizer_states == 8 * full.total_params // 2
+
+
+def test_fp32_zero2_breakdown():
+    """CPU ranks: fp32 model weights in full, cloned fp32 partition, fp32 grads and Adam states partitioned."""
+    shape = model_shape_from_config(tiny_config())
+    n = shape.total_params
+    m = estimate_model_state_bytes(shape, stage=2, offload="none", nodes=1, ranks_per_node=2, precision="fp32")
+    assert m.params == 4 * n
+    assert m.master_params == 4 * n // 2
+    assert m.optimizer_states == 8 * n // 2
+    assert m.gradients == 4 * n // 2 + 4 * n // 2
+
+
+def test_stages_shrink_per_rank_memory():
+    shape = model_shape_from_config(tiny_config())
+    sizes = [estimate_model_state_bytes(shape, stage=s, offload="none", nodes=2, ranks_per_node=4).device_bytes
+             for s in (0, 1, 2)]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_invalid_offload_combinations():
+    assert not is_valid_zero_setting(2, "optimizer+params")
+    assert not is_valid_zero_setting(0, "optimizer")
+    assert is_valid_zero_setting(3, "optimizer+params")
+    with pytest.raises(ValueError):
+        estimate_model_state_bytes(model_shape_from_config(tiny_config()), stage=1, offload="optimizer+params",
+                                   nodes=1, ranks_per_node=1)
+
+
+def test_checkpointing_cuts_activations_and_scales_with_batch():
+    shape = model_shape_from_config(tiny_config())
+    one = estimate_activation_bytes(shape, micro_batch=1, seq_len=128, precision="bf16")
+    four = estimate_activation_bytes(shape, micro_batch=4, seq_len=128, precision="bf16")
+    assert one.with_checkpointing < one.without_checkpointing
+    assert four.without_checkpointing == 4 * one.without_checkpointing
+    eager = estimate_activation_bytes(shape, micro_batch=1, seq_len=128, precision="bf16", eager_attention=True)
+    assert eager.without_checkpointing > one.without_checkpointing
