@@ -1,0 +1,63 @@
+"""Per-host command builders (pure): what runs on each host, and how the head starts it.
+
+On every host: `python -m deepfleet.launch.host_agent ... -- python -m torch.distributed.run ... CMD`.
+The agent owns the job's processes on that host; torchrun does the per-host rendezvous (static, at
+the master's address on the chosen interface) and gives every rank RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+# torchrun prefixes each line of a rank's output with its global rank, e.g. "[3]:..."
+RANK_PREFIX_TEMPLATE = "[${rank}]:"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """One distributed job, as every host's command line needs it."""
+
+    job_id: str
+    command: list[str]              # what each rank runs, e.g. [python, -m, deepfleet.train, ...]
+    python: str                     # the Python that runs the agent and torchrun on every host
+    workdir: str
+    master_addr: str
+    master_port: int
+    nnodes: int
+    nproc_per_node: int
+    lifeline_timeout: float = 15.0  # agent tears down by itself after this long without the head
+    grace: float = 60.0             # SIGTERM -> SIGKILL on a graceful stop (ranks checkpoint meanwhile)
+    env: dict[str, str] = field(default_factory=dict)   # job environment, sent on stdin
+
+
+def new_job_id() -> str:
+    return "df-" + secrets.token_hex(4)
+
+
+def torchrun_argv(job: JobSpec, *, node_rank: int) -> list[str]:
+    return [
+        job.python, "-m", "torch.distributed.run",
+        f"--nnodes={job.nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={job.nproc_per_node}",
+        f"--master-addr={job.master_addr}", f"--master-port={job.master_port}",
+        "--tee=3", "--no-python", *job.command,
+    ]
+
+
+def agent_argv(job: JobSpec, *, node_rank: int) -> list[str]:
+    """The full command for one host, as it runs there (the ssh layer quotes it for the remote shell).
+
+    The process marker is per node, so an agent only ever signals its own node's processes, even
+    where hosts share a PID namespace (the namespace test cluster).
+    """
+    return [
+        job.python, "-m", "deepfleet.launch.host_agent", f"--job-id={job.job_id}.{node_rank}",
+        f"--cwd={job.workdir}", f"--lifeline-timeout={job.lifeline_timeout:g}", f"--grace={job.grace:g}",
+        "--", *torchrun_argv(job, node_rank=node_rank),
+    ]
+
+
+def agent_env(job: JobSpec) -> dict[str, str]:
+    """Environment for the agent's child: the job env plus what torchrun needs for rank-prefixed output."""
+    return {**job.env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX_TEMPLATE, "PYTHONUNBUFFERED": "1"}

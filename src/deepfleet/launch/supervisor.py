@@ -1,0 +1,234 @@
+"""One place that sees every host of a job: streams logs, detects failure, tears everything down.
+
+Each host runs a host agent (see host_agent.py), started by a command the backend built (ssh, or
+directly for the head). The supervisor feeds each agent its environment and a ping every second
+on stdin, reads its output and events, and stops the whole job on the first of:
+- a host's command exiting non-zero (a rank died, torchrun gave up, or ssh dropped: exit 255);
+- no event from a host for `link_timeout` seconds (partition: agents send a heartbeat every 2 s);
+- a rank whose training heartbeat has not advanced for `hang_timeout` seconds (armed after its first step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from deepfleet.launch.host_agent import EVENT_PREFIX
+
+SSH_FAILED = 255
+RANK_LINE = re.compile(r"^\[(\d+)\]:")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostProcess:
+    label: str               # host name/address, used in logs and the summary
+    argv: list[str]          # what the head runs to reach this host's agent
+    env: dict[str, str]      # sent on stdin: never on a command line
+
+
+@dataclass(frozen=True, kw_only=True)
+class SupervisorOptions:
+    log_dir: Path
+    hang_timeout: float = 60.0
+    link_timeout: float = 15.0
+    teardown_timeout: float = 10.0
+    graceful_timeout: float = 90.0
+    all_logs: bool = False
+
+
+@dataclass(kw_only=True)
+class HostState:
+    spec: HostProcess
+    proc: asyncio.subprocess.Process | None = None
+    last_event: float = field(default_factory=time.monotonic)
+    steps: dict[str, tuple[int, float]] = field(default_factory=dict)   # rank -> (step, when it advanced)
+    stopped: list[str] = field(default_factory=list)                     # ranks in state T
+    tail: deque = field(default_factory=lambda: deque(maxlen=20))
+    exit_code: int | None = None
+    exit_reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    host: str
+    rank: str | None
+    why: str
+    last_lines: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobOutcome:
+    exit_code: int
+    failure: Failure | None
+    teardown_seconds: float | None
+    host_exit_codes: dict[str, int | None]
+    stopped_by_signal: bool = False
+
+
+class Supervisor:
+    def __init__(self, hosts: list[HostProcess], options: SupervisorOptions,
+                 write: Callable[[str], None] = print) -> None:
+        self.hosts = [HostState(spec=h) for h in hosts]
+        self.options = options
+        self.write = write
+        self.failure: Failure | None = None
+        self.stop_requested = False
+        self.detected_at: float | None = None
+
+    async def run(self) -> JobOutcome:
+        self.options.log_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop)
+        try:
+            await asyncio.gather(*(self._start(h) for h in self.hosts))
+            tasks = [asyncio.create_task(self._follow(h)) for h in self.hosts]
+            pinger = asyncio.create_task(self._ping())
+            await self._watch()
+            teardown = await self._teardown()
+            pinger.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        codes = {h.spec.label: h.exit_code for h in self.hosts}
+        if self.failure is None and not self.stop_requested:
+            return JobOutcome(exit_code=0, failure=None, teardown_seconds=None, host_exit_codes=codes)
+        first_code = next((c for c in codes.values() if c not in (0, None)), 1)
+        return JobOutcome(exit_code=first_code, failure=self.failure, teardown_seconds=teardown,
+                          host_exit_codes=codes, stopped_by_signal=self.stop_requested)
+
+    def _request_stop(self) -> None:
+        self.stop_requested = True
+
+    async def _start(self, host: HostState) -> None:
+        host.proc = await asyncio.create_subprocess_exec(
+            *host.spec.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        await self._send(host, json.dumps({"env": host.spec.env}))
+
+    async def _send(self, host: HostState, line: str) -> None:
+        if host.proc and host.proc.stdin and not host.proc.stdin.is_closing():
+            try:
+                host.proc.stdin.write((line + "\n").encode())
+                await host.proc.stdin.drain()
+            except (ConnectionError, BrokenPipeError):
+                pass
+
+    async def _ping(self) -> None:
+        while True:
+            await asyncio.gather(*(self._send(h, "ping") for h in self.hosts))
+            await asyncio.sleep(1.0)
+
+    async def _follow(self, host: HostState) -> None:
+        assert host.proc and host.proc.stdout
+        log_path = self.options.log_dir / f"{_file_safe(host.spec.label)}.log"
+        with log_path.open("a", encoding="utf-8", errors="replace") as log:
+            async for raw in host.proc.stdout:
+                host.last_event = time.monotonic()
+                line = raw.decode(errors="replace").rstrip("\n")
+                if line.startswith(EVENT_PREFIX):
+                    self._on_event(host, json.loads(line[len(EVENT_PREFIX):]))
+                    continue
+                log.write(line + "\n")
+                log.flush()
+                host.tail.append(line)
+                rank = RANK_LINE.match(line)
+                if self.options.all_logs or (rank and rank.group(1) == "0"):
+                    self.write(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
+        host.exit_code = await host.proc.wait()
+        if host.exit_code != 0 and self.failure is None and not self.stop_requested and self.detected_at is None:
+            why = host.exit_reason or ("ssh connection dropped or failed" if host.exit_code == SSH_FAILED
+                                       else f"exited with code {host.exit_code}")
+            self._fail(host, None, why)
+
+    def _on_event(self, host: HostState, event: dict) -> None:
+        now = time.monotonic()
+        if event.get("event") == "heartbeat":
+            for rank, beat in event.get("ranks", {}).items():
+                previous = host.steps.get(rank)
+                if previous is None or beat["step"] != previous[0]:
+                    host.steps[rank] = (beat["step"], now - beat.get("age", 0.0))
+            host.stopped = event.get("stopped", [])
+        elif event.get("event") == "exit":
+            host.exit_reason = event.get("reason", "")
+
+    def _fail(self, host: HostState, rank: str | None, why: str) -> None:
+        if self.failure is None:
+            self.detected_at = time.monotonic()
+            self.failure = Failure(host=host.spec.label, rank=rank, why=why, last_lines=list(host.tail))
+
+    async def _watch(self) -> None:
+        while self.failure is None and not self.stop_requested:
+            if all(h.exit_code is not None for h in self.hosts):
+                return
+            now = time.monotonic()
+            for host in self.hosts:
+                if host.exit_code is not None:
+                    continue
+                if now - host.last_event > self.options.link_timeout:
+                    self._fail(host, None, f"no word from the host for {self.options.link_timeout:.0f}s "
+                                           "(network partition or host down)")
+            self._check_progress(now)
+            await asyncio.sleep(0.25)
+
+    def _check_progress(self, now: float) -> None:
+        """On a hang every rank stalls in the same collective; blame a stopped rank, else the one furthest behind."""
+        beats = [(step, since, host, rank) for host in self.hosts if host.exit_code is None
+                 for rank, (step, since) in host.steps.items()]
+        if not any(now - since > self.options.hang_timeout for _, since, _, _ in beats):
+            return
+        stopped = [(host, rank) for host in self.hosts for rank in host.stopped]
+        if stopped:
+            host, rank = stopped[0]
+            self._fail(host, rank, f"rank {rank} is stopped (SIGSTOP or a debugger) and the job made "
+                                   f"no progress for {self.options.hang_timeout:.0f}s")
+            return
+        step, _, host, rank = min(beats, key=lambda beat: (beat[0], beat[1]))
+        self._fail(host, rank, f"no progress for {self.options.hang_timeout:.0f}s; rank {rank} is furthest "
+                               f"behind (last step {step})")
+
+    async def _teardown(self) -> float | None:
+        running = [h for h in self.hosts if h.proc and h.proc.returncode is None]
+        if not running:
+            return None
+        started = self.detected_at or time.monotonic()
+        graceful = self.stop_requested and self.failure is None
+        word = "term" if graceful else "kill"
+        await asyncio.gather(*(self._send(h, word) for h in running))
+        if not graceful:
+            for host in running:
+                host.proc.stdin.close()
+        limit = self.options.graceful_timeout if graceful else self.options.teardown_timeout
+        waits = [asyncio.wait_for(h.proc.wait(), timeout=limit) for h in running]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for host, result in zip(running, results):
+            if isinstance(result, asyncio.TimeoutError):
+                host.proc.kill()
+                await host.proc.wait()
+        return time.monotonic() - started
+
+
+def _file_safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def render_summary(outcome: JobOutcome) -> str:
+    if outcome.failure is None:
+        return "job stopped by signal" if outcome.stopped_by_signal else "job finished on every host"
+    f = outcome.failure
+    where = f"{f.host}" + (f" rank {f.rank}" if f.rank else "")
+    lines = [f"job failed: first failure on {where}: {f.why}"]
+    if outcome.teardown_seconds is not None:
+        lines.append(f"torn down on every host {outcome.teardown_seconds:.1f}s after detection")
+    if f.last_lines:
+        lines.append(f"last lines from {f.host}:")
+        lines.extend("  " + line for line in f.last_lines[-10:])
+    return "\n".join(lines)
