@@ -1,0 +1,59 @@
+"""Per-rank entry, run by torchrun: `python -m deepfleet.train --recipe RESOLVED.json`.
+
+Library output (DeepSpeed, transformers) goes to stderr, which the launcher captures in a log;
+rank 0 keeps the real stdout for the progress bar. A `DeepfleetError` is written to
+`$DEEPFLEET_RUN_DIR/errors/rank-<RANK>.txt`, so the launcher prints that one line instead of a
+traceback, and the rank exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ERRORS_SUBDIR = "errors"
+
+
+def claim_console() -> "object":
+    """Keep the real stdout for our console; everything else that prints to stdout goes to stderr."""
+    console = os.fdopen(os.dup(1), "w", buffering=1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return console
+
+
+def write_rank_error(run_dir: Path | None, rank: int, text: str) -> None:
+    if run_dir is None:
+        return
+    errors = run_dir / ERRORS_SUBDIR
+    errors.mkdir(parents=True, exist_ok=True)
+    (errors / f"rank-{rank}.txt").write_text(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = claim_console()
+    parser = argparse.ArgumentParser(prog="python -m deepfleet.train")
+    parser.add_argument("--recipe", required=True, help="resolved recipe (YAML or JSON) written by the launcher")
+    args = parser.parse_args(argv)
+
+    from deepfleet.errors import DeepfleetError
+    from deepfleet.train.distributed import RankEnv
+
+    rank_env = RankEnv.from_environ()
+    try:
+        from deepfleet.plan.recipe_io import load_recipe
+        from deepfleet.train.loop import run_training
+
+        recipe = load_recipe(args.recipe)
+        run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None)
+    except DeepfleetError as exc:
+        write_rank_error(rank_env.run_dir, rank_env.rank, exc.render())
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What a rank learns from the environment its launcher set, and the few collectives the loop needs."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+RUN_DIR_ENV = "DEEPFLEET_RUN_DIR"              # per-run state dir of the launcher (error files, logs)
+HEARTBEAT_DIR_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # where each rank touches rank-<RANK> with its step
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    run_dir: Path | None
+    heartbeat_dir: str | None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "RankEnv":
+        run_dir = environ.get(RUN_DIR_ENV)
+        return cls(rank=int(environ.get("RANK", 0)), local_rank=int(environ.get("LOCAL_RANK", 0)),
+                   world_size=int(environ.get("WORLD_SIZE", 1)), run_dir=Path(run_dir) if run_dir else None,
+                   heartbeat_dir=environ.get(HEARTBEAT_DIR_ENV) or None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Device:
+    accelerator: str            # "cpu" or "cuda" (DeepSpeed's name)
+    device: torch.device
+    bf16_supported: bool
+
+
+def init_distributed(rank_env: RankEnv) -> Device:
+    """gloo on CPU, nccl on GPU: whatever DeepSpeed's accelerator says."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    name = accelerator.device_name()
+    if name != "cpu":
+        accelerator.set_device(rank_env.local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    device = torch.device(accelerator.device_name(rank_env.local_rank)) if name != "cpu" else torch.device("cpu")
+    return Device(accelerator=name, device=device,
+                  bf16_supported=name != "cpu" and bool(accelerator.is_bf16_supported()))
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Distinct, reproducible randomness per rank (dropout); data order never depends on it."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def gather_across_ranks(value: float, device: torch.device) -> list[float]:
+    if not dist.is_initialized():
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [t.item() for t in everyone]

@@ -1,0 +1,224 @@
+"""The training program inside each rank: data -> model -> DeepSpeed engine loop -> metrics -> save.
+
+An explicit loop around `deepspeed.initialize` (not HF Trainer), so gloo/CPU and NCCL/GPU run the
+same code. The optimizer and scheduler live in the DeepSpeed config from `plan/`. Everything a
+resume needs follows from `TrainState.step` (see `data_order.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_precision, solve_batch_layout
+from deepfleet.plan.recipe import Recipe
+from deepfleet.train.console import TrainingConsole
+from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
+from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
+from deepfleet.train.distributed import (Device, RankEnv, gather_across_ranks, init_distributed, seed_rank,
+                                         sum_across_ranks, synchronize)
+from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
+                                     plot_loss)
+from deepfleet.train.model import BuiltModel, build_model
+from deepfleet.train.save import save_final_model
+from deepfleet.train.tokenizer import load_tokenizer
+from deepfleet.train.builtin import TINY_MODEL_NAME
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    step: int = 0              # optimizer steps done; the data position is derived from it
+    epoch: int = 0
+    tokens_seen: int = 0       # real tokens, all ranks
+
+
+@dataclass(kw_only=True)
+class TrainingRun:
+    recipe: Recipe
+    rank_env: RankEnv
+    device: Device
+    tokenizer: Any
+    report: DatasetReport
+    order: DataOrder
+    validation: DataOrder | None
+    total_steps: int
+    ds_config: dict
+    built: BuiltModel
+    engine: Any
+    peak_flops: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    steps: int
+    first_loss: float
+    last_loss: float
+    val_loss: float | None
+    seconds: float
+    final_dir: Path | None
+
+
+def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
+    import deepspeed
+
+    device = init_distributed(rank_env)
+    tokenizer = load_tokenizer(recipe.model)
+    train_set, validation_set, report = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    precision = resolve_precision(recipe.precision, accelerator=device.accelerator,
+                                  bf16_supported=device.bf16_supported)
+    layout = solve_batch_layout(global_batch=recipe.train.global_batch, micro_batch=recipe.train.micro_batch,
+                                world_size=rank_env.world_size)
+    common = dict(max_length=recipe.data.max_length, packing=recipe.data.packing, seed=recipe.train.seed,
+                  rank=rank_env.rank, world_size=rank_env.world_size, micro_batch=layout.micro_batch,
+                  pad_id=tokenizer.pad_token_id)
+    order = DataOrder(examples=train_set, grad_accum=layout.grad_accum, **common)
+    order.check_enough_rows()
+    validation = DataOrder(examples=validation_set, grad_accum=1, **common) if validation_set else None
+    total_steps = order.total_steps(epochs=recipe.train.epochs, max_steps=recipe.train.max_steps)
+    ds_config = deepspeed_config_for_run(recipe, world_size=rank_env.world_size, total_steps=total_steps,
+                                         accelerator=device.accelerator, bf16_supported=device.bf16_supported)
+    built = build_model(recipe, tokenizer, ds_config=ds_config, precision=precision, device=device.device)
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
+    seed_rank(recipe.train.seed, rank_env.rank)
+    peak = (recipe.logging.peak_tflops * 1e12 if recipe.logging.peak_tflops
+            else measure_peak_flops(device.device))
+    return TrainingRun(recipe=recipe, rank_env=rank_env, device=device, tokenizer=tokenizer, report=report,
+                       order=order, validation=validation, total_steps=total_steps, ds_config=ds_config,
+                       built=built, engine=engine, peak_flops=peak)
+
+
+def _to_device(batch: MicroBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.tensors.items()}
+
+
+def _local_grad_norm(engine) -> float:
+    """Stage 0 in fp32 clips with torch and never records the norm; compute it from the reduced grads."""
+    grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return float("nan")
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def train_one_step(run: TrainingRun, state: TrainState) -> StepMetrics:
+    """One optimizer step: grad_accum forward/backward micro batches, then engine.step()."""
+    engine, device = run.engine, run.device.device
+    engine.train()
+    synchronize(device)
+    started = time.perf_counter()
+    lr = engine.get_lr()[0]
+    loss_sum, real_tokens = 0.0, 0
+    norm_before_step = None
+    for batch in run.order.micro_batches(state.step):
+        output = engine(**_to_device(batch, device), use_cache=False)
+        engine.backward(output.loss)
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 \
+                and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+            norm_before_step = _local_grad_norm(engine)
+        engine.step()
+        loss_sum += output.loss.detach().float().item()
+        real_tokens += batch.real_tokens
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = norm_before_step if grad_norm is None else float(grad_norm)
+    world = run.rank_env.world_size
+    loss_total, tokens = sum_across_ranks([loss_sum / run.order.grad_accum, float(real_tokens)], device)
+    rank_seconds = gather_across_ranks(seconds, device)
+    step_seconds = max(rank_seconds)
+    tokens_per_second = tokens / max(step_seconds, 1e-9)
+    state.tokens_seen += int(tokens)
+    state.step += 1
+    state.epoch = run.order.locate(state.step)[0]
+    return StepMetrics(step=state.step, epoch=state.epoch, loss=loss_total / world, lr=lr,
+                       grad_norm=float("nan") if grad_norm is None else grad_norm, tokens=int(tokens),
+                       step_seconds=step_seconds, tokens_per_second=tokens_per_second,
+                       mfu=mfu(n_params=run.built.n_params, tokens_per_second=tokens_per_second,
+                               peak_flops_per_rank=run.peak_flops, world_size=world),
+                       rank_step_seconds=rank_seconds)
+
+
+@torch.no_grad()
+def validation_loss(run: TrainingRun) -> float | None:
+    """Token-weighted mean loss over the validation set, all ranks."""
+    if run.validation is None:
+        return None
+    engine = run.engine
+    engine.eval()
+    weighted, count = 0.0, 0.0
+    for batch in validation_batches(run.validation):
+        tensors = _to_device(batch, run.device.device)
+        n_targets = float((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
+        output = engine(**tensors, use_cache=False)
+        weighted += output.loss.float().item() * n_targets
+        count += n_targets
+    engine.train()
+    weighted, count = sum_across_ranks([weighted, count], run.device.device)
+    return weighted / count if count else None
+
+
+def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None) -> TrainResult:
+    started = time.perf_counter()
+    run = build_training_run(recipe, rank_env)
+    state = TrainState()
+    # Issue 3 (checkpoints) restores `state` and the engine here, and saves after each step.
+    output_dir = recipe.output_path
+    writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard) if rank_env.is_main else None
+    console = TrainingConsole(console_stream, total_steps=run.total_steps, every_steps=recipe.logging.every_steps,
+                              enabled=rank_env.is_main)
+    heartbeat = Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds)
+    console.say(_startup_line(run))
+    heartbeat.beat(state.step, force=True)
+    first_loss = last_loss = math.nan
+    val_every = recipe.data.validation.every_steps
+    console.start(state.step)
+    try:
+        while state.step < run.total_steps:
+            metrics = train_one_step(run, state)
+            heartbeat.beat(state.step)
+            first_loss = metrics.loss if math.isnan(first_loss) else first_loss
+            last_loss = metrics.loss
+            if writer and (state.step % recipe.logging.every_steps == 0 or state.step == run.total_steps):
+                writer.write_step(metrics)
+            console.step(metrics)
+            if val_every and state.step % val_every == 0 and state.step < run.total_steps:
+                _log_validation(run, state, writer, console)
+    finally:
+        console.stop()
+    val_loss = _log_validation(run, state, writer, console)
+    heartbeat.beat(state.step, force=True)
+    final = save_final_model(run.engine, run.tokenizer, output_dir, rank=rank_env.rank,
+                             is_lora=recipe.method != "full", base_model_name=recipe.model.name,
+                             save_base_weights=recipe.model.name == TINY_MODEL_NAME,
+                             run_info={"steps": state.step, "world_size": rank_env.world_size})
+    if writer is not None:
+        writer.close()
+        plot_loss(writer.path, output_dir / LOSS_PLOT_FILE)
+        console.say(f"saved {final} ({'LoRA adapter' if recipe.method != 'full' else 'HF model'}), "
+                    f"metrics in {writer.path}, plot in {output_dir / LOSS_PLOT_FILE}")
+    return TrainResult(steps=state.step, first_loss=first_loss, last_loss=last_loss, val_loss=val_loss,
+                       seconds=time.perf_counter() - started, final_dir=final)
+
+
+def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter | None,
+                    console: TrainingConsole) -> float | None:
+    loss = validation_loss(run)
+    if loss is not None:
+        if writer:
+            writer.write_validation(step=state.step, val_loss=loss)
+        console.say(f"validation loss {loss:.4f} at step {state.step}")
+    return loss
+
+
+def _startup_line(run: TrainingRun) -> str:
+    recipe, report = run.recipe, run.report
+    stage = run.ds_config["zero_optimization"]["stage"]
+    return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "
+            f"{run.device.accelerator} | {run.built.n_params:,} params ({run.built.n_trainable:,} trainable) | "
+            f"{report.n_train} train / {report.n_validation} validation examples ({report.format}) | "
+            f"{run.total_steps} steps of {recipe.train.global_batch} rows")

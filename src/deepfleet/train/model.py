@@ -1,0 +1,131 @@
+"""The model a rank trains: built-in tiny, HF Hub id or local dir; full, LoRA or QLoRA.
+
+Under ZeRO-3 an `HfDeepSpeedConfig` must exist (and stay referenced) before the model is built,
+so transformers wraps loading in `deepspeed.zero.Init` and every rank holds only its partition.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.recipe import LoraSpec, Recipe
+from deepfleet.train.builtin import TINY_MODEL_NAME, builtin_model_config
+
+
+@dataclass(kw_only=True)
+class BuiltModel:
+    model: torch.nn.Module
+    n_params: int              # all parameters, for MFU (ZeRO-3: counted from the partitions' full sizes)
+    n_trainable: int
+    zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
+
+
+def check_method_supported(recipe: Recipe, *, cuda_available: bool | None = None) -> None:
+    """QLoRA needs CUDA and bitsandbytes; say so before any rank starts."""
+    if recipe.method != "qlora":
+        return
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not cuda:
+        raise DeepfleetError("method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible",
+                             where="method", fix="use method: lora on this machine, or run on GPU hosts")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DeepfleetError("method qlora needs the bitsandbytes package, which is not installed",
+                             where="method", fix="pip install 'deepfleet[qlora]', or use method: lora")
+    if recipe.deepspeed.zero == 3:
+        raise DeepfleetError("method qlora cannot be combined with ZeRO-3 here", where="deepspeed.zero",
+                             fix="use deepspeed.zero: 2 with qlora")
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """A local model dir must exist and hold a config.json (Hub ids are checked when they load)."""
+    name = recipe.model.name
+    if name == TINY_MODEL_NAME:
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        state = "has no config.json" if path.is_dir() else "does not exist"
+        raise DeepfleetError(f"model path {str(path)!r} {state}", where="model.name",
+                             fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
+
+
+def attention_implementation(requested: str) -> str:
+    return "sdpa" if requested == "auto" else requested
+
+
+def torch_dtype_for(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config: dict, precision: str,
+                device: torch.device) -> BuiltModel:
+    """Build or load the model, partitioned under ZeRO-3, with LoRA adapters when asked."""
+    check_method_supported(recipe)
+    check_model_source(recipe)
+    zero3_config = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        zero3_config = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(recipe.train.seed)  # same initial weights on every rank
+    model = _load_base(recipe, tokenizer, precision=precision, device=device)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if recipe.method in ("lora", "qlora"):
+        model = _with_lora(model, recipe.lora, quantized=recipe.method == "qlora",
+                           gradient_checkpointing=recipe.train.gradient_checkpointing)
+    return BuiltModel(model=model, n_params=count_parameters(model), zero3_config=zero3_config,
+                      n_trainable=count_parameters(model, trainable_only=True))
+
+
+def _load_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, precision: str,
+               device: torch.device) -> PreTrainedModel:
+    spec = recipe.model
+    attn = attention_implementation(spec.attn_implementation)
+    dtype = torch_dtype_for(precision)
+    if spec.name == TINY_MODEL_NAME:
+        return AutoModelForCausalLM.from_config(builtin_model_config(tokenizer), attn_implementation=attn,
+                                                dtype=dtype)
+    name = str(Path(spec.name).expanduser()) if Path(spec.name).expanduser().is_dir() else spec.name
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
+                              "attn_implementation": attn, "dtype": dtype}
+    if recipe.method == "qlora":
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        raise DeepfleetError(f"cannot load model {spec.name!r}: {str(exc).splitlines()[0]}", where="model.name",
+                             fix="check the Hub id / local dir, network access and HF_TOKEN for gated models") from None
+
+
+def _with_lora(model: PreTrainedModel, spec: LoraSpec, *, quantized: bool,
+               gradient_checkpointing: bool) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+                        target_modules=spec.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise DeepfleetError(f"LoRA target modules do not match this model: {str(exc).splitlines()[0]}",
+                             where="lora.target_modules",
+                             fix='use "all-linear" or names of Linear layers such as [q_proj, v_proj]') from None
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    # ZeRO-3 partitions have numel 0 locally; ds_numel is the full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+               if p.requires_grad or not trainable_only)
