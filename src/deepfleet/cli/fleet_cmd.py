@@ -1,0 +1,149 @@
+"""Fleet commands: `hosts`, `hostfile`, `doctor`, `ssh-setup`. Parse, call one function, render."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.discover import discover_hosts
+from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
+from deepfleet.fleet.inventory import Fleet, SshSettings, hosts_from_names, render_hostfile, resolve_fleet
+from deepfleet.fleet.ssh import options_for
+from deepfleet.fleet.ssh_setup import HEAD, SetupOptions, SetupReport, run_ssh_setup
+
+FleetOpt = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, PBS, or this machine)")
+HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
+SshConfigOpt = typer.Option(None, "--ssh-config", help="ssh config file for every ssh call (ssh -F)")
+SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
+SEVERITY_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def _fleet(fleet_file: Optional[str], hostfile: Optional[str], ssh_config: Optional[str] = None) -> Fleet:
+    fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
+    if ssh_config:
+        if not Path(ssh_config).is_file():
+            raise DeepfleetError("ssh config file not found", where=ssh_config, fix="check the --ssh-config path")
+        fleet = Fleet(**{**vars(fleet), "ssh": SshSettings(**{**vars(fleet.ssh), "config_file": ssh_config})})
+    return fleet
+
+
+def hosts_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
+                  as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Print the resolved fleet: where it came from and every host."""
+    fleet = _fleet(fleet_file, hostfile)
+    rows = [{"name": h.name, "address": h.address, "user": h.user, "port": h.port, "slots": h.slots,
+             "interface": h.interface, "env": {k: "***" if SECRET.search(k) else v for k, v in h.env}}
+            for h in fleet.hosts]
+    if as_json:
+        print(json.dumps({"source": fleet.source, "python": fleet.python, "master_port": fleet.master_port,
+                          "hosts": rows}, indent=2))
+        return
+    table = Table(title=f"fleet from {fleet.source} (master port {fleet.master_port})")
+    for column in ("name", "address", "user", "port", "slots", "interface", "env"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row[c] in (None, {}) else str(row[c]) for c in
+                        ("name", "address", "user", "port", "slots", "interface", "env")))
+    Console().print(table)
+    print(f"{sum(h.slots for h in fleet.hosts)} ranks on {len(fleet.hosts)} host(s); python {fleet.python}")
+
+
+def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
+                     discover: bool = typer.Option(False, "--discover", help="ask every host for its GPU count"),
+                     output: Optional[str] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+                     ssh_config: Optional[str] = SshConfigOpt) -> None:
+    """Print (or write) a DeepSpeed hostfile for the fleet; --discover counts GPUs on each host."""
+    fleet = _fleet(fleet_file, hostfile, ssh_config)
+    hosts = discover_hosts(fleet, options_for(fleet)) if discover else list(fleet.hosts)
+    text = render_hostfile(hosts)
+    if output is None:
+        print(text, end="")
+        return
+    target = Path(output)
+    temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        temporary.replace(target)  # never leave a half-written hostfile
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise DeepfleetError(f"cannot write hostfile: {exc.strerror}", where=output, fix="check the path") from None
+    print(f"wrote {output} ({len(hosts)} hosts, {sum(h.slots for h in hosts)} slots)")
+
+
+def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
+                   ssh_config: Optional[str] = SshConfigOpt,
+                   output_dir: Optional[str] = typer.Option(None, "--output-dir", help="dir checkpoints go to"),
+                   checksum: List[str] = typer.Option([], "--checksum", help="data/model file to compare across hosts"),
+                   no_matrix: bool = typer.Option(False, "--no-matrix", help="skip host->host ssh"),
+                   no_network: bool = typer.Option(False, "--no-network", help="skip master port and bandwidth"),
+                   as_json: bool = typer.Option(False, "--json", help="print JSON"),
+                   record: Optional[str] = typer.Option(None, "--record", help="also save the raw facts here")) -> None:
+    """Check every host in parallel; every finding has a fix. Exit 2 on any fail."""
+    fleet = _fleet(fleet_file, hostfile, ssh_config)
+    options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
+                            network=not no_network)
+    report = run_doctor(fleet, options, options_for(fleet))
+    if record:
+        Path(record).write_text(json.dumps(report.record(), indent=1))
+    print(report.to_json()) if as_json else _render_doctor(report)
+    if report.failed:
+        raise typer.Exit(code=2)
+
+
+def _render_doctor(report: DoctorReport) -> None:
+    table = Table(title=f"deepfleet doctor: {len(report.collected.facts)} host(s) in {report.seconds:.1f}s")
+    for column in ("check", "host", "result", "finding", "fix"):
+        table.add_column(column, overflow="fold")
+    for f in report.findings:
+        table.add_row(f.check, f.host, f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.message, f.fix)
+    Console(width=max(120, Console().width)).print(table)
+    fails = sum(f.severity == "fail" for f in report.findings)
+    warns = sum(f.severity == "warn" for f in report.findings)
+    print(f"{fails} fail, {warns} warn")
+
+
+def ssh_setup_command(hosts: Optional[str] = typer.Option(None, "--hosts", help="a,b,c (or user@a,...)"),
+                      user: Optional[str] = typer.Option(None, "--user", help="login user for --hosts"),
+                      port: Optional[int] = typer.Option(None, "--port", help="ssh port for --hosts"),
+                      fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
+                      ssh_config: Optional[str] = SshConfigOpt,
+                      ssh_dir: str = typer.Option("~/.ssh", "--ssh-dir", help="key, known_hosts, authorized_keys dir "
+                                                  "(same path on every host)")) -> None:
+    """Key, host keys (accept-new), full mesh, and the N x N reachability matrix."""
+    fleet = _fleet(fleet_file, hostfile, ssh_config)
+    if hosts:
+        fleet = Fleet(**{**vars(fleet), "hosts": tuple(hosts_from_names(hosts, user=user, port=port)),
+                         "source": "--hosts"})
+    report = run_ssh_setup(fleet, SetupOptions(ssh_dir=ssh_dir))
+    _render_setup(report)
+    if report.problems:
+        raise DeepfleetError(problems=report.problems)
+
+
+def _render_setup(report: SetupReport) -> None:
+    if report.matrix:
+        targets = [h.name for h in report.hosts if h.name in report.matrix.get(HEAD, {})]
+        table = Table(title="ssh reachability (row -> column)")
+        table.add_column("from \\ to")
+        for target in targets:
+            table.add_column(target)
+        for source, row in report.matrix.items():
+            table.add_row(source, *("[green]ok[/]" if row.get(t) else "[bold red]FAIL[/]" if row.get(t) is False
+                                    else "?" for t in targets))
+        Console().print(table)
+    print("changed: " + ("; ".join(report.changes) if report.changes else "nothing (already set up)"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("hosts")(hosts_command)
+    app.command("hostfile")(hostfile_command)
+    app.command("doctor")(doctor_command)
+    app.command("ssh-setup")(ssh_setup_command)

@@ -1,0 +1,143 @@
+"""`deepfleet doctor`: one parallel probe per host (plus a master-port listener), then the checks.
+
+Everything a host needs to answer travels in one ssh round trip, and all hosts run at once, so
+the wall time stays near one host's even for many hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deepfleet.fleet.checks import Collected, Finding, run_checks
+from deepfleet.fleet.facts import HostFacts, probe_argv, probe_hosts, probe_stdin
+from deepfleet.fleet.inventory import Fleet, Host
+from deepfleet.fleet.network import BandwidthSink, source_address_towards
+from deepfleet.fleet.ssh import SshOptions, run_on_host, ssh_argv
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoctorOptions:
+    workdir: str = field(default_factory=os.getcwd)
+    output_dir: str | None = None
+    checksum_paths: tuple[str, ...] = ()
+    matrix: bool = True                  # host->host ssh for every ordered pair
+    network: bool = True                 # master port and bandwidth probes
+    bandwidth_seconds: float = 0.5
+    network_seconds: float = 5.0         # master port connect deadline on each host
+    hop_timeout: float = 8.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoctorReport:
+    collected: Collected
+    findings: list[Finding]
+    seconds: float
+
+    @property
+    def failed(self) -> bool:
+        return any(f.severity == "fail" for f in self.findings)
+
+    def to_json(self) -> str:
+        return json.dumps({"seconds": round(self.seconds, 3), "failed": self.failed,
+                           "findings": [vars(f) for f in self.findings]}, indent=2)
+
+    def record(self) -> list[dict[str, Any]]:
+        return [f.to_record() for f in self.collected.facts]
+
+
+def hop_argv(peer: Host, options: SshOptions) -> list[str]:
+    """What a host runs to test ssh to a peer: no multiplexing, strict host keys, just `true`."""
+    return ssh_argv(peer, ["true"], options=replace(options, control_dir=None, host_key_policy="yes"))
+
+
+def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: SshOptions, *,
+                 share_token: tuple[str, str] | None, bandwidth: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "python": fleet.python_for(host), "workdir": fleet.workdir or options.workdir,
+        "output_dir": options.output_dir or fleet.output_dir, "checksum": list(options.checksum_paths),
+        "share_token": list(share_token) if share_token else None,
+        "network_seconds": options.network_seconds, "hop_timeout": options.hop_timeout,
+        "bandwidth_seconds": options.bandwidth_seconds,
+    }
+    if options.matrix and len(fleet.hosts) > 1:
+        params["hops"] = {peer.name: hop_argv(peer, ssh_options) for peer in fleet.hosts if peer != host}
+    if options.network and len(fleet.hosts) > 1:
+        params["master"] = [fleet.master.address, fleet.master_port]
+    if options.network and host.name in bandwidth:
+        params["bandwidth"] = list(bandwidth[host.name])
+    return params
+
+
+def write_share_token(output_dir: str | None) -> tuple[Path, tuple[str, str]] | None:
+    """Write a random token in the head's output dir; hosts that see it share that dir."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return None
+    name, value = f".deepfleet-share-{secrets.token_hex(6)}", secrets.token_hex(16)
+    path = Path(output_dir) / name
+    try:
+        path.write_text(value)
+    except OSError:
+        return None
+    return path, (name, value)
+
+
+async def listen_on_master(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> dict[str, Any]:
+    params = {"mode": "listen", "address": "0.0.0.0", "port": fleet.master_port,
+              "expect": len(fleet.hosts), "seconds": options.network_seconds + 1}
+    result = await run_on_host(fleet.master, probe_argv(fleet.python_for(fleet.master)), options=ssh_options,
+                               timeout=options.network_seconds + ssh_options.connect_timeout + 5,
+                               stdin=probe_stdin(params))
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    report: dict[str, Any] = {"ready": False, "error": (result.failure.what if result.failure else
+                                                         result.stderr.strip()[-200:] or "no answer")}
+    for line in lines:
+        report.update(line)
+    if report.get("ready"):
+        report.pop("error", None)
+    return report
+
+
+async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
+    output_dir = options.output_dir or fleet.output_dir
+    token = write_share_token(output_dir)
+    sink = BandwidthSink()
+    try:
+        bandwidth: dict[str, tuple[str, int]] = {}
+        if options.network:
+            sources = {h.name: source_address_towards(h.address) for h in fleet.hosts if not h.local}
+            ports = await sink.start(a for a in sources.values() if a)
+            bandwidth = {name: (addr, ports[addr]) for name, addr in sources.items() if addr}
+        listener = (asyncio.ensure_future(listen_on_master(fleet, options, ssh_options))
+                    if options.network and len(fleet.hosts) > 1 else None)
+        timeout = (ssh_options.connect_timeout + options.network_seconds + options.hop_timeout
+                   + options.bandwidth_seconds + 10)
+        facts = await probe_hosts(
+            fleet.hosts, python_for=fleet.python_for, options=ssh_options, timeout=timeout,
+            params_for=lambda h: probe_params(fleet, h, options, ssh_options,
+                                              share_token=token[1] if token else None, bandwidth=bandwidth))
+        listened = await listener if listener else None
+    finally:
+        await sink.close()
+        if token:
+            token[0].unlink(missing_ok=True)
+    return Collected(fleet=fleet, facts=facts, listener=listened, matrix=options.matrix,
+                     checksum_paths=options.checksum_paths, ssh_options=ssh_options)
+
+
+def run_doctor(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> DoctorReport:
+    started = time.monotonic()
+    collected = asyncio.run(collect(fleet, options, ssh_options))
+    return DoctorReport(collected=collected, findings=run_checks(collected), seconds=time.monotonic() - started)
+
+
+def report_from_record(fleet: Fleet, records: list[dict[str, Any]], listener: dict[str, Any] | None = None) -> list[Finding]:
+    """Re-run the checks on recorded facts (used by tests and `doctor --replay`)."""
+    facts = [HostFacts.from_record(r) for r in records]
+    return run_checks(Collected(fleet=fleet, facts=facts, listener=listener))

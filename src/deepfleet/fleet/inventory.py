@@ -1,0 +1,313 @@
+"""The fleet: typed hosts, and loaders for every place a fleet can come from.
+
+Sources, in the order `resolve_fleet` tries them: an explicit fleet.yaml or DeepSpeed hostfile,
+./fleet.yaml, SLURM_JOB_NODELIST, PBS_NODEFILE, and finally the local machine alone.
+Every name and user is validated here, so nothing unchecked ever reaches a remote shell.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+from deepfleet.errors import DeepfleetError, Problem
+
+DEFAULT_MASTER_PORT = 29500
+# Hostnames (RFC 1123 labels, plus "_" seen in the wild), IPv4 and bracket-free IPv6 literals.
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?$")
+_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    """One machine of the fleet. `name` is what users see; `address` is what ssh connects to."""
+
+    name: str
+    address: str
+    user: str | None = None          # None: ssh's own default (~/.ssh/config, then $USER)
+    port: int | None = None          # None: ssh's own default
+    slots: int = 1                   # ranks to start here (GPUs, or configured count on CPU)
+    interface: str | None = None     # NCCL/GLOO socket interface override
+    python: str | None = None        # interpreter on this host; None: the fleet's
+    env: tuple[tuple[str, str], ...] = ()
+    local: bool = False              # the machine deepfleet runs on: no ssh needed
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.address}" if self.user else self.address
+
+
+@dataclass(frozen=True, kw_only=True)
+class SshSettings:
+    """Where ssh finds its config, key and known_hosts; None means ssh's own defaults."""
+
+    config_file: str | None = None
+    identity_file: str | None = None
+    known_hosts_file: str | None = None
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fleet:
+    hosts: tuple[Host, ...]
+    source: str                                  # where the fleet came from, for messages
+    python: str = field(default_factory=lambda: sys.executable)
+    master_port: int = DEFAULT_MASTER_PORT
+    workdir: str | None = None                   # None: the current directory of the head
+    output_dir: str | None = None
+    ssh: SshSettings = field(default_factory=SshSettings)
+
+    @property
+    def master(self) -> Host:
+        return self.hosts[0]
+
+    def python_for(self, host: Host) -> str:
+        return host.python or self.python
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if name in (host.name, host.address):
+                return host
+        raise DeepfleetError(f"no host {name!r} in the fleet", where=self.source,
+                             fix=f"use one of: {', '.join(h.name for h in self.hosts)}")
+
+
+def host_name_problem(name: str) -> str | None:
+    """Why `name` is not a safe host name or address, or None when it is."""
+    if name.startswith("-"):
+        return f"host {name!r} starts with '-' (ssh would read it as an option)"
+    if _HOSTNAME.match(name) or (":" in name and _IPV6.match(name)):
+        return None
+    bad = sorted({c for c in name if not (c.isalnum() or c in "._-:")})
+    shown = "".join(bad) or name
+    return f"host {name!r} contains characters not allowed in a host name: {shown!r}"
+
+
+def user_problem(user: str) -> str | None:
+    return None if _USER.match(user) else f"user {user!r} is not a valid login name"
+
+
+def validate_host(host: Host, where: str) -> list[Problem]:
+    """Every problem with one host entry; `where` is the file:line or key path for messages."""
+    problems: list[Problem] = []
+    for value in (host.address, host.name):
+        message = host_name_problem(value)
+        if message:
+            problems.append(Problem(what=message, where=where,
+                                    fix="use a plain host name or IP address (letters, digits, '.', '-', '_')"))
+            break
+    if host.user is not None and (message := user_problem(host.user)):
+        problems.append(Problem(what=message, where=where, fix="use the login name, e.g. user: ubuntu"))
+    if host.slots < 1:
+        problems.append(Problem(what=f"slots={host.slots} for host {host.name!r}", where=where,
+                                fix="slots is the number of ranks on that host: 1 or more (remove the host to skip it)"))
+    if host.port is not None and not 0 < host.port < 65536:
+        problems.append(Problem(what=f"port {host.port} out of range", where=where, fix="use 1-65535"))
+    if host.interface is not None and not _IFNAME.match(host.interface):
+        problems.append(Problem(what=f"interface {host.interface!r} is not an interface name", where=where,
+                                fix="use a name from `ip -br addr`, e.g. eth0"))
+    for name, _ in host.env:
+        if not _ENV_NAME.match(name):
+            problems.append(Problem(what=f"env name {name!r} is not a valid variable name", where=where,
+                                    fix="use letters, digits and '_'"))
+    return problems
+
+
+def check_unique(hosts: list[tuple[Host, str]]) -> list[Problem]:
+    """Duplicate host addresses (with their user and port) are an error: one rank set per host."""
+    seen: dict[tuple[str, int | None, str | None], str] = {}
+    problems = []
+    for host, where in hosts:
+        key = (host.address.lower(), host.port, host.user)
+        if key in seen:
+            problems.append(Problem(what=f"host {host.address!r} listed twice (first at {seen[key]})", where=where,
+                                    fix="list each host once and put its rank count in slots"))
+        else:
+            seen[key] = where
+    return problems
+
+
+def parse_hostfile(text: str, source: str) -> list[Host]:
+    """A DeepSpeed hostfile, as DeepSpeed reads it: `name slots=N`, '#' comments, blank lines.
+
+    DeepSpeed only matches the start of a line, so trailing words (e.g. an interface) are
+    accepted and ignored, as DeepSpeed does.
+    """
+    entries: list[tuple[Host, str]] = []
+    problems: list[Problem] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{number}"
+        match = re.match(r"^(\S+)\s+slots=(-?\d+)(?:\s|$)", line)
+        if not match:
+            problems.append(Problem(what=f"not a hostfile line: {raw.strip()!r}", where=where,
+                                    fix="write `hostname slots=N`, e.g. `gpu1 slots=8`"))
+            continue
+        host = Host(name=match.group(1), address=match.group(1), slots=int(match.group(2)))
+        line_problems = validate_host(host, where)
+        problems += line_problems
+        if not line_problems:
+            entries.append((host, where))
+    problems += check_unique(entries)
+    if not entries and not problems:
+        problems.append(Problem(what="hostfile lists no hosts", where=source, fix="add lines like `gpu1 slots=8`"))
+    if problems:
+        raise DeepfleetError(problems=problems)
+    return [host for host, _ in entries]
+
+
+def expand_nodelist(nodelist: str, where: str = "SLURM_JOB_NODELIST") -> list[str]:
+    """Expand a SLURM node list such as `gpu[01-04,07],cpu5` (zero padding kept)."""
+    def fail(what: str) -> DeepfleetError:
+        return DeepfleetError(f"bad node list {nodelist!r}: {what}", where=where,
+                              fix="use SLURM syntax such as gpu[01-04,07],cpu5 (or `scontrol show hostnames`)")
+
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(nodelist):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise fail("nested '['")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise fail("']' without '['")
+        elif char == "," and depth == 0:
+            items.append(nodelist[start:index])
+            start = index + 1
+    if depth != 0:
+        raise fail("'[' without ']'")
+    items.append(nodelist[start:])
+    names: list[str] = []
+    for item in items:
+        if not item.strip():
+            raise fail("empty entry")
+        expanded = [""]
+        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+            choices = [literal]
+            if ranges:
+                choices = [literal + number for number in _expand_ranges(ranges, fail)]
+            expanded = [prefix + choice for prefix in expanded for choice in choices]
+        names += expanded
+    for name in names:
+        if message := host_name_problem(name):
+            raise fail(message)
+    return names
+
+
+def _expand_ranges(ranges: str, fail) -> list[str]:
+    numbers: list[str] = []
+    for part in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if not match:
+            raise fail(f"{part!r} is not a number or range")
+        low, high = match.group(1), match.group(2) or match.group(1)
+        if int(high) < int(low):
+            raise fail(f"range {part!r} runs backwards")
+        if int(high) - int(low) > 100_000:
+            raise fail(f"range {part!r} is too large")
+        numbers += [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
+    return numbers
+
+
+def parse_pbs_nodefile(text: str, source: str) -> list[Host]:
+    """A PBS nodefile lists one line per slot; repeated names add up to that host's slots."""
+    slots: dict[str, int] = {}
+    first_line: dict[str, str] = {}
+    problems = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        name = raw.strip()
+        if not name or name.startswith("#"):
+            continue
+        if message := host_name_problem(name):
+            problems.append(Problem(what=message, where=f"{source}:{number}", fix="one host name per line"))
+            continue
+        slots[name] = slots.get(name, 0) + 1
+        first_line.setdefault(name, f"{source}:{number}")
+    if problems:
+        raise DeepfleetError(problems=problems)
+    if not slots:
+        raise DeepfleetError("nodefile lists no hosts", where=source, fix="check PBS_NODEFILE")
+    return [Host(name=name, address=name, slots=count) for name, count in slots.items()]
+
+
+def local_host(slots: int | None = None) -> Host:
+    return Host(name=socket.gethostname() or "localhost", address="localhost", local=True,
+                slots=slots or max(1, count_local_gpus()))
+
+
+def count_local_gpus() -> int:
+    return len(list(Path("/proc/driver/nvidia/gpus").glob("*"))) if Path("/proc/driver/nvidia/gpus").is_dir() else 0
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path),
+                             fix="check the path") from None
+
+
+def resolve_fleet(*, fleet_file: str | None = None, hostfile: str | None = None,
+                  environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Fleet:
+    """The fleet from the first source that applies (see the module docstring)."""
+    from deepfleet.fleet.fleet_yaml import load_fleet_yaml
+
+    environ = os.environ if environ is None else environ
+    cwd = cwd or Path.cwd()
+    if fleet_file and hostfile:
+        raise DeepfleetError("both --fleet and --hostfile given", where="command line", fix="pass only one")
+    if fleet_file:
+        return load_fleet_yaml(Path(fleet_file))
+    if hostfile:
+        hosts = parse_hostfile(read_text(Path(hostfile), "hostfile"), hostfile)
+        return Fleet(hosts=tuple(hosts), source=hostfile)
+    if (cwd / "fleet.yaml").is_file():
+        return load_fleet_yaml(cwd / "fleet.yaml")
+    if environ.get("SLURM_JOB_NODELIST"):
+        names = expand_nodelist(environ["SLURM_JOB_NODELIST"])
+        slots = int(environ["SLURM_GPUS_ON_NODE"]) if environ.get("SLURM_GPUS_ON_NODE", "").isdigit() else 1
+        return Fleet(hosts=tuple(Host(name=n, address=n, slots=max(1, slots)) for n in names),
+                     source="SLURM_JOB_NODELIST")
+    if environ.get("PBS_NODEFILE"):
+        path = Path(environ["PBS_NODEFILE"])
+        return Fleet(hosts=tuple(parse_pbs_nodefile(read_text(path, "PBS nodefile"), str(path))),
+                     source=str(path))
+    return Fleet(hosts=(local_host(),), source="local machine")
+
+
+def with_hosts(fleet: Fleet, hosts: list[Host]) -> Fleet:
+    return replace(fleet, hosts=tuple(hosts))
+
+
+def hosts_from_names(names: str, *, user: str | None = None, port: int | None = None) -> list[Host]:
+    """`--hosts a,b,c` (each optionally user@host) as hosts, validated."""
+    hosts, problems = [], []
+    for item in [n.strip() for n in names.split(",") if n.strip()]:
+        item_user, _, address = item.rpartition("@")
+        host = Host(name=address, address=address, user=item_user or user, port=port)
+        found = validate_host(host, "--hosts")
+        problems += found
+        if not found:
+            hosts.append((host, "--hosts"))
+    problems += check_unique(hosts)
+    if not hosts and not problems:
+        problems.append(Problem(what="no hosts given", where="--hosts", fix="e.g. --hosts gpu1,gpu2"))
+    if problems:
+        raise DeepfleetError(problems=problems)
+    return [host for host, _ in hosts]
+
+
+def render_hostfile(hosts: list[Host] | tuple[Host, ...]) -> str:
+    """A DeepSpeed hostfile for these hosts (addresses, since DeepSpeed ssh's to them)."""
+    return "".join(f"{host.address} slots={host.slots}\n" for host in hosts)

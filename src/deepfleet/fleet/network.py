@@ -1,0 +1,118 @@
+"""Network choices and probes: the interface every host shares, the head's bandwidth sink.
+
+`select_shared_interface` is what the launcher reuses to set NCCL_SOCKET_IFNAME and
+GLOO_SOCKET_IFNAME (gloo resolves the hostname to 127.0.0.1 without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+Interface = Mapping[str, object]   # one probe entry: {"name", "address", "prefix", "up"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterfaceChoice:
+    network: str | None                      # e.g. "10.213.5.0/24"; None when no subnet is shared
+    per_host: dict[str, str]                 # host name -> interface name on that network
+    addresses: dict[str, str]                # host name -> its address on that network
+    outside: list[str] = field(default_factory=list)   # hosts without an address in the best network
+
+    @property
+    def same_name_everywhere(self) -> bool:
+        return len(set(self.per_host.values())) == 1
+
+    def env(self, host: str) -> dict[str, str]:
+        """NCCL_/GLOO_SOCKET_IFNAME for one host, or {} when that host has no interface chosen."""
+        name = self.per_host.get(host)
+        return {"NCCL_SOCKET_IFNAME": name, "GLOO_SOCKET_IFNAME": name} if name else {}
+
+
+def _networks(interfaces: Iterable[Interface]) -> dict[ipaddress.IPv4Network, tuple[str, str]]:
+    found: dict[ipaddress.IPv4Network, tuple[str, str]] = {}
+    for entry in interfaces:
+        try:
+            iface = ipaddress.IPv4Interface(f"{entry['address']}/{entry['prefix']}")
+        except (KeyError, ValueError):
+            continue
+        if iface.ip.is_loopback or iface.ip.is_link_local or entry.get("up") is False:
+            continue
+        found.setdefault(iface.network, (str(entry["name"]), str(iface.ip)))
+    return found
+
+
+def select_shared_interface(interfaces_by_host: Mapping[str, Sequence[Interface]],
+                            preferred: Mapping[str, str] | None = None) -> InterfaceChoice:
+    """The subnet the most hosts share (all, ideally), and each host's interface on it.
+
+    Ties go to the subnet holding the addresses the fleet uses (so ssh and NCCL take the same
+    path), then to the smaller subnet. `preferred` maps host -> interface forced by the fleet file.
+    """
+    preferred = preferred or {}
+    per_host = {host: _networks(entries) for host, entries in interfaces_by_host.items()}
+    counts = Counter(net for nets in per_host.values() for net in nets)
+    if not counts:
+        return InterfaceChoice(network=None, per_host={}, addresses={}, outside=sorted(per_host))
+    best = max(counts, key=lambda net: (counts[net], -net.num_addresses, str(net)))
+    if counts[best] < 2 and len(per_host) > 1:
+        return InterfaceChoice(network=None, per_host={}, addresses={}, outside=sorted(per_host))
+    chosen, addresses, outside = {}, {}, []
+    for host, nets in per_host.items():
+        if best in nets:
+            chosen[host] = preferred.get(host, nets[best][0])
+            addresses[host] = nets[best][1]
+        else:
+            outside.append(host)
+    return InterfaceChoice(network=str(best), per_host=chosen, addresses=addresses, outside=outside)
+
+
+def source_address_towards(address: str, port: int = 9) -> str | None:
+    """The local address the kernel would use to reach `address` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(address), port))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+@dataclass
+class BandwidthSink:
+    """TCP servers on the head that count bytes each host sends, then reply with the count."""
+
+    servers: dict[str, asyncio.base_events.Server] = field(default_factory=dict)
+    read_timeout: float = 10.0
+    max_bytes: int = 512 << 20
+
+    async def start(self, addresses: Iterable[str]) -> dict[str, int]:
+        ports = {}
+        for address in sorted(set(addresses)):
+            server = await asyncio.start_server(self._handle, host=address, port=0)
+            self.servers[address] = server
+            ports[address] = server.sockets[0].getsockname()[1]
+        return ports
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        try:
+            while received < self.max_bytes:
+                block = await asyncio.wait_for(reader.read(1 << 20), self.read_timeout)
+                if not block:
+                    break
+                received += len(block)
+            writer.write(str(received).encode())
+            await writer.drain()
+        except (asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+            await server.wait_closed()

@@ -1,0 +1,271 @@
+"""Runs ON each host (sent over ssh stdin, stdlib only, Python >= 3.8): one JSON line of facts.
+
+The head appends `main(<params>)` to this file's text and pipes it to `python -`, so collecting
+everything about a host (versions, devices, dirs, interfaces, ssh to peers, the master port,
+bandwidth to the head) costs one ssh round trip. Mode "listen" instead opens the master port
+and reports who connected. Nothing here imports torch unless an NVIDIA device exists.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
+
+
+def package_facts(name):
+    """Version from metadata (fast, no import) and where `import name` would load it from."""
+    import importlib.metadata as metadata
+    import importlib.util
+    fact = {"version": None, "origin": None, "dist_path": None}
+    try:
+        dist = metadata.distribution(name)
+        fact["version"] = dist.version
+        fact["dist_path"] = str(dist.locate_file(""))
+    except Exception:
+        pass
+    try:
+        spec = importlib.util.find_spec(name)
+        fact["origin"] = spec.origin if spec else None
+    except Exception:
+        pass
+    return fact
+
+
+def accelerator_facts():
+    gpus_dir = "/proc/driver/nvidia/gpus"
+    count = len(os.listdir(gpus_dir)) if os.path.isdir(gpus_dir) else 0
+    facts = {"count": count, "models": [], "cuda": None, "nccl": None}
+    if count and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=15).stdout
+            facts["models"] = [line.strip() for line in out.splitlines() if line.strip()]
+        except Exception:
+            pass
+    if count:
+        try:
+            import torch
+            facts["cuda"] = torch.version.cuda
+            facts["torch_sees"] = torch.cuda.device_count()
+            facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception as exc:
+            facts["torch_error"] = str(exc)[:200]
+    return facts
+
+
+def interface_facts():
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
+        entries = json.loads(out or "[]")
+    except Exception:
+        return []
+    interfaces = []
+    for entry in entries:
+        for addr in entry.get("addr_info", []):
+            if addr.get("family") == "inet":
+                interfaces.append({"name": entry.get("ifname"), "address": addr.get("local"),
+                                   "prefix": addr.get("prefixlen"), "up": "UP" in entry.get("flags", [])})
+    return interfaces
+
+
+def infiniband_facts():
+    base = "/sys/class/infiniband"
+    devices = []
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        ports_dir = os.path.join(base, name, "ports")
+        for port in sorted(os.listdir(ports_dir)) if os.path.isdir(ports_dir) else []:
+            def read(leaf):
+                try:
+                    with open(os.path.join(ports_dir, port, leaf)) as handle:
+                        return handle.read().strip()
+                except OSError:
+                    return None
+            devices.append({"device": name, "port": port, "state": read("state"), "link_layer": read("link_layer")})
+    return devices
+
+
+def dir_facts(path):
+    if not path:
+        return None
+    facts = {"path": path, "exists": os.path.isdir(path), "writable": os.access(path, os.W_OK)}
+    if facts["exists"]:
+        usage = shutil.disk_usage(path)
+        facts["free_bytes"], facts["total_bytes"] = usage.free, usage.total
+        facts["fs_type"] = mount_type(path)
+    return facts
+
+
+def mount_type(path):
+    best, kind = "", None
+    try:
+        with open("/proc/mounts") as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) > 2 and path.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def memory_available_bytes():
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def checksum(path, limit_bytes):
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as handle:
+            while size < limit_bytes:
+                block = handle.read(1 << 20)
+                if not block:
+                    return {"sha256": digest.hexdigest(), "bytes": size}
+                digest.update(block)
+                size += len(block)
+        return {"sha256": None, "error": "larger than the checksum limit"}
+    except OSError as exc:
+        return {"sha256": None, "error": exc.strerror}
+
+
+def ssh_hop(argv, timeout):
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        code, err = done.returncode, done.stderr
+    except subprocess.TimeoutExpired:
+        code, err = None, "timed out"
+    except OSError as exc:
+        code, err = 127, str(exc)
+    return {"returncode": code, "stderr": err.strip()[-400:], "seconds": round(time.monotonic() - started, 3)}
+
+
+def connect_master(address, port, deadline):
+    """Connect to the master port, retrying while the listener starts, until the deadline."""
+    started, error = time.monotonic(), None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((address, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return {"ok": True, "seconds": round(time.monotonic() - started, 3)}
+        except socket.timeout:
+            error = "timed out (packets dropped: firewall?)"
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+            time.sleep(0.1)
+    return {"ok": False, "error": error or "deadline passed", "seconds": round(time.monotonic() - started, 3)}
+
+
+def send_bandwidth(address, port, seconds, max_bytes):
+    """Send for `seconds` (at most max_bytes); the head replies with the byte count it received."""
+    block, sent = b"\0" * (1 << 20), 0
+    try:
+        with socket.create_connection((address, port), timeout=3) as conn:
+            started = time.monotonic()
+            while sent < max_bytes and time.monotonic() - started < seconds:
+                conn.sendall(block)
+                sent += len(block)
+            conn.shutdown(socket.SHUT_WR)
+            received = int(conn.recv(64).decode() or 0)
+            elapsed = time.monotonic() - started
+        return {"bytes": received, "seconds": round(elapsed, 4), "gbit_s": round(received * 8 / elapsed / 1e9, 3)}
+    except (OSError, ValueError) as exc:
+        return {"error": getattr(exc, "strerror", None) or str(exc)}
+
+
+def network_facts(params):
+    results, threads = {}, []
+
+    def task(key, function, *args):
+        def run():
+            results[key] = function(*args)
+        thread = threading.Thread(target=run, daemon=True)
+        threads.append(thread)
+        thread.start()
+
+    deadline = time.monotonic() + params.get("network_seconds", 6)
+    for peer, argv in params.get("hops", {}).items():
+        task("hop:" + peer, ssh_hop, argv, params.get("hop_timeout", 8))
+    if params.get("master"):
+        task("master", connect_master, params["master"][0], params["master"][1], deadline)
+    if params.get("bandwidth"):
+        address, port = params["bandwidth"]
+        task("bandwidth", send_bandwidth, address, port, params.get("bandwidth_seconds", 0.5), 256 << 20)
+    for thread in threads:
+        thread.join(max(0.0, deadline + 3 - time.monotonic()))
+    hops = {key[4:]: value for key, value in results.items() if key.startswith("hop:")}
+    return {"hops": hops, "master": results.get("master"), "bandwidth": results.get("bandwidth")}
+
+
+def facts(params):
+    started = time.time()
+    result = {
+        "hostname": socket.gethostname(), "time_start": started,
+        "python": {"executable": sys.executable, "version": platform.python_version(),
+                   "wanted": params.get("python"),
+                   "wanted_found": bool(params.get("python")) and os.access(params["python"], os.X_OK)},
+        "packages": {name: package_facts(name) for name in PACKAGES},
+        "accelerators": accelerator_facts(),
+        "workdir": dir_facts(params.get("workdir")),
+        "output_dir": dir_facts(params.get("output_dir")),
+        "share_token_seen": None, "memory_available_bytes": memory_available_bytes(),
+        "cpu_count": os.cpu_count(), "interfaces": interface_facts(), "infiniband": infiniband_facts(),
+        "iperf3": shutil.which("iperf3") is not None,
+        "checksums": {path: checksum(path, params.get("checksum_limit", 1 << 34)) for path in params.get("checksum", [])},
+    }
+    token = params.get("share_token")
+    if token and params.get("output_dir"):
+        try:
+            with open(os.path.join(params["output_dir"], token[0])) as handle:
+                result["share_token_seen"] = handle.read().strip() == token[1]
+        except OSError:
+            result["share_token_seen"] = False
+    result["network"] = network_facts(params)
+    result["time_end"] = time.time()
+    return result
+
+
+def listen(params):
+    """Open the master port, say READY, and report every peer that connected before the deadline."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as torch's TCPStore does
+    try:
+        server.bind((params["address"], params["port"]))
+    except OSError as exc:
+        print(json.dumps({"ready": False, "error": exc.strerror or str(exc)}), flush=True)
+        return
+    server.listen(128)
+    print(json.dumps({"ready": True}), flush=True)
+    peers, deadline = [], time.monotonic() + params.get("seconds", 6)
+    while len(peers) < params.get("expect", 1) and time.monotonic() < deadline:
+        server.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            conn, peer = server.accept()
+            peers.append(peer[0])
+            conn.close()
+        except OSError:
+            break
+    server.close()
+    print(json.dumps({"peers": peers}), flush=True)
+
+
+def main(params):
+    if params.get("mode") == "listen":
+        listen(params)
+    elif params.get("mode") == "hops":
+        print(json.dumps(network_facts(params)), flush=True)
+    else:
+        print(json.dumps(facts(params)), flush=True)
