@@ -1,8 +1,8 @@
 """Training data: read every source, convert records, tokenize, mask labels, hold out validation.
 
-Loss is only on assistant tokens for chat formats (messages, alpaca, sharegpt): each assistant
-turn's character span is found by rendering the conversation prefix with the tokenizer's own
-chat template, so any HF template works. The text format trains on every token.
+Loss is only on assistant tokens for chat formats (messages, alpaca, sharegpt), found with the
+tokenizer's own chat template (see chat_labels.py), so any HF template works. The text format
+trains on every token.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from transformers import PreTrainedTokenizerBase
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe import DataSpec
+from deepfleet.train.chat_labels import IGNORE_INDEX, render_with_spans, tokenize_chats
 from deepfleet.train.data_formats import CHAT_FORMATS, Conversation, convert_records, detect_format
 from deepfleet.train.data_sources import SourceRecord, read_source
 
-IGNORE_INDEX = -100
+TOKENIZE_CHUNK = 2048    # conversations rendered and tokenized per batched call
 log = logging.getLogger(__name__)
 
 
@@ -50,78 +51,9 @@ class _Sample:
     where: str
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Conversation, *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _located_span(text: str, message: dict, cursor: int, eos: str | None) -> tuple[int, int]:
-    # Fallback for templates whose prefix renders differently from the full conversation.
-    start = text.find(message["content"], cursor)
-    if start < 0:
-        return cursor, cursor
-    end = start + len(message["content"])
-    if eos and text.startswith(eos, end):
-        end += len(eos)
-    return start, end
-
-
-def answer_spans(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn (its content and end token)."""
-    text = render_chat(tokenizer, messages, generation_prompt=False)
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        try:
-            before = render_chat(tokenizer, messages[:index], generation_prompt=True) if index else ""
-            through = render_chat(tokenizer, messages[: index + 1], generation_prompt=False)
-        except TemplateError:
-            before = through = None
-        if before is not None and text.startswith(before) and text.startswith(through) and len(through) > len(before) >= cursor:
-            span = (len(before), len(through))
-        else:
-            span = _located_span(text, message, cursor, tokenizer.eos_token)
-        spans.append(span)
-        cursor = span[1]
-    return text, spans
-
-
-def _labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    labels = [IGNORE_INDEX] * len(ids)
-    span_index = 0
-    for position, (start, end) in enumerate(offsets):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index < len(spans) and spans[span_index][0] <= start < spans[span_index][1] and end > start:
-            labels[position] = ids[position]
-    return labels
-
-
-def _tokenize_by_pieces(tokenizer: PreTrainedTokenizerBase, text: str,
-                        spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    # Slow tokenizers have no offsets: tokenize the text between span boundaries piece by piece.
-    ids: list[int] = []
-    labels: list[int] = []
-    cursor = 0
-    for start, end in [*spans, (len(text), len(text))]:
-        for piece, trained in ((text[cursor:start], False), (text[start:end], True)):
-            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-            ids += piece_ids
-            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
-        cursor = end
-    return ids, labels
-
-
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Conversation) -> TokenizedExample:
     """Token ids of the chat-template rendering, with labels only on assistant turns."""
-    text, spans = answer_spans(tokenizer, messages)
-    if tokenizer.is_fast:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        labels = _labels_from_offsets(ids, list(encoded["offset_mapping"]), spans)
-    else:
-        ids, labels = _tokenize_by_pieces(tokenizer, text, spans)
+    (ids, labels), = tokenize_chats(tokenizer, render_with_spans(tokenizer, [messages]))
     return TokenizedExample(input_ids=ids, labels=labels)
 
 
@@ -168,7 +100,7 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, formats: list[str], 
                              fix="use a chat/instruct model (e.g. a *-Instruct id), or data in format: text")
 
 
-def _tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> TokenizedExample:
+def _tokenize_one(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> TokenizedExample:
     if isinstance(sample.content, str):
         return tokenize_text(tokenizer, sample.content)
     try:
@@ -176,6 +108,17 @@ def _tokenize_sample(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> Tok
     except TemplateError as exc:
         raise DeepfleetError(f"the chat template rejected this conversation: {exc}", where=sample.where,
                              fix="check the roles and their order (many templates need user/assistant turns alternating)") from None
+
+
+def _tokenize_chunk(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample]) -> list[TokenizedExample]:
+    """Batched rendering and tokenization; on a template error, one by one to name the record."""
+    if not all(isinstance(sample.content, list) for sample in samples):
+        return [_tokenize_one(tokenizer, sample) for sample in samples]
+    try:
+        chats = render_with_spans(tokenizer, [sample.content for sample in samples])
+    except TemplateError:
+        return [_tokenize_one(tokenizer, sample) for sample in samples]
+    return [TokenizedExample(input_ids=ids, labels=labels) for ids, labels in tokenize_chats(tokenizer, chats)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,13 +132,14 @@ def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample],
     """Tokenized, truncated examples; those left with no trained token are dropped and counted."""
     examples: list[TokenizedExample] = []
     n_truncated = n_without_answer = 0
-    for sample in samples:
-        example, truncated = finish_example(_tokenize_sample(tokenizer, sample), max_length)
-        n_truncated += truncated
-        if all(label == IGNORE_INDEX for label in example.labels):
-            n_without_answer += 1
-            continue
-        examples.append(example)
+    for start in range(0, len(samples), TOKENIZE_CHUNK):
+        for raw in _tokenize_chunk(tokenizer, samples[start:start + TOKENIZE_CHUNK]):
+            example, truncated = finish_example(raw, max_length)
+            n_truncated += truncated
+            if all(label == IGNORE_INDEX for label in example.labels):
+                n_without_answer += 1
+                continue
+            examples.append(example)
     return _TokenizedSet(examples=examples, n_truncated=n_truncated, n_without_answer=n_without_answer)
 
 

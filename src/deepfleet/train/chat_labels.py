@@ -1,0 +1,123 @@
+"""Answer-only labels for any HF chat template.
+
+Each assistant turn's character span is found by rendering the conversation up to that turn with
+the tokenizer's own template (the prefix with the generation prompt, then the prefix including the
+turn); the tokens whose characters fall inside a span are trained, all others get IGNORE_INDEX.
+When a template renders a prefix differently from the whole conversation (some templates drop
+earlier reasoning, or close the conversation with a marker), the turn is located by its content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+Conversation = list[dict[str, str]]
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderedChat:
+    text: str
+    spans: list[Span]     # character spans of the assistant turns, in order
+
+
+def render_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], *,
+                 generation_prompt: bool) -> list[str]:
+    """The template's text for each conversation (one batched call; raises jinja2.TemplateError)."""
+    if not conversations:
+        return []
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _located_span(text: str, content: str, cursor: int, eos: str | None) -> Span:
+    start = text.find(content, cursor)
+    if start < 0:
+        return cursor, cursor
+    end = start + len(content)
+    if eos and text.startswith(eos, end):
+        end += len(eos)
+    return start, end
+
+
+def _assistant_indices(messages: Conversation) -> list[int]:
+    return [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+
+
+def _spans(text: str, messages: Conversation, before: dict[int, str], through: dict[int, str],
+           eos: str | None) -> list[Span]:
+    spans: list[Span] = []
+    cursor = 0
+    for index in _assistant_indices(messages):
+        start_text, end_text = before.get(index, ""), through.get(index, text)
+        if text.startswith(start_text) and text.startswith(end_text) and len(end_text) > len(start_text) >= cursor:
+            span = (len(start_text), len(end_text))
+        else:
+            span = _located_span(text, messages[index]["content"], cursor, eos)
+        spans.append(span)
+        cursor = span[1]
+    return spans
+
+
+def render_with_spans(tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation]) -> list[RenderedChat]:
+    """Each conversation's text and assistant spans, with all prefixes rendered in two batched calls."""
+    texts = render_chats(tokenizer, conversations, generation_prompt=False)
+    before_keys: list[tuple[int, int]] = []
+    through_keys: list[tuple[int, int]] = []
+    for number, messages in enumerate(conversations):
+        for index in _assistant_indices(messages):
+            if index > 0:
+                before_keys.append((number, index))
+            if index + 1 < len(messages):
+                through_keys.append((number, index))
+    before_texts = render_chats(tokenizer, [conversations[n][:i] for n, i in before_keys], generation_prompt=True)
+    through_texts = render_chats(tokenizer, [conversations[n][:i + 1] for n, i in through_keys], generation_prompt=False)
+    before: dict[int, dict[int, str]] = {}
+    through: dict[int, dict[int, str]] = {}
+    for (number, index), text in zip(before_keys, before_texts):
+        before.setdefault(number, {})[index] = text
+    for (number, index), text in zip(through_keys, through_texts):
+        through.setdefault(number, {})[index] = text
+    rendered = []
+    for number, (text, messages) in enumerate(zip(texts, conversations)):
+        spans = _spans(text, messages, before.get(number, {}), through.get(number, {}), tokenizer.eos_token)
+        rendered.append(RenderedChat(text=text, spans=spans))
+    return rendered
+
+
+def labels_from_offsets(ids: list[int], offsets: list[Span], spans: list[Span]) -> list[int]:
+    """ids where a token starts inside a span, IGNORE_INDEX elsewhere (spans and offsets ascending)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    span_index = 0
+    for position, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and start >= spans[span_index][1]:
+            span_index += 1
+        if span_index < len(spans) and spans[span_index][0] <= start and end > start:
+            labels[position] = ids[position]
+    return labels
+
+
+def _tokenize_by_pieces(tokenizer: PreTrainedTokenizerBase, chat: RenderedChat) -> tuple[list[int], list[int]]:
+    # Slow tokenizers have no offsets: tokenize the text between span boundaries piece by piece.
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for start, end in [*chat.spans, (len(chat.text), len(chat.text))]:
+        for piece, trained in ((chat.text[cursor:start], False), (chat.text[start:end], True)):
+            piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else []
+            ids += piece_ids
+            labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+        cursor = end
+    return ids, labels
+
+
+def tokenize_chats(tokenizer: PreTrainedTokenizerBase, chats: list[RenderedChat]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) for each rendered chat; the template already holds any bos/eos tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if backend is None:
+        return [_tokenize_by_pieces(tokenizer, chat) for chat in chats]
+    encodings = backend.encode_batch([chat.text for chat in chats], add_special_tokens=False)
+    return [(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, chat.spans))
+            for encoding, chat in zip(encodings, chats)]
