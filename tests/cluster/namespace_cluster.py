@@ -31,7 +31,7 @@ class HostSpec:
     name: str
     other_subnet: bool = False               # address in a second subnet, reachable from the head only
     sshd: bool = True                        # False: the namespace exists but no sshd runs
-    sshd_options: tuple[str, ...] = ()       # extra sshd_config lines, e.g. "SetEnv PYTHONPATH=/x"
+    sshd_options: tuple[str, ...] = ()       # extra sshd_config lines; "{root}" is the session dir
     password_only: bool = False              # sshd refuses keys, offers passwords only
 
 
@@ -116,7 +116,8 @@ def _sshd_config(cluster: Cluster, host: ClusterHost, host_key: Path) -> str:
         lines += ["PubkeyAuthentication no", "PasswordAuthentication yes", "PermitRootLogin yes"]
     else:
         lines += ["PubkeyAuthentication yes", "PasswordAuthentication no", "PermitRootLogin prohibit-password"]
-    return "\n".join([*spec.sshd_options, *lines]) + "\n"   # first value wins in sshd_config
+    extra = [line.format(root=cluster.root) for line in spec.sshd_options]
+    return "\n".join([*extra, *lines]) + "\n"   # first value wins in sshd_config
 
 
 def start_sshd(cluster: Cluster, host: ClusterHost) -> None:
@@ -237,3 +238,19 @@ def teardown_cluster(cluster: Cluster) -> list[str]:
     links = _run(["ip", "-o", "link"], check=False).stdout
     return [n for n in [h.namespace for h in cluster.hosts] + [cluster.bridge] if n in names or f" {n}:" in links
             or f" {n}@" in links]
+
+
+def fleet_yaml_text(cluster: Cluster, names: list[str], *, slots: int = 1, user: str = "root",
+                    extra: str = "") -> str:
+    """A fleet.yaml for some of the cluster's hosts, using the session's ssh config."""
+    hosts = "".join(f"  - {{name: {n}, address: {cluster.host(n).address}}}\n" for n in names)
+    return (f"defaults: {{user: {user}, slots: {slots}}}\n"
+            f"ssh: {{config_file: {cluster.ssh_config}, connect_timeout: 3}}\n{extra}hosts:\n{hosts}")
+
+
+def fleet_for(cluster: Cluster, names: list[str], **fields):
+    """The same as a typed Fleet (deepfleet.fleet.inventory), for tests that call the API."""
+    from deepfleet.fleet.inventory import Fleet, Host, SshSettings
+    hosts = tuple(Host(name=n, address=cluster.host(n).address, user="root") for n in names)
+    return Fleet(hosts=hosts, source="namespace cluster",
+                 ssh=SshSettings(config_file=str(cluster.ssh_config), connect_timeout=3), **fields)

@@ -1,0 +1,89 @@
+"""Namespace cluster fixtures (see namespace_cluster.py), built once per session, always torn down.
+
+- `namespace_cluster`: N healthy hosts h1..hN (N=2; parametrize indirectly or set
+  DEEPFLEET_TEST_HOSTS for more). Yields a `Cluster`: addresses, namespaces, veths, ssh_config,
+  key and known_hosts paths.
+- `cluster_factory`: build any list of `HostSpec`s; everything built is torn down at session end.
+- `fault_cluster`: healthy h1-h3 plus one host per fault (no sshd, other deepspeed, other subnet,
+  firewalled master port, password only).
+
+Missing prerequisites skip these tests with the reason, or fail them when CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from namespace_cluster import (Cluster, HostSpec, build_cluster, firewall_port,  # noqa: E402
+                               missing_prerequisites, teardown_cluster)
+
+FAKE_DEEPSPEED_VERSION = "0.14.0"
+FAULT_HOSTS = [
+    HostSpec(name="h1"), HostSpec(name="h2"), HostSpec(name="h3"),
+    HostSpec(name="down", sshd=False),
+    HostSpec(name="oldds", sshd_options=("SetEnv PYTHONPATH={root}/shim",)),
+    HostSpec(name="far", other_subnet=True),
+    HostSpec(name="fw"),
+    HostSpec(name="pw", password_only=True),
+]
+
+
+def require_cluster_prerequisites() -> None:
+    reason = missing_prerequisites()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"cluster prerequisite missing under CI=true: {reason}")
+    pytest.skip(f"namespace cluster unavailable: {reason}")
+
+
+def _netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session")
+def cluster_factory():
+    require_cluster_prerequisites()
+    before = _netns_names()
+    built: list[Cluster] = []
+
+    def build(specs: list[HostSpec] | int) -> Cluster:
+        cluster = build_cluster(specs)
+        built.append(cluster)
+        return cluster
+
+    yield build
+    leftovers = [name for cluster in built for name in teardown_cluster(cluster)]
+    stray = _netns_names() - before
+    assert not leftovers and not stray, f"namespace cluster left behind: {leftovers} {sorted(stray)}"
+
+
+@pytest.fixture(scope="session")
+def namespace_cluster(request, cluster_factory) -> Cluster:
+    count = getattr(request, "param", None) or int(os.environ.get("DEEPFLEET_TEST_HOSTS", "2"))
+    return cluster_factory(count)
+
+
+def write_fake_deepspeed(shim: Path, version: str) -> None:
+    """A deepspeed package plus dist-info, as `pip install --target` would leave it."""
+    package, info = shim / "deepspeed", shim / f"deepspeed-{version}.dist-info"
+    package.mkdir(parents=True)
+    info.mkdir()
+    (package / "__init__.py").write_text(f'__version__ = "{version}"\n')
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: deepspeed\nVersion: {version}\n")
+
+
+@pytest.fixture(scope="session")
+def fault_cluster(cluster_factory) -> Cluster:
+    cluster = cluster_factory(FAULT_HOSTS)
+    write_fake_deepspeed(cluster.root / "shim", FAKE_DEEPSPEED_VERSION)
+    firewall_port(cluster, "fw", 29500)
+    return cluster

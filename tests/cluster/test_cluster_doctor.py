@@ -1,0 +1,123 @@
+"""doctor, hosts and hostfile --discover on the real namespace cluster, healthy and with faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE_DEEPSPEED_VERSION
+from namespace_cluster import fleet_for, fleet_yaml_text
+
+from deepfleet.fleet.doctor import DoctorOptions, run_doctor
+from deepfleet.fleet.ssh import SshOptions
+
+pytestmark = pytest.mark.cluster
+
+
+def deepfleet(cluster, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    home = cluster.root / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "deepfleet.cli.app", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cluster.root)
+
+
+def write_fleet(cluster, names: list[str], name: str, **kwargs) -> Path:
+    path = cluster.root / name
+    path.write_text(fleet_yaml_text(cluster, names, **kwargs))
+    return path
+
+
+def doctor(cluster, names: list[str], **options):
+    fleet = fleet_for(cluster, names)
+    ssh = SshOptions(config_file=str(cluster.ssh_config), connect_timeout=3, control_dir=str(cluster.control_dir))
+    return run_doctor(fleet, DoctorOptions(output_dir=str(cluster.root), **options), ssh)
+
+
+def by(report, check: str, host: str | None = None):
+    return [f for f in report.findings if f.check == check and (host is None or f.host == host)]
+
+
+def test_doctor_cli_healthy_hosts_all_pass(fault_cluster):
+    fleet = write_fleet(fault_cluster, ["h1", "h2", "h3"], "healthy.yaml")
+    done = deepfleet(fault_cluster, "doctor", "--fleet", str(fleet), "--json", "--output-dir", str(fault_cluster.root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    findings = json.loads(done.stdout)["findings"]
+    assert not [f for f in findings if f["severity"] == "fail"]
+    messages = " | ".join(f["message"] for f in findings)
+    assert "all 6 host->host ssh pairs work" in messages
+    assert "NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0" in messages
+    assert "is shared" in messages
+    assert "every host reaches h1:29500" in messages
+    assert f"deepspeed" in messages and "everywhere" in messages
+    assert len([f for f in findings if f["check"] == "bandwidth"]) == 3
+
+
+def test_doctor_reports_every_fault_within_its_timeout(fault_cluster):
+    started = time.monotonic()
+    report = doctor(fault_cluster, ["h1", "down", "oldds", "far", "pw"])
+    assert time.monotonic() - started < 40
+    assert report.failed
+    down = by(report, "ssh", "down")[0]
+    assert down.severity == "fail" and "connection refused" in down.message and "sshd" in down.fix
+    password = by(report, "ssh", "pw")[0]
+    assert password.severity == "fail" and "password" in password.message
+    deepspeed = [f for f in by(report, "versions", "oldds") if f.severity == "fail"]
+    assert deepspeed and f"deepspeed {FAKE_DEEPSPEED_VERSION} here, 0.19" in deepspeed[0].message
+    assert "pip install deepspeed==0.19" in deepspeed[0].fix
+    assert not [f for f in by(report, "versions") if f.severity == "fail" and f.host != "oldds"]
+    far = by(report, "interface", "far")
+    assert far and far[0].severity == "fail" and "no address in" in far[0].message
+    matrix = [f.message for f in by(report, "ssh-matrix")]
+    assert any(m.startswith("h1 -> far") for m in matrix) and any(m.startswith("far -> h1") for m in matrix)
+    assert [f for f in by(report, "master-port", "far") if f.severity == "fail"]
+
+
+def test_doctor_blocked_master_port(fault_cluster):
+    report = doctor(fault_cluster, ["fw", "h2"], matrix=False)
+    failures = [f for f in by(report, "master-port") if f.severity == "fail"]
+    assert {f.host for f in failures} == {"fw", "h2"}
+    assert all("timed out" in f.message and "29500" in f.fix for f in failures)
+    assert not [f for f in report.findings if f.severity == "fail" and f.check != "master-port"]
+
+
+def test_hosts_and_hostfile_discover(fault_cluster, tmp_path):
+    fleet = write_fleet(fault_cluster, ["h1", "h2"], "two.yaml", slots=2)
+    shown = deepfleet(fault_cluster, "hosts", "--fleet", str(fleet), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [h["name"] for h in json.loads(shown.stdout)["hosts"]] == ["h1", "h2"]
+    out = tmp_path / "hostfile"
+    done = deepfleet(fault_cluster, "hostfile", "--discover", "--fleet", str(fleet), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    h1, h2 = fault_cluster.host("h1").address, fault_cluster.host("h2").address
+    assert out.read_text() == f"{h1} slots=2\n{h2} slots=2\n"   # CPU hosts keep their configured slots
+
+
+def test_unreachable_host_and_wrong_user_are_one_line_exit_2(fault_cluster):
+    fleet = write_fleet(fault_cluster, ["h1", "down"], "down.yaml")
+    done = deepfleet(fault_cluster, "hostfile", "--discover", "--fleet", str(fleet))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: host down: cannot reach") and "connection refused" in lines[0]
+    fleet = write_fleet(fault_cluster, ["h1"], "user.yaml", user="nosuchuser")
+    done = deepfleet(fault_cluster, "hostfile", "--discover", "--fleet", str(fleet))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: host h1: cannot reach nosuchuser@") and "'nosuchuser'" in done.stderr
+
+
+def test_changed_host_key_is_an_error_that_says_what_to_do(fault_cluster, tmp_path):
+    known = tmp_path / "known_hosts"
+    address = fault_cluster.host("h3").address
+    wrong_key = (fault_cluster.root / "h1" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known.write_text(f"{address} {' '.join(wrong_key)}\n")
+    ssh = SshOptions(config_file=str(fault_cluster.ssh_config), known_hosts_file=str(known), connect_timeout=3)
+    report = run_doctor(fleet_for(fault_cluster, ["h3"]), DoctorOptions(network=False), ssh)
+    finding = by(report, "ssh", "h3")[0]
+    assert finding.severity == "fail" and "CHANGED" in finding.message
+    assert f"ssh-keygen -R {address}" in finding.fix
