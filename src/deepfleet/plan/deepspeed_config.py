@@ -1,43 +1,27 @@
 """Build the DeepSpeed config dict from a recipe (pure).
 
 The batch identity DeepSpeed checks at start-up, train_batch_size = micro x accumulation x world,
-is solved here so a wrong global batch is a one-line error before anything launches.
+is solved here so a wrong global batch is a one-line error before anything launches. `deepspeed: auto`
+takes the planner's choice (`plan/choose.py`); `deepspeed.config` takes the user's JSON, checked and
+with every "auto" filled in (`plan/deepspeed_user_config.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from deepfleet.errors import DeepfleetError
+from deepfleet.errors import DeepfleetError, Problem
+from deepfleet.plan.choose import (BatchLayout, FleetShape, Plan, Workload, bucket_elements, choose_zero_setting,
+                                   plan_fixed_setting, solve_batch_layout)
+from deepfleet.plan.deepspeed_user_config import (ConfigContext, check_user_deepspeed_config, parse_deepspeed_json,
+                                                  read_deepspeed_json)
+from deepfleet.plan.memory import ModelShape, Offload
 from deepfleet.plan.recipe import Recipe
 
 Precision = Literal["bf16", "fp16", "fp32"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchLayout:
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
-
-
-def solve_batch_layout(*, global_batch: int, micro_batch: int, world_size: int) -> BatchLayout:
-    """Gradient accumulation that makes micro x accumulation x world equal the global batch exactly."""
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        lower = max(per_step, global_batch // per_step * per_step)
-        raise DeepfleetError(
-            f"train.global_batch {global_batch} is not micro_batch {micro_batch} x world size {world_size} "
-            f"x an integer accumulation",
-            where="train.global_batch",
-            fix=f"use train.global_batch={lower} or {lower + per_step}, or change train.micro_batch",
-        )
-    return BatchLayout(micro_batch=micro_batch, grad_accum=global_batch // per_step, world_size=world_size)
+__all__ = ["BatchLayout", "solve_batch_layout", "resolve_precision", "build_deepspeed_config",
+           "deepspeed_config_for_run", "resolve_run_config", "ResolvedDeepSpeedConfig"]
 
 
 def resolve_precision(requested: str, *, accelerator: str, bf16_supported: bool) -> Precision:
@@ -58,7 +42,7 @@ def resolve_precision(requested: str, *, accelerator: str, bf16_supported: bool)
 def _scheduler(recipe: Recipe, total_steps: int) -> dict[str, Any]:
     train = recipe.train
     warmup = int(train.warmup * total_steps) if train.warmup < 1 else int(train.warmup)
-    warmup = min(warmup, max(total_steps - 1, 0))
+    warmup = max(1, min(warmup, total_steps - 1))  # DeepSpeed rejects warmup_num_steps < 1
     if train.schedule == "constant":
         return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
                                                "warmup_num_steps": warmup, "warmup_type": "linear"}}
@@ -71,25 +55,67 @@ def _scheduler(recipe: Recipe, total_steps: int) -> dict[str, Any]:
                                                  "warmup_type": "linear"}}
 
 
-def _zero_section(recipe: Recipe, stage: int) -> dict[str, Any]:
+def _offload_setting(recipe: Recipe) -> Offload:
     spec = recipe.deepspeed
+    if spec.offload_params != "none":
+        return "optimizer+params"
+    return "optimizer" if spec.offload_optimizer != "none" else "none"
+
+
+def _offload_devices(recipe: Recipe, offload: Optional[Offload]) -> dict[str, str]:
+    """Offload devices by DeepSpeed section: the recipe's own, or the planner's choice (on the recipe's
+    device when it names one, else the CPU)."""
+    spec = recipe.deepspeed
+    if offload is None:
+        return {"offload_optimizer": spec.offload_optimizer, "offload_param": spec.offload_params}
+    optimizer = spec.offload_optimizer if spec.offload_optimizer != "none" else "cpu"
+    params = spec.offload_params if spec.offload_params != "none" else "cpu"
+    return {"offload_optimizer": optimizer if offload != "none" else "none",
+            "offload_param": params if offload == "optimizer+params" else "none"}
+
+
+def _check_offload(recipe: Recipe, stage: int, devices: dict[str, str]) -> None:
+    problems = []
+    if devices["offload_param"] != "none" and stage != 3:
+        problems.append(Problem(what=f"offloading parameters needs ZeRO-3, but the stage is {stage}",
+                                where="deepspeed.offload_params", fix="set deepspeed.zero: 3, or offload_params: none"))
+    if "nvme" in devices.values() and not recipe.deepspeed.nvme_path:
+        problems.append(Problem(what="offload to nvme without deepspeed.nvme_path", where="deepspeed.nvme_path",
+                                fix="set deepspeed.nvme_path to a directory on a local NVMe drive"))
+    if problems:
+        raise DeepfleetError(problems=problems)
+
+
+def _zero_section(recipe: Recipe, stage: int, devices: dict[str, str], hidden_size: Optional[int]) -> dict[str, Any]:
     section: dict[str, Any] = {"stage": stage, "overlap_comm": stage > 0, "contiguous_gradients": stage > 0}
+    if hidden_size and stage > 0:  # HF's sizes for "auto": buckets of hidden^2 elements
+        section["reduce_bucket_size"] = hidden_size * hidden_size
+        if stage < 3:
+            section["allgather_bucket_size"] = hidden_size * hidden_size
     if stage == 3:
         section["stage3_gather_16bit_weights_on_model_save"] = True
-    for kind, device in (("offload_optimizer", spec.offload_optimizer), ("offload_param", spec.offload_params)):
+        if hidden_size:
+            section["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            section["stage3_param_persistence_threshold"] = 10 * hidden_size
+    for kind, device in devices.items():
         if device != "none":
             entry: dict[str, Any] = {"device": device, "pin_memory": True}
             if device == "nvme":
-                entry["nvme_path"] = spec.nvme_path
+                entry["nvme_path"] = recipe.deepspeed.nvme_path
             section[kind] = entry
     return section
 
 
 def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total_steps: int,
-                           accelerator: str, bf16_supported: bool) -> dict[str, Any]:
-    """The DeepSpeed config for a recipe on `world_size` ranks; `stage` is the resolved ZeRO stage."""
+                           accelerator: str, bf16_supported: bool, offload: Optional[Offload] = None,
+                           micro_batch: Optional[int] = None, hidden_size: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config for a recipe on `world_size` ranks; `stage` is the resolved ZeRO stage.
+
+    `offload` and `micro_batch` default to the recipe's; the planner passes its own choice."""
+    devices = _offload_devices(recipe, offload)
+    _check_offload(recipe, stage, devices)
     layout = solve_batch_layout(global_batch=recipe.train.global_batch,
-                                micro_batch=recipe.train.micro_batch, world_size=world_size)
+                                micro_batch=micro_batch or recipe.train.micro_batch, world_size=world_size)
     precision = resolve_precision(recipe.precision, accelerator=accelerator, bf16_supported=bf16_supported)
     train = recipe.train
     config: dict[str, Any] = {
@@ -100,10 +126,10 @@ def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay,
             # DeepSpeed's fused Adam needs CUDA; plain torch AdamW runs everywhere without offload.
-            **({"torch_adam": True} if accelerator == "cpu" and recipe.deepspeed.offload_optimizer == "none" else {}),
+            **({"torch_adam": True} if accelerator == "cpu" and devices["offload_optimizer"] == "none" else {}),
         }},
         "scheduler": _scheduler(recipe, total_steps),
-        "zero_optimization": _zero_section(recipe, stage),
+        "zero_optimization": _zero_section(recipe, stage, devices, hidden_size),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "steps_per_print": 10**9,
@@ -112,12 +138,71 @@ def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total
     return config
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResolvedDeepSpeedConfig:
+    config: dict[str, Any]
+    source: str                      # "recipe", "planner" or the user's JSON path
+    notes: tuple[str, ...] = ()      # "auto" values filled in, settings fixed
+    plan: Optional[Plan] = None      # the memory plan, when a model shape and fleet were given
+
+
+def _workload(recipe: Recipe, precision: Precision) -> Workload:
+    return Workload(global_batch=recipe.train.global_batch, micro_batch=recipe.train.micro_batch,
+                    seq_len=recipe.data.max_length, precision=precision,
+                    gradient_checkpointing=recipe.train.gradient_checkpointing,
+                    eager_attention=recipe.model.attn_implementation == "eager")
+
+
+def _plan(recipe: Recipe, shape: Optional[ModelShape], fleet: Optional[FleetShape], precision: Precision
+          ) -> Optional[Plan]:
+    if shape is None or fleet is None:
+        if recipe.deepspeed.zero == "auto" and recipe.deepspeed.config is None:
+            raise DeepfleetError("deepspeed: auto needs the model config and the fleet's memory to choose",
+                                 where="deepspeed.zero",
+                                 fix="pass model_shape= and fleet= (run `deepfleet plan` to see the choice), "
+                                     "or set deepspeed.zero to 0, 1, 2 or 3")
+        return None
+    workload = _workload(recipe, precision)
+    if recipe.deepspeed.zero == "auto":
+        return choose_zero_setting(shape, fleet, workload)
+    return plan_fixed_setting(shape, fleet, workload, stage=int(recipe.deepspeed.zero),
+                              offload=_offload_setting(recipe))
+
+
+def resolve_run_config(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
+                       bf16_supported: bool, model_shape: Optional[ModelShape] = None,
+                       fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
+                       hf_export: bool = True) -> ResolvedDeepSpeedConfig:
+    """The config a run uses, with where it came from and what was filled in."""
+    if fleet is not None and fleet.world_size != world_size:
+        raise ValueError(f"fleet has {fleet.world_size} ranks but world_size is {world_size}")
+    precision = resolve_precision(recipe.precision, accelerator=accelerator, bf16_supported=bf16_supported)
+    plan = _plan(recipe, model_shape, fleet, precision)
+    hidden = model_shape.hidden_size if model_shape else None
+    stage = plan.choice.stage if plan else int(recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2)
+    common = dict(world_size=world_size, total_steps=total_steps, accelerator=accelerator,
+                  bf16_supported=bf16_supported, hidden_size=hidden)
+    if plan is not None and recipe.deepspeed.zero == "auto":
+        ours = build_deepspeed_config(recipe, stage=stage, offload=plan.choice.offload,
+                                      micro_batch=plan.choice.micro_batch, **common)
+    else:
+        ours = build_deepspeed_config(recipe, stage=stage, **common)
+    if recipe.deepspeed.config is None:
+        return ResolvedDeepSpeedConfig(config=ours, source="planner" if recipe.deepspeed.zero == "auto" else "recipe",
+                                       plan=plan)
+    source = recipe.deepspeed.config
+    text = read_deepspeed_json(source) if user_config_text is None else user_config_text
+    ctx = ConfigContext(reference=ours, world_size=world_size, hidden_size=hidden, bf16_supported=bf16_supported,
+                        accelerator=accelerator, hf_export=hf_export)
+    checked = check_user_deepspeed_config(parse_deepspeed_json(text, source), ctx, source)
+    return ResolvedDeepSpeedConfig(config=checked.config, source=source, notes=checked.notes, plan=plan)
+
+
 def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
-                             bf16_supported: bool) -> dict[str, Any]:
+                             bf16_supported: bool, model_shape: Optional[ModelShape] = None,
+                             fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
+                             hf_export: bool = True) -> dict[str, Any]:
     """The config a run uses: the recipe's explicit stage, the planner's choice, or the user's JSON."""
-    spec = recipe.deepspeed
-    if spec.config is not None or spec.zero == "auto":
-        raise DeepfleetError("deepspeed: auto and deepspeed.config are not supported yet", where="deepspeed",
-                             fix="set deepspeed.zero to 0, 1, 2 or 3")
-    return build_deepspeed_config(recipe, stage=int(spec.zero), world_size=world_size, total_steps=total_steps,
-                                  accelerator=accelerator, bf16_supported=bf16_supported)
+    return resolve_run_config(recipe, world_size=world_size, total_steps=total_steps, accelerator=accelerator,
+                              bf16_supported=bf16_supported, model_shape=model_shape, fleet=fleet,
+                              user_config_text=user_config_text, hf_export=hf_export).config

@@ -1,0 +1,219 @@
+"""A user's own DeepSpeed JSON: parsed, checked against the real schema, "auto" filled in, all problems at once.
+
+DeepSpeed drops "auto" values silently (its pydantic models skip them) and ignores unknown top-level keys,
+so both would quietly fall back to defaults. Here every "auto" is filled from the recipe and fleet and
+reported, and every unknown key is an error with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.plan.deepspeed_schema import find_unknown_keys, removed_deepspeed_keys
+
+AUTO = "auto"
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+GATHER_ON_SAVE_KEYS = ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
+                       "stage3_gather_fp16_weights_on_model_save")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckedDeepSpeedConfig:
+    config: dict[str, Any]
+    notes: tuple[str, ...]       # what was filled in or fixed, one line each
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigContext:
+    """What the check knows about the run: the config deepfleet would build, and the hardware."""
+    reference: Mapping[str, Any]     # deepfleet's own config for this recipe and fleet: the source of "auto"
+    world_size: int
+    hidden_size: Optional[int]       # for the bucket sizes HF's "auto" derives from the model
+    bf16_supported: bool
+    accelerator: str
+    hf_export: bool = True           # `deepfleet train` always saves an HF model at the end
+    recipe_given: bool = True        # compare explicit batch values with the recipe's
+
+
+def read_deepspeed_json(path: str | Path) -> str:
+    """The text of a user's DeepSpeed JSON (the one file read outside the recipe, at the edge)."""
+    try:
+        return Path(path).expanduser().read_text()
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read DeepSpeed config: {exc.strerror}", where=str(path),
+                             fix="check deepspeed.config in the recipe (relative paths are from the current directory)"
+                             ) from None
+
+
+def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DeepfleetError(f"not valid JSON: {exc.msg}", where=f"{source}:{exc.lineno}:{exc.colno}",
+                             fix="check commas, quotes and brackets on that line (JSON allows no comments)") from None
+    if not isinstance(data, dict):
+        raise DeepfleetError("a DeepSpeed config must be a JSON object", where=source,
+                             fix='start with { "train_micro_batch_size_per_gpu": ... }')
+    return data
+
+
+def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = config
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _auto_paths(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if isinstance(node, Mapping):
+        return [p for key, value in node.items() for p in _auto_paths(value, (*path, str(key)))]
+    return [path] if node == AUTO else []
+
+
+def _hidden_size_value(path: tuple[str, ...], hidden: Optional[int]) -> Optional[int]:
+    """The model-dependent bucket sizes, by the rules HF's DeepSpeed integration uses for "auto"."""
+    rules = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}
+    if hidden is None or path[:1] != ("zero_optimization",) or len(path) != 2 or path[1] not in rules:
+        return None
+    return rules[path[1]](hidden)
+
+
+def _scheduler_value(path: tuple[str, ...], reference: Mapping[str, Any]) -> Any:
+    """Scheduler parameters for any DeepSpeed scheduler type, from the reference run's values."""
+    if path[:2] != ("scheduler", "params") or len(path) != 3:
+        return None
+    ref = reference.get("scheduler", {}).get("params", {})
+    lr = _get(reference, ("optimizer", "params", "lr"))
+    known = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": ref.get("warmup_num_steps"),
+             "total_num_steps": ref.get("total_num_steps")}
+    return known.get(path[2])
+
+
+def _fill_autos(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
+    notes: list[str] = []
+    problems: list[Problem] = []
+    for path in _auto_paths(config):
+        value = _hidden_size_value(path, ctx.hidden_size)
+        if value is None:
+            value = _get(ctx.reference, path)
+        if value is None:
+            value = _scheduler_value(path, ctx.reference)
+        dotted = ".".join(path)
+        if value is None or value == AUTO:
+            problems.append(Problem(what=f'"auto" for {dotted} cannot be filled from the recipe or fleet',
+                                    where=f"{source}:{dotted}", fix="set an explicit value"))
+            continue
+        _get(config, path[:-1])[path[-1]] = value
+        notes.append(f'{dotted}: "auto" -> {json.dumps(value)}')
+    return notes, problems
+
+
+def _unknown_key_problems(config: Mapping[str, Any], source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    removed = removed_deepspeed_keys()
+    for unknown in find_unknown_keys(config):
+        where = f"{source}:{unknown.dotted}"
+        if not unknown.path and unknown.key in removed:
+            problems.append(Problem(what=f"{unknown.key} is no longer supported by DeepSpeed: "
+                                         f"{removed[unknown.key].split('. See')[0]}",
+                                    where=where, fix=f"remove {unknown.key}"))
+            continue
+        hint = did_you_mean(unknown.key, unknown.known)
+        problems.append(Problem(what=f"unknown DeepSpeed key {unknown.dotted}{hint}; DeepSpeed would ignore it",
+                                where=where, fix="fix the spelling or remove it" if hint else "remove it"))
+    return problems
+
+
+def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
+    """train_batch_size = micro x accumulation x world, filling what is missing the way DeepSpeed would."""
+    batch, micro, accum = (config.get(k) for k in BATCH_KEYS)
+    world = ctx.world_size
+    ref_batch, ref_micro, ref_accum = (ctx.reference.get(k) for k in BATCH_KEYS)
+    notes: list[str] = []
+    if batch is None and micro is None and accum is None:
+        config.update({"train_batch_size": ref_batch, "train_micro_batch_size_per_gpu": ref_micro,
+                       "gradient_accumulation_steps": ref_accum})
+        return [f"batch sizes not set: filled from the recipe ({ref_micro} x {ref_accum} x {world} = {ref_batch})"], []
+    if batch is not None and micro is not None and accum is not None and batch != micro * accum * world:
+        return [], [Problem(
+            what=f"train_batch_size {batch} != train_micro_batch_size_per_gpu {micro} x "
+                 f"gradient_accumulation_steps {accum} x world size {world} (= {micro * accum * world})",
+            where=f"{source}:train_batch_size",
+            fix=f'set train_batch_size to {micro * accum * world}, or set it to "auto"')]
+    if ctx.recipe_given:
+        mismatched = [f"{key} {value} vs recipe {ref}" for key, value, ref in
+                      zip(BATCH_KEYS, (batch, micro, accum), (ref_batch, ref_micro, ref_accum))
+                      if value is not None and value != ref]
+        if mismatched:
+            return [], [Problem(what="batch sizes disagree with the recipe: " + ", ".join(mismatched),
+                                where=f"{source}:train_batch_size",
+                                fix='set them to "auto" so the recipe decides, or change train.* in the recipe')]
+    return notes, []
+
+
+def _precision_problems(config: Mapping[str, Any], ctx: ConfigContext, source: str) -> list[Problem]:
+    fp16 = _get(config, ("fp16", "enabled")) is True
+    bf16 = (_get(config, ("bf16", "enabled")) or _get(config, ("bfloat16", "enabled"))) is True
+    problems: list[Problem] = []
+    if fp16 and bf16:
+        problems.append(Problem(what="fp16 and bf16 are both enabled", where=f"{source}:fp16.enabled",
+                                fix="enable one of them (bf16 on GPUs that support it)"))
+    if bf16 and (ctx.accelerator == "cpu" or not ctx.bf16_supported):
+        hardware = "CPU ranks (deepfleet trains fp32 on CPU)" if ctx.accelerator == "cpu" else "this GPU"
+        problems.append(Problem(what=f"bf16 is enabled but {hardware} has no bf16 support",
+                                where=f"{source}:bf16.enabled", fix='set bf16.enabled to false or "auto"'))
+    return problems
+
+
+def _offload_problems(zero: Mapping[str, Any], source: str) -> list[Problem]:
+    problems: list[Problem] = []
+    for section in ("offload_optimizer", "offload_param"):
+        entry = zero.get(section)
+        if isinstance(entry, Mapping) and entry.get("device") == "nvme" and not entry.get("nvme_path"):
+            problems.append(Problem(what=f"{section} to nvme without nvme_path",
+                                    where=f"{source}:zero_optimization.{section}.nvme_path",
+                                    fix=f'add "nvme_path": "/local_nvme" to zero_optimization.{section}'))
+    param = zero.get("offload_param")
+    if isinstance(param, Mapping) and param.get("device", "none") != "none" and zero.get("stage", 0) != 3:
+        problems.append(Problem(what=f"offload_param needs ZeRO-3, but stage is {zero.get('stage', 0)}",
+                                where=f"{source}:zero_optimization.offload_param",
+                                fix="set zero_optimization.stage to 3, or remove offload_param"))
+    return problems
+
+
+def _gather_on_save_note(zero: dict[str, Any], ctx: ConfigContext) -> list[str]:
+    """An HF export of a ZeRO-3 run needs the 16-bit weights gathered on save: turned on, with a note."""
+    if zero.get("stage") != 3 or not ctx.hf_export or any(zero.get(k) for k in GATHER_ON_SAVE_KEYS):
+        return []
+    for key in GATHER_ON_SAVE_KEYS[1:]:
+        zero.pop(key, None)
+    zero[GATHER_ON_SAVE_KEYS[0]] = True
+    return ["zero_optimization.stage3_gather_16bit_weights_on_model_save set to true: ZeRO-3 needs it to save "
+            "an HF model"]
+
+
+def check_user_deepspeed_config(data: Mapping[str, Any], ctx: ConfigContext,
+                                source: str) -> CheckedDeepSpeedConfig:
+    """Validate a user's DeepSpeed config and fill its "auto" values; raise every problem at once."""
+    config = copy.deepcopy(dict(data))
+    problems = _unknown_key_problems(config, source)
+    notes, auto_problems = _fill_autos(config, ctx, source)
+    problems += auto_problems
+    batch_notes, batch_problems = _batch_problems(config, ctx, source)
+    notes += batch_notes
+    problems += batch_problems + _precision_problems(config, ctx, source)
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        problems += _offload_problems(zero, source)
+        notes += _gather_on_save_note(zero, ctx)
+    if problems:
+        raise DeepfleetError(problems=problems)
+    return CheckedDeepSpeedConfig(config=config, notes=tuple(notes))

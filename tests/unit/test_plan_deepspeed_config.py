@@ -1,0 +1,92 @@
+"""deepspeed_config_for_run: explicit stage, planner's choice (`deepspeed: auto`) and the user's JSON."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.choose import FleetShape
+from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_run_config
+from deepfleet.plan.memory import model_shape_from_config
+from deepfleet.plan.recipe_io import parse_recipe
+from plan_model_configs import llama3_8b
+
+GiB = 2**30
+
+
+def recipe(text=""):
+    return parse_recipe("train: {global_batch: 64, micro_batch: 4}\n" + text)
+
+
+def run(r, world=8, **kwargs):
+    return deepspeed_config_for_run(r, world_size=world, total_steps=50, accelerator=kwargs.pop("accelerator", "cuda"),
+                                    bf16_supported=True, **kwargs)
+
+
+def test_explicit_stage_keeps_recipe_settings_with_the_engines_call():
+    config = run(recipe("deepspeed: {zero: 3, offload_optimizer: cpu}"))
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 2)
+    assert config["bf16"]["enabled"] is True
+
+
+def test_warmup_is_at_least_one_step():
+    config = run(recipe("train: {global_batch: 64, micro_batch: 4, warmup: 0}"))
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 1
+
+
+def test_auto_uses_the_planners_choice():
+    shape = model_shape_from_config(llama3_8b())
+    fleet = FleetShape(nodes=1, ranks_per_node=8, accelerator="cuda", device_memory_bytes=40 * GiB,
+                       host_memory_bytes=1024 * GiB, bf16_supported=True)
+    resolved = resolve_run_config(recipe("deepspeed: auto\ndata: {max_length: 2048}"), world_size=8,
+                                  total_steps=50, accelerator="cuda", bf16_supported=True, model_shape=shape,
+                                  fleet=fleet)
+    choice = resolved.plan.choice
+    assert resolved.source == "planner"
+    assert resolved.config["zero_optimization"]["stage"] == choice.stage
+    assert resolved.config["train_micro_batch_size_per_gpu"] == choice.micro_batch
+    assert resolved.config["train_batch_size"] == 64
+    assert resolved.config["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096
+
+
+def test_auto_without_model_or_fleet_says_what_is_missing():
+    with pytest.raises(DeepfleetError, match="deepspeed: auto needs the model config"):
+        run(recipe("deepspeed: auto"))
+
+
+def test_offload_params_without_zero3_in_recipe():
+    with pytest.raises(DeepfleetError, match="offloading parameters needs ZeRO-3"):
+        run(recipe("deepspeed: {zero: 2, offload_params: cpu}"))
+
+
+def test_user_json_from_recipe_path(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                                "zero_optimization": {"stage": 3}}))
+    resolved = resolve_run_config(recipe(f"deepspeed: {{config: {path}}}"), world_size=8, total_steps=50,
+                                  accelerator="cuda", bf16_supported=True)
+    assert resolved.source == str(path)
+    assert resolved.config["train_batch_size"] == 64 and resolved.config["train_micro_batch_size_per_gpu"] == 4
+    assert resolved.config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert len(resolved.notes) == 3
+
+
+def test_user_json_problems_name_the_file(tmp_path):
+    with pytest.raises(DeepfleetError) as err:
+        run(recipe("deepspeed: {config: ds.json}"), user_config_text='{"zero_optimization": {"stgae": 2}}')
+    assert err.value.problems[0].where == "ds.json:zero_optimization.stgae"
+
+
+def test_missing_user_json_is_a_user_error(tmp_path):
+    with pytest.raises(DeepfleetError, match="cannot read DeepSpeed config"):
+        run(recipe(f"deepspeed: {{config: {tmp_path / 'nope.json'}}}"))
+
+
+def test_cpu_config_uses_torch_adam_and_fp32():
+    config = run(recipe(), world=2, accelerator="cpu")
+    assert config["optimizer"]["params"]["torch_adam"] is True
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
