@@ -37,6 +37,15 @@ def _expected(fmt: str) -> str:
     return "{" + ", ".join(f'"{key}"' for key in FORMAT_KEYS[fmt]) + "}"
 
 
+def _suggestion(keys: set[str], expected: list[str]) -> str:
+    """A did-you-mean for the first key that is close to an expected one."""
+    for key in sorted(keys):
+        hint = did_you_mean(key, expected)
+        if hint:
+            return hint
+    return ""
+
+
 def detect_format(record: SourceRecord) -> str:
     """The format whose required keys the record has; an error naming the keys seen otherwise."""
     keys = set(record.fields)
@@ -44,7 +53,7 @@ def detect_format(record: SourceRecord) -> str:
         if keys.issuperset(required):
             return fmt
     seen = ", ".join(sorted(keys)) or "(none)"
-    hint = did_you_mean(next(iter(sorted(keys)), ""), [k for ks in FORMAT_KEYS.values() for k in ks])
+    hint = _suggestion(keys, [key for required in FORMAT_KEYS.values() for key in required])
     expected = " or ".join(f"{fmt} {_expected(fmt)}" for fmt in FORMAT_KEYS)
     raise DeepfleetError(f"cannot tell the data format from keys {seen}{hint}", where=record.where,
                          fix=f"records need {expected}; or set data.format")
@@ -108,7 +117,8 @@ def _convert(record: SourceRecord, fmt: str) -> Conversation | str:
     missing = [key for key in FORMAT_KEYS[fmt] if key not in record.fields]
     if missing:
         seen = ", ".join(sorted(record.fields)) or "(none)"
-        raise RecordShapeError(f"record has keys {seen} but {fmt} format needs {_expected(fmt)}")
+        hint = _suggestion(set(record.fields), list(FORMAT_KEYS[fmt]))
+        raise RecordShapeError(f"record has keys {seen}{hint} but {fmt} format needs {_expected(fmt)}")
     if fmt == "text":
         return _string(record.fields["text"], '"text"')
     return {"messages": _messages, "alpaca": _alpaca, "sharegpt": _sharegpt}[fmt](record.fields)
