@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from deepfleet.cli import fleet_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -15,6 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+fleet_cmd.register(app)
 
 
 def main() -> None:
