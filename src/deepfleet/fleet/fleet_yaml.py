@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.fleet.inventory import (DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique,
@@ -62,13 +62,22 @@ class SshSection(_Section):
 
 
 class FleetFile(_Section):
-    hosts: list[Union[str, HostEntry]] = Field(min_length=1)
+    hosts: list[HostEntry] = Field(min_length=1)
     defaults: HostDefaults = HostDefaults()
     python: Optional[str] = None
     master_port: int = Field(DEFAULT_MASTER_PORT, gt=0, lt=65536)
     workdir: Optional[str] = None
     output_dir: Optional[str] = None
     ssh: SshSection = SshSection()
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _address_shorthand(cls, value: Any) -> Any:
+        """`- gpu1` means `- {address: gpu1}`."""
+        if isinstance(value, list):
+            return [{"address": item} if isinstance(item, (str, int)) and not isinstance(item, bool) else item
+                    for item in value]
+        return value
 
 
 _SECTIONS: dict[KeyPath, type[BaseModel]] = {(): FleetFile, ("defaults",): HostDefaults, ("ssh",): SshSection}
@@ -98,8 +107,7 @@ def _line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
 
 
 def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
-    # pydantic adds union member tags ("str", "HostEntry") to loc: keep only real keys and indices.
-    loc = tuple(str(p) for p in error["loc"] if str(p) not in ("str", "HostEntry"))
+    loc = tuple(str(p) for p in error["loc"])
     line = _line_of(loc, lines)
     where = f"{source}:{line}" if line else source
     key_path = ".".join(loc) or "(top level)"
@@ -112,9 +120,7 @@ def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
                    fix="see the example at the top of deepfleet/fleet/fleet_yaml.py")
 
 
-def _host_from(entry: Union[str, HostEntry], defaults: HostDefaults) -> Host:
-    if isinstance(entry, str):
-        entry = HostEntry(address=entry)
+def _host_from(entry: HostEntry, defaults: HostDefaults) -> Host:
     env = {**defaults.env, **entry.env}
     return Host(name=entry.name or entry.address, address=entry.address,
                 user=entry.user if entry.user is not None else defaults.user,

@@ -234,6 +234,7 @@ def facts(params):
         except OSError:
             result["share_token_seen"] = False
     result["network"] = network_facts(params)
+    result["torch_imported"] = "torch" in sys.modules    # only with an NVIDIA device: it costs seconds
     result["time_end"] = time.time()
     return result
 

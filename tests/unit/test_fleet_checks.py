@@ -1,0 +1,161 @@
+"""Doctor checks on facts recorded from a 2-host namespace cluster (test_fleet_recorded_facts.json)."""
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from deepfleet.fleet.checks import Collected, run_checks
+from deepfleet.fleet.facts import HostFacts
+from deepfleet.fleet.inventory import Fleet
+from deepfleet.fleet.ssh import SshFailure
+
+RECORDED = json.loads((Path(__file__).parent / "test_fleet_recorded_facts.json").read_text())
+
+
+def collected(mutate=None, listener=None, **fields) -> Collected:
+    records = copy.deepcopy(RECORDED["facts"])
+    if mutate:
+        mutate(records)
+    facts = [HostFacts.from_record(r) for r in records]
+    fleet = Fleet(hosts=tuple(f.host for f in facts), source="recorded")
+    return Collected(fleet=fleet, facts=facts, listener=listener or RECORDED["listener"], **fields)
+
+
+def failures(c: Collected, severity="fail"):
+    return [f for f in run_checks(c) if f.severity == severity]
+
+
+def test_recorded_healthy_cluster_has_no_fail_and_proposes_the_interface():
+    findings = run_checks(collected(checksum_paths=("/work/main/pyproject.toml",)))
+    assert not [f for f in findings if f.severity == "fail"]
+    text = " | ".join(f.message for f in findings)
+    assert "NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0" in text
+    assert "/shared/runs is shared" in text and "identical on all hosts" in text
+    assert "all 2 host->host ssh pairs work" in text and "every host reaches gpu1:29500" in text
+
+
+def test_output_dir_not_shared_is_a_warning_with_checkpoint_advice():
+    def unshared(records):
+        for r in records:
+            r["data"]["share_token_seen"] = False
+    warned = [f for f in failures(collected(unshared), "warn") if f.check == "output-dir"]
+    assert warned and "NOT shared" in warned[0].message and "resume" in warned[0].fix
+
+
+def test_output_dir_shared_with_some_hosts_only_fails():
+    def partly(records):
+        records[1]["data"]["share_token_seen"] = False
+    found = [f for f in failures(collected(partly)) if f.check == "output-dir"]
+    assert found and "gpu1 only" in found[0].message
+
+
+def test_deepspeed_version_mismatch_names_host_and_pip_line():
+    def older(records):
+        records[1]["data"]["packages"]["deepspeed"]["version"] = "0.14.0"
+    found = [f for f in failures(collected(older)) if f.check == "versions"]
+    assert len(found) == 1 and found[0].host == "gpu2" and "deepspeed 0.14.0 here" in found[0].message
+    assert found[0].fix == "pip install deepspeed==0.19.8 on gpu2"
+
+
+def test_shadowed_package_is_a_warning():
+    def shadow(records):
+        records[0]["data"]["packages"]["torch"]["origin"] = "/home/me/torch/__init__.py"
+    warned = [f for f in failures(collected(shadow), "warn") if f.check == "versions"]
+    assert warned and warned[0].host == "gpu1" and "/home/me/torch" in warned[0].message
+
+
+def test_missing_python_and_missing_workdir_fail():
+    def broken(records):
+        records[1]["data"]["python"]["wanted_found"] = False
+        records[1]["data"]["workdir"]["exists"] = False
+    found = {(f.check, f.host) for f in failures(collected(broken))}
+    assert {("python", "gpu2"), ("workdir", "gpu2")} <= found
+
+
+def test_gpu_count_versus_slots():
+    def gpus(records):
+        records[0]["data"]["accelerators"].update(count=4, models=["H100"] * 4)
+        records[1]["data"]["accelerators"].update(count=8, models=["H100"] * 8)
+        records[0]["host"]["slots"] = 8
+        records[1]["host"]["slots"] = 4
+    findings = run_checks(collected(gpus))
+    assert any(f.host == "gpu1" and f.severity == "fail" and "slots=8 but only 4" in f.message for f in findings)
+    assert any(f.host == "gpu2" and f.severity == "warn" and "slots=8" in f.fix for f in findings)
+
+
+def test_cpu_and_gpu_hosts_mixed_fail():
+    def mixed(records):
+        records[0]["data"]["accelerators"].update(count=1, models=["A10"])
+    assert any("some hosts have GPUs" in f.message for f in failures(collected(mixed)))
+
+
+def test_host_in_another_subnet_fails_and_names_it():
+    def moved(records):
+        records[1]["data"]["interfaces"][1].update(address="10.99.0.2")
+    found = [f for f in failures(collected(moved)) if f.check == "interface"]
+    assert found and "no subnet is shared" in found[0].message
+
+
+def test_interface_chosen_by_the_majority_names_the_odd_host():
+    def three(records):
+        third = copy.deepcopy(records[1])
+        third["host"].update(name="gpu3", address="10.99.0.3")
+        third["data"]["interfaces"][1].update(address="10.99.0.3")
+        records.append(third)
+    found = [f for f in failures(collected(three)) if f.check == "interface"]
+    assert [f.host for f in found] == ["gpu3"]
+
+
+def test_clock_skew_beyond_a_second_warns():
+    def skewed(records):
+        records[1]["data"]["time_start"] += 30
+        records[1]["data"]["time_end"] += 30
+    warned = [f for f in failures(collected(skewed), "warn") if f.check == "clock"]
+    assert [f.host for f in warned] == ["gpu2"] and "+30" in warned[0].message
+
+
+def test_master_port_blocked_and_busy():
+    def blocked(records):
+        records[1]["data"]["network"]["master"] = {"ok": False, "error": "timed out (packets dropped: firewall?)"}
+    found = [f for f in failures(collected(blocked)) if f.check == "master-port"]
+    assert [f.host for f in found] == ["gpu2"] and "29500" in found[0].fix
+    busy = collected(listener={"ready": False, "error": "Address already in use"})
+    assert any("Address already in use" in f.message for f in failures(busy))
+
+
+def test_matrix_failure_and_unreachable_host():
+    def cut(records):
+        records[0]["data"]["network"]["hops"]["gpu2"] = {
+            "returncode": 255, "stderr": "root@10.213.1.3: Permission denied (publickey).", "seconds": 0.1}
+        records[1]["data"] = None
+        records[1]["failure"] = {"kind": "unreachable", "what": "connection refused (no sshd listening)",
+                                 "fix": "start sshd"}
+    found = {(f.check, f.host): f for f in failures(collected(cut))}
+    assert "gpu1 -> gpu2" in found[("ssh-matrix", "gpu1")].message
+    assert found[("ssh", "gpu2")].message.startswith("head -> root@")
+
+
+def test_checksums_that_differ_fail():
+    def changed(records):
+        records[1]["data"]["checksums"]["/work/main/pyproject.toml"]["sha256"] = "f" * 64
+    c = collected(changed, checksum_paths=("/work/main/pyproject.toml",))
+    found = [f for f in failures(c) if f.check == "data"]
+    assert found and found[0].message.startswith("/work/main/pyproject.toml differs")
+
+
+def test_infiniband_proposes_nccl_variables():
+    def ib(records):
+        for r in records:
+            r["data"]["infiniband"] = [{"device": "mlx5_0", "port": "1", "state": "4: ACTIVE",
+                                        "link_layer": "InfiniBand"}]
+    assert any("NCCL_IB_HCA=mlx5_0" in f.message for f in run_checks(collected(ib)))
+
+
+def test_record_round_trip():
+    facts = HostFacts.from_record(RECORDED["facts"][0])
+    assert HostFacts.from_record(facts.to_record()) == facts
+    unreachable = replace(facts, data=None, failure=SshFailure(kind="timeout", what="timed out", fix="x"))
+    assert HostFacts.from_record(unreachable.to_record()).failure.kind == "timeout"

@@ -1,0 +1,102 @@
+"""The remote probe run locally (as the head runs it on the local host), plus the network helpers."""
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+from deepfleet.fleet import remote_probe
+from deepfleet.fleet.facts import probe_argv, probe_stdin
+from deepfleet.fleet.network import BandwidthSink, select_shared_interface, source_address_towards
+from deepfleet.fleet.ssh_setup import install_argv
+
+
+def run_probe(params, timeout=30):
+    done = subprocess.run(probe_argv(sys.executable), input=probe_stdin(params), capture_output=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr.decode()
+    return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+
+def test_probe_collects_versions_without_importing_torch_and_sees_the_token(tmp_path):
+    (tmp_path / ".tok").write_text("secret-value")
+    facts = run_probe({"python": sys.executable, "workdir": str(tmp_path), "output_dir": str(tmp_path),
+                       "share_token": [".tok", "secret-value"], "checksum": [str(tmp_path / ".tok")]})[-1]
+    import importlib.metadata
+    assert facts["packages"]["deepspeed"]["version"] == importlib.metadata.version("deepspeed")
+    assert facts["python"]["wanted_found"] and facts["share_token_seen"] is True
+    assert facts["workdir"]["exists"] and facts["accelerators"]["count"] == 0
+    assert facts["checksums"][str(tmp_path / ".tok")]["bytes"] == len("secret-value")
+    assert any(i["name"] == "lo" for i in facts["interfaces"])
+    assert facts["torch_imported"] is False
+    wrong = run_probe({"python": sys.executable, "output_dir": str(tmp_path), "share_token": [".tok", "other"]})[-1]
+    assert wrong["share_token_seen"] is False
+
+
+def test_missing_python_falls_back_and_says_so():
+    facts = run_probe({"python": "/nonexistent/bin/python"})
+    assert facts[-1]["python"]["wanted_found"] is False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_listener_and_master_connect_on_loopback():
+    port = free_port()
+    listener = subprocess.Popen(probe_argv(sys.executable), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    listener.stdin.write(probe_stdin({"mode": "listen", "address": "127.0.0.1", "port": port, "expect": 1,
+                                      "seconds": 5}))
+    listener.stdin.close()
+    try:
+        result = remote_probe.connect_master("127.0.0.1", port, deadline=time.monotonic() + 5)
+        out = listener.stdout.read().decode().splitlines()
+        listener.wait(timeout=10)
+    finally:
+        listener.kill()
+    assert result["ok"] and json.loads(out[0]) == {"ready": True} and json.loads(out[1])["peers"] == ["127.0.0.1"]
+    closed = remote_probe.connect_master("127.0.0.1", free_port(), deadline=time.monotonic() + 0.3)
+    assert not closed["ok"] and "refused" in closed["error"].lower()
+
+
+def test_bandwidth_sink_counts_what_the_host_sent():
+    async def scenario():
+        sink = BandwidthSink()
+        ports = await sink.start(["127.0.0.1"])
+        result = await asyncio.to_thread(remote_probe.send_bandwidth, "127.0.0.1", ports["127.0.0.1"], 0.2, 8 << 20)
+        await sink.close()
+        return result
+    result = asyncio.run(scenario())
+    assert result["bytes"] == 8 << 20 or (0 < result["bytes"] < 8 << 20 and result["seconds"] >= 0.2)
+    assert result["gbit_s"] > 0
+
+
+def test_shared_interface_selection():
+    def iface(name, address, prefix=24):
+        return {"name": name, "address": address, "prefix": prefix, "up": True}
+    lo = iface("lo", "127.0.0.1", 8)
+    choice = select_shared_interface({
+        "a": [lo, iface("eth0", "192.168.1.10"), iface("ib0", "10.0.0.1")],
+        "b": [lo, iface("ens5", "192.168.1.11"), iface("ib0", "10.0.0.2")],
+        "c": [lo, iface("eth0", "192.168.1.12")],
+    })
+    assert choice.network == "192.168.1.0/24" and choice.per_host == {"a": "eth0", "b": "ens5", "c": "eth0"}
+    assert choice.env("b") == {"NCCL_SOCKET_IFNAME": "ens5", "GLOO_SOCKET_IFNAME": "ens5"}
+    alone = select_shared_interface({"a": [lo, iface("eth0", "10.1.0.1")], "b": [lo, iface("eth0", "10.2.0.1")]})
+    assert alone.network is None and alone.outside == ["a", "b"]
+    assert source_address_towards("127.0.0.1") == "127.0.0.1"
+
+
+def test_install_script_is_idempotent(tmp_path):
+    keys = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA1 head\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2 other\n"
+    def run():
+        return subprocess.run(install_argv(str(tmp_path / "ssh")), input=keys, capture_output=True, text=True,
+                              timeout=30).stdout
+    first, second = run(), run()
+    assert "CHANGED key" in first and first.count("CHANGED authorized_keys") == 2
+    assert "CHANGED" not in second and "PUBKEY ssh-ed25519 " in second
+    assert (tmp_path / "ssh" / "authorized_keys").read_text() == keys
+    assert oct((tmp_path / "ssh").stat().st_mode & 0o777) == "0o700"
