@@ -5,8 +5,8 @@ import functools
 import pytest
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.plan.choose import (FAST_FIRST, SLOW_LINK_ORDER, FleetShape, Workload, choose_zero_setting,
-                                   evaluate_setting, micro_batch_candidates, plan_fixed_setting, solve_batch_layout)
+from deepfleet.plan.choose import (FleetShape, Workload, choose_zero_setting, evaluate_setting,
+                                   micro_batch_candidates, plan_fixed_setting, setting_tiers, solve_batch_layout)
 from deepfleet.plan.memory import model_shape_from_config
 from plan_model_configs import MODELS
 
@@ -28,36 +28,44 @@ def work(global_batch=64, micro=4, seq=2048, ckpt=True):
                     gradient_checkpointing=ckpt)
 
 
-def assert_first_fitting(plan, order):
-    """The chosen setting fits, and every setting before it in speed order fits at no valid micro batch."""
+def assert_first_fitting(plan):
+    """The chosen setting fits; no earlier tier fits at any valid micro batch; within its tier nothing fits at a
+    larger micro batch, and no lower stage fits at the chosen one."""
     choice, fleet, w = plan.choice, plan.fleet, plan.workload
-    row = evaluate_setting(plan.shape, fleet, w, stage=choice.stage, offload=choice.offload,
-                           micro_batch=choice.micro_batch)
-    assert row.fits
+
+    def fits(setting, micro):
+        return evaluate_setting(plan.shape, fleet, w, stage=setting[0], offload=setting[1], micro_batch=micro).fits
+
     micros = micro_batch_candidates(global_batch=w.global_batch, world_size=fleet.world_size, most=w.micro_batch)
-    for stage, offload in order[:order.index((choice.stage, choice.offload))]:
-        assert not any(evaluate_setting(plan.shape, fleet, w, stage=stage, offload=offload, micro_batch=m).fits
-                       for m in micros)
+    tiers = setting_tiers(fleet)
+    chosen = (choice.stage, choice.offload)
+    tier_index = next(i for i, tier in enumerate(tiers) if chosen in tier)
+    assert fits(chosen, choice.micro_batch)
+    for tier in tiers[:tier_index]:
+        assert not any(fits(s, m) for s in tier for m in micros)
+    tier = tiers[tier_index]
+    assert not any(fits(s, m) for s in tier for m in micros if m > choice.micro_batch)
+    assert not any(fits(s, choice.micro_batch) for s in tier[:tier.index(chosen)])
     assert choice.micro_batch * choice.grad_accum * fleet.world_size == w.global_batch
 
 
 @pytest.mark.parametrize("name,fleet,expected_stage", [
     ("Qwen2.5-0.5B", gpus(per_node=1), 0),           # small model on one GPU: no ZeRO needed
-    ("Llama-3-8B", gpus(), 1),                        # 8B full fine-tune on 8x80 GiB
+    ("Llama-3-8B", gpus(), 1),                        # 8B full fine-tune on 8x80 GiB: ZeRO-1 at micro 4
     ("Llama-3-8B", gpus(mem=40), 2),                  # ... on 8x40 GiB: ZeRO-2 at a lower micro batch
     ("Llama-2-70B", gpus(nodes=4, gbps=200), 3),      # 70B on 32 GPUs with a fast link
 ])
 def test_picks_least_communication_that_fits(name, fleet, expected_stage):
     plan = choose_zero_setting(shape(name), fleet, work())
-    assert_first_fitting(plan, FAST_FIRST)
+    assert_first_fitting(plan)
     assert plan.choice.stage == expected_stage
 
 
 def test_slow_link_prefers_offload_over_zero3_across_hosts():
     fast = choose_zero_setting(shape("Mistral-7B"), gpus(nodes=2, per_node=4, mem=24, gbps=200, host=512), work())
     slow = choose_zero_setting(shape("Mistral-7B"), gpus(nodes=2, per_node=4, mem=24, gbps=10, host=512), work())
-    assert_first_fitting(fast, FAST_FIRST)
-    assert_first_fitting(slow, SLOW_LINK_ORDER)
+    assert_first_fitting(fast)
+    assert_first_fitting(slow)
     assert (fast.choice.stage, fast.choice.offload) == (3, "none")
     assert (slow.choice.stage, slow.choice.offload) == (2, "optimizer")
     assert "slow" in slow.choice.reason
@@ -96,7 +104,7 @@ def test_cpu_ranks_plan_without_offload():
     plan = choose_zero_setting(shape("Qwen2.5-0.5B"), cpu, w)
     assert all(row.offload == "none" for row in plan.rows)
     assert plan.choice.offload == "none"
-    assert_first_fitting(plan, tuple(s for s in FAST_FIRST if s[1] == "none"))
+    assert_first_fitting(plan)
 
 
 def test_fixed_setting_keeps_recipe_choice_and_warns_when_it_does_not_fit():

@@ -26,13 +26,17 @@ USABLE_HOST_FRACTION = 0.9
 # With overlap_comm, DeepSpeed keeps about 4.5x the reduce and all-gather bucket sizes (HF DeepSpeed guide).
 OVERLAP_BUFFER_FACTOR = 4.5
 
-FAST_FIRST: tuple[tuple[int, Offload], ...] = (
-    (0, "none"), (1, "none"), (2, "none"), (3, "none"),
-    (2, "optimizer"), (3, "optimizer"), (3, "optimizer+params"),
+# Settings in tiers of equal communication, fastest tier first. Within a tier the largest micro batch
+# that fits wins, then the lowest stage (less bookkeeping) at that micro batch.
+Setting = tuple[int, Offload]
+SAME_TRAFFIC_AS_DATA_PARALLEL: tuple[Setting, ...] = ((0, "none"), (1, "none"), (2, "none"))
+FAST_LINK_TIERS: tuple[tuple[Setting, ...], ...] = (
+    SAME_TRAFFIC_AS_DATA_PARALLEL, ((3, "none"),), ((2, "optimizer"),), ((3, "optimizer"),),
+    ((3, "optimizer+params"),),
 )
-SLOW_LINK_ORDER: tuple[tuple[int, Offload], ...] = (
-    (0, "none"), (1, "none"), (2, "none"), (2, "optimizer"),
-    (3, "none"), (3, "optimizer"), (3, "optimizer+params"),
+SLOW_LINK_TIERS: tuple[tuple[Setting, ...], ...] = (
+    SAME_TRAFFIC_AS_DATA_PARALLEL, ((2, "optimizer"),), ((3, "none"),), ((3, "optimizer"),),
+    ((3, "optimizer+params"),),
 )
 
 
@@ -171,15 +175,19 @@ def evaluate_setting(shape: ModelShape, fleet: FleetShape, workload: Workload, *
                    host_bytes=host, fits=device_ok and host_ok, limit=limit)
 
 
-def _settings(fleet: FleetShape) -> tuple[tuple[int, Offload], ...]:
+def setting_tiers(fleet: FleetShape) -> tuple[tuple[Setting, ...], ...]:
+    """The tiers to try, in order, for this fleet."""
     if fleet.accelerator == "cpu":  # nothing to offload to: the ranks already live in host memory
-        return tuple(s for s in FAST_FIRST if s[1] == "none")
-    return SLOW_LINK_ORDER if fleet.slow_link else FAST_FIRST
+        return tuple(tier for tier in FAST_LINK_TIERS if all(offload == "none" for _, offload in tier))
+    return SLOW_LINK_TIERS if fleet.slow_link else FAST_LINK_TIERS
 
 
 def _reason(stage: int, offload: Offload, micro: int, workload: Workload, fleet: FleetShape) -> str:
-    parts = [f"ZeRO-{stage}" + ("" if offload == "none" else f" with {offload} offload to CPU")
-             + " is the least communication that fits"]
+    name = f"ZeRO-{stage}" + ("" if offload == "none" else f" with {offload} offload to CPU")
+    if (stage, offload) in SAME_TRAFFIC_AS_DATA_PARALLEL:
+        parts = [f"{name} fits; ZeRO-0/1/2 move the same bytes per step, the lowest stage has the least bookkeeping"]
+    else:
+        parts = [f"{name} is the least communication that fits (ZeRO-0/1/2 do not)"]
     if micro < workload.micro_batch:
         parts.append(f"micro batch lowered from {workload.micro_batch} to {micro} to fit")
     if fleet.slow_link and stage < 3:
@@ -211,11 +219,12 @@ def _nothing_fits(shape: ModelShape, fleet: FleetShape, workload: Workload) -> D
 
 
 def choose_zero_setting(shape: ModelShape, fleet: FleetShape, workload: Workload) -> Plan:
-    """The first setting in speed order that fits, at the largest micro batch that fits and divides exactly."""
+    """The first tier (in speed order) with a setting that fits, at the largest micro batch that fits and
+    divides the global batch exactly, and the lowest stage of the tier at that micro batch."""
     micros = micro_batch_candidates(global_batch=workload.global_batch, world_size=fleet.world_size,
                                     most=workload.micro_batch)
-    for stage, offload in _settings(fleet):
-        for micro in micros:
+    for tier in setting_tiers(fleet):
+        for micro, (stage, offload) in ((m, s) for m in micros for s in tier):
             if evaluate_setting(shape, fleet, workload, stage=stage, offload=offload, micro_batch=micro).fits:
                 choice = ZeroChoice(stage=stage, offload=offload, micro_batch=micro,
                                     grad_accum=workload.global_batch // (micro * fleet.world_size),

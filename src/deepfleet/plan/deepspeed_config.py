@@ -14,14 +14,14 @@ from typing import Any, Literal, Optional
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.choose import (BatchLayout, FleetShape, Plan, Workload, bucket_elements, choose_zero_setting,
                                    plan_fixed_setting, solve_batch_layout)
-from deepfleet.plan.deepspeed_user_config import (ConfigContext, check_user_deepspeed_config, parse_deepspeed_json,
-                                                  read_deepspeed_json)
+from deepfleet.plan.deepspeed_user_config import (CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config,
+                                                  parse_deepspeed_json, read_deepspeed_json)
 from deepfleet.plan.memory import ModelShape, Offload
 from deepfleet.plan.recipe import Recipe
 
 Precision = Literal["bf16", "fp16", "fp32"]
 __all__ = ["BatchLayout", "solve_batch_layout", "resolve_precision", "build_deepspeed_config",
-           "deepspeed_config_for_run", "resolve_run_config", "ResolvedDeepSpeedConfig"]
+           "deepspeed_config_for_run", "resolve_run_config", "ResolvedDeepSpeedConfig", "check_deepspeed_json"]
 
 
 def resolve_precision(requested: str, *, accelerator: str, bf16_supported: bool) -> Precision:
@@ -196,6 +196,24 @@ def resolve_run_config(recipe: Recipe, *, world_size: int, total_steps: int, acc
                         accelerator=accelerator, hf_export=hf_export)
     checked = check_user_deepspeed_config(parse_deepspeed_json(text, source), ctx, source)
     return ResolvedDeepSpeedConfig(config=checked.config, source=source, notes=checked.notes, plan=plan)
+
+
+def check_deepspeed_json(text: str, *, source: str, recipe: Recipe, world_size: int, accelerator: str,
+                         bf16_supported: bool, total_steps: int, hidden_size: Optional[int] = None,
+                         recipe_given: bool = True, hf_export: bool = True) -> CheckedDeepSpeedConfig:
+    """`deepfleet check-ds-config`: a DeepSpeed JSON checked against the recipe (or the defaults) and fleet."""
+    data = parse_deepspeed_json(text, source)
+    zero = data.get("zero_optimization")
+    user_stage = zero.get("stage") if isinstance(zero, dict) else None
+    recipe_stage = recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2
+    stage = user_stage if user_stage in (0, 1, 2, 3) else recipe_stage
+    reference = build_deepspeed_config(recipe, stage=int(stage), world_size=world_size, total_steps=total_steps,
+                                       accelerator=accelerator, bf16_supported=bf16_supported,
+                                       hidden_size=hidden_size)
+    ctx = ConfigContext(reference=reference, world_size=world_size, hidden_size=hidden_size,
+                        bf16_supported=bf16_supported, accelerator=accelerator, hf_export=hf_export,
+                        recipe_given=recipe_given)
+    return check_user_deepspeed_config(data, ctx, source)
 
 
 def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,

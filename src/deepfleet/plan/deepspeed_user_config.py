@@ -168,7 +168,7 @@ def _precision_problems(config: Mapping[str, Any], ctx: ConfigContext, source: s
                                 fix="enable one of them (bf16 on GPUs that support it)"))
     if bf16 and (ctx.accelerator == "cpu" or not ctx.bf16_supported):
         hardware = "CPU ranks (deepfleet trains fp32 on CPU)" if ctx.accelerator == "cpu" else "this GPU"
-        problems.append(Problem(what=f"bf16 is enabled but {hardware} has no bf16 support",
+        problems.append(Problem(what=f"bf16 is enabled but {hardware} cannot train in bf16",
                                 where=f"{source}:bf16.enabled", fix='set bf16.enabled to false or "auto"'))
     return problems
 

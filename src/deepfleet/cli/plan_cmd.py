@@ -1,0 +1,256 @@
+"""`deepfleet plan` (memory table, choice, DeepSpeed JSON, commands) and `deepfleet check-ds-config`.
+
+The edge of the planner: this module reads the recipe, the model config, the fleet and the local
+hardware, and hands plain values to `plan/`, which decides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.choose import FleetShape, Plan, PlanRow
+from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, check_deepspeed_json, resolve_run_config
+from deepfleet.plan.deepspeed_user_config import read_deepspeed_json
+from deepfleet.plan.memory import OFFLOADS, STAGES, ModelShape, model_shape_from_config
+from deepfleet.plan.recipe import ModelSpec, Recipe
+from deepfleet.plan.recipe_io import load_recipe
+
+GiB = 2**30
+STEPS_WHEN_UNKNOWN = 1000   # the scheduler's step counts are computed from the data at launch
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory_size(text: str, option: str) -> int:
+    """'80GiB', '80GB', '80G' (G = GiB, as GPU vendors mean it) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise DeepfleetError(f"cannot read memory size {text!r}", where=option, fix="write it like 80GiB or 24GB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def load_model_config(spec: ModelSpec):
+    """The model's config without its weights: built-in, a local HF dir, or a Hub id (config.json only)."""
+    from deepfleet.train.tokenizer import load_tokenizer
+
+    if spec.name == "builtin:tiny":
+        from deepfleet.train.builtin import builtin_model_config
+
+        return builtin_model_config(load_tokenizer(spec))
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(spec.name)
+    if spec.name.startswith((".", "/", "~")) and not os.path.isdir(path):
+        raise DeepfleetError(f"model path {path!r} does not exist or is not a directory", where="model.name",
+                             fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(spec.name), revision=spec.revision,
+                                          trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DeepfleetError(f"cannot load the model config of {spec.name!r}: {str(exc).splitlines()[0]}",
+                             where="model.name", fix="point model.name at a local HF model dir or a Hub id") from None
+
+
+def shape_for(recipe: Recipe) -> ModelShape:
+    return model_shape_from_config(load_model_config(recipe.model), method=recipe.method, lora_rank=recipe.lora.r,
+                                   lora_targets=recipe.lora.target_modules)
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
+                  local_gpus: int) -> tuple[int, int, bool]:
+    """(nodes, ranks per node, is this machine alone) from the options, the fleet file or this machine."""
+    if nodes or gpus_per_node:
+        return nodes or 1, gpus_per_node or max(local_gpus, 1), False
+    if fleet_file:
+        from deepfleet.fleet.inventory import resolve_fleet
+
+        fleet = resolve_fleet(fleet_file=fleet_file)
+        slots = {host.slots for host in fleet.hosts}
+        if len(slots) > 1:
+            raise DeepfleetError(f"hosts have different slot counts {sorted(slots)}", where=fleet_file,
+                                 fix="plan for equal hosts: give every host the same slots")
+        return len(fleet.hosts), slots.pop(), all(host.local for host in fleet.hosts)
+    from deepfleet.launch.local import default_nproc
+
+    return 1, default_nproc(gpus=local_gpus), True
+
+
+def fleet_shape(*, fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
+                gpu_mem: Optional[str], host_mem: Optional[str], link_gbps: Optional[float],
+                bf16: Optional[bool]) -> FleetShape:
+    """The fleet to plan for: options first, else this machine (GPUs, or CPU ranks in host RAM)."""
+    import torch
+
+    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    node_count, ranks, local_only = _fleet_layout(fleet_file, nodes, gpus_per_node, local_gpus)
+    host_bytes = parse_memory_size(host_mem, "--host-mem") if host_mem else (_host_memory() if local_only else None)
+    if gpu_mem:
+        device_bytes, accelerator = parse_memory_size(gpu_mem, "--gpu-mem"), "cuda"
+        bf16_ok = True if bf16 is None else bf16
+    elif local_gpus:
+        device_bytes, accelerator = torch.cuda.get_device_properties(0).total_memory, "cuda"
+        bf16_ok = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    else:
+        device_bytes, accelerator, bf16_ok = host_bytes or _host_memory(), "cpu", False
+    return FleetShape(nodes=node_count, ranks_per_node=ranks, accelerator=accelerator,
+                      device_memory_bytes=device_bytes, host_memory_bytes=host_bytes, bf16_supported=bf16_ok,
+                      inter_host_gbps=link_gbps)
+
+
+def _gib(value: int) -> str:
+    return f"{value / GiB:.1f}"
+
+
+def _size(value: int) -> str:
+    """Bytes for a table cell: GiB, or MiB for small models."""
+    return f"{value / GiB:.1f}G" if value >= GiB else f"{value / 2**20:.0f}M"
+
+
+def memory_table(plan: Plan) -> Table:
+    cpu = plan.fleet.accelerator == "cpu"
+    table = Table(title=f"memory per rank ({'host RAM, CPU ranks' if cpu else 'GPU'}) and per host")
+    for column in ("ZeRO", "offload", "params", "grads", "optim+master", "activations", "buffers",
+                   "rank", "host", "fits"):
+        table.add_column(column, justify="right" if column not in ("offload", "fits") else "left")
+    rows = {(row.stage, row.offload): row for row in plan.rows}
+    for stage in STAGES:
+        for offload in OFFLOADS:
+            row: Optional[PlanRow] = rows.get((stage, offload))
+            if row is None:
+                continue
+            chosen = (stage, offload) == (plan.choice.stage, plan.choice.offload)
+            s = row.states
+            fits = ("[bold green]chosen[/]" if chosen else "yes") if row.fits else f"[red]no ({row.limit})[/]"
+            table.add_row(str(stage), offload, _size(s.params + s.largest_layer), _size(s.gradients),
+                          _size(s.optimizer_states + s.master_params), _size(row.activation_bytes),
+                          _size(row.buffer_bytes), _size(row.rank_bytes), _size(row.host_bytes), fits)
+    return table
+
+
+def train_commands(recipe: Recipe, fleet: FleetShape) -> list[str]:
+    """The commands `deepfleet train` would run, from the launcher's own builders."""
+    if fleet.nodes > 1:
+        return ["(multi-host `deepfleet train` command line: pending in the launcher)"]
+    try:
+        from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, local_torchrun_command,
+                                            new_run_dir, render_command)
+    except ImportError:
+        return ["(local torchrun command builder not available yet)"]
+    threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=fleet.ranks_per_node) \
+        if fleet.accelerator == "cpu" else None
+    launch = LocalLaunch(nproc=fleet.ranks_per_node, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,
+                         extra_env=dict(recipe.env))
+    return [render_command(*local_torchrun_command(launch))]
+
+
+def _summary(shape: ModelShape, plan: Plan) -> dict[str, Any]:
+    return {"total_params": shape.total_params, "trainable_params": shape.trainable_params,
+            "largest_layer_params": shape.largest_layer_params,
+            "activations_bytes": {"without_checkpointing": plan.activations.without_checkpointing,
+                                  "with_checkpointing": plan.activations.with_checkpointing},
+            "fleet": {"nodes": plan.fleet.nodes, "ranks_per_node": plan.fleet.ranks_per_node,
+                      "accelerator": plan.fleet.accelerator, "device_memory_bytes": plan.fleet.device_memory_bytes},
+            "choice": {"stage": plan.choice.stage, "offload": plan.choice.offload,
+                       "micro_batch": plan.choice.micro_batch, "grad_accum": plan.choice.grad_accum,
+                       "reason": plan.choice.reason, "warnings": list(plan.choice.warnings)},
+            "rows": [{"stage": r.stage, "offload": r.offload, "rank_bytes": r.rank_bytes, "host_bytes": r.host_bytes,
+                      "fits": r.fits} for r in plan.rows]}
+
+
+def render_plan(console: Console, recipe: Recipe, resolved: ResolvedDeepSpeedConfig, commands: list[str]) -> None:
+    plan, shape = resolved.plan, resolved.plan.shape
+    console.print(f"model {recipe.model.name}: {shape.total_params / 1e9:.3f}B parameters, "
+                  f"{shape.trainable_params / 1e9:.3f}B trainable ({recipe.method}), "
+                  f"largest layer {shape.largest_layer_params / 1e6:.1f}M")
+    acts = plan.activations
+    console.print(f"activations per rank at micro batch {plan.choice.micro_batch} x {recipe.data.max_length} tokens: "
+                  f"{_size(acts.without_checkpointing)}, {_size(acts.with_checkpointing)} with gradient "
+                  f"checkpointing ({'on' if recipe.train.gradient_checkpointing else 'off'})")
+    console.print(memory_table(plan))
+    choice = plan.choice
+    console.print(f"[bold]choice[/]: ZeRO-{choice.stage}, offload {choice.offload}, micro batch {choice.micro_batch} "
+                  f"x accumulation {choice.grad_accum} x {plan.fleet.world_size} ranks = {recipe.train.global_batch}")
+    console.print(f"reason: {choice.reason}")
+    for warning in choice.warnings:
+        console.print(f"[yellow]warning[/]: {warning}")
+    for note in resolved.notes:
+        console.print(f"note: {note}")
+    console.print(f"DeepSpeed config (from {resolved.source}; scheduler steps are computed from the data at launch):")
+    console.print_json(json.dumps(resolved.config))
+    console.print("commands `deepfleet train` would run:")
+    for command in commands:
+        console.print(command, markup=False, highlight=False, soft_wrap=True)
+
+
+def plan(
+    recipe: str = typer.Argument(..., help="Recipe YAML"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.micro_batch=8"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml or hostfile to plan for"),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help="Memory per GPU, e.g. 80GiB (default: this machine)"),
+    host_mem: Optional[str] = typer.Option(None, "--host-mem", help="CPU memory per host, e.g. 512GiB"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Hosts (instead of --fleet)"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="Ranks per host"),
+    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Measured inter-host bandwidth, Gbit/s"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the GPUs support bf16"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+) -> None:
+    """Memory per ZeRO stage and offload, the fastest setting that fits, its DeepSpeed JSON and the commands."""
+    loaded = load_recipe(recipe, list(overrides or []))
+    shape = shape_for(loaded)
+    shape_of_fleet = fleet_shape(fleet_file=fleet, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem=gpu_mem,
+                                 host_mem=host_mem, link_gbps=link_gbps, bf16=bf16)
+    resolved = resolve_run_config(loaded, world_size=shape_of_fleet.world_size,
+                                  total_steps=loaded.train.max_steps or STEPS_WHEN_UNKNOWN,
+                                  accelerator=shape_of_fleet.accelerator,
+                                  bf16_supported=shape_of_fleet.bf16_supported, model_shape=shape,
+                                  fleet=shape_of_fleet)
+    commands = train_commands(loaded, shape_of_fleet)
+    if as_json:
+        print(json.dumps({**_summary(shape, resolved.plan), "deepspeed_config": resolved.config,
+                          "config_source": resolved.source, "notes": list(resolved.notes),
+                          "commands": commands}, indent=2))
+        return
+    render_plan(Console(highlight=False, width=None if os.isatty(1) else 140), loaded, resolved, commands)
+
+
+def check_ds_config(
+    file: str = typer.Argument(..., help="DeepSpeed JSON config"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe the config is for ('auto' filled from it)"),
+    nodes: int = typer.Option(1, "--nodes", min=1),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1,
+                                                help="Ranks per host (default: this machine's)"),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cuda or cpu (default: this machine)"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the hardware supports bf16"),
+) -> None:
+    """Check a DeepSpeed JSON: unknown keys, batch arithmetic, precision, offload; fill and report "auto"."""
+    import torch
+
+    loaded = load_recipe(recipe)
+    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    accelerator = accelerator or ("cuda" if local_gpus else "cpu")
+    if accelerator not in ("cuda", "cpu"):
+        raise DeepfleetError(f"unknown accelerator {accelerator!r}", where="--accelerator", fix="use cuda or cpu")
+    bf16_ok = bf16 if bf16 is not None else (accelerator == "cuda" and (not local_gpus or torch.cuda.is_bf16_supported()))
+    ranks = gpus_per_node or _fleet_layout(None, None, None, local_gpus)[1]
+    hidden = load_model_config(loaded.model).hidden_size if recipe else None
+    checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded, world_size=nodes * ranks,
+                                   accelerator=accelerator, bf16_supported=bf16_ok,
+                                   total_steps=loaded.train.max_steps or STEPS_WHEN_UNKNOWN, hidden_size=hidden,
+                                   recipe_given=recipe is not None)
+    for note in checked.notes:
+        print(f"note: {note}")
+    print(json.dumps(checked.config, indent=2))
+    print(f"ok: {file} is valid for {nodes * ranks} rank(s) on {accelerator}")

@@ -1,0 +1,75 @@
+"""`deepfleet plan` and `deepfleet check-ds-config` end to end (no hub: models are local config dirs)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from deepfleet.cli import plan_cmd
+from deepfleet.errors import DeepfleetError
+from plan_model_configs import mistral_7b
+
+app = typer.Typer()
+app.command("plan")(plan_cmd.plan)
+app.command("check-ds-config")(plan_cmd.check_ds_config)
+
+
+@pytest.fixture(scope="module")
+def mistral_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    mistral_7b().save_pretrained(root / "mistral")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"model: {root / 'mistral'}\ndeepspeed: auto\ndata: {{max_length: 2048}}\n"
+                      "train: {global_batch: 64, micro_batch: 4, gradient_checkpointing: true}\n")
+    return recipe
+
+
+def test_plan_json_for_a_local_model_dir(mistral_recipe):
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "24GiB", "--nodes", "2",
+                                      "--gpus-per-node", "4", "--host-mem", "512GiB", "--link-gbps", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["total_params"] == 7_241_732_096
+    assert (plan["choice"]["stage"], plan["choice"]["offload"]) == (2, "optimizer")
+    assert plan["deepspeed_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert plan["deepspeed_config"]["train_batch_size"] == 64
+    assert "multi-host" in plan["commands"][0]
+
+
+def test_plan_table_and_local_command(mistral_recipe):
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--gpus-per-node", "8"])
+    assert result.exit_code == 0, result.output
+    assert "memory per rank (GPU)" in result.output and "chosen" in result.output
+    assert "reason:" in result.output and '"zero_optimization"' in result.output
+    assert "--nproc-per-node=8" in result.output
+
+
+def test_bad_memory_size_is_a_user_error(mistral_recipe):
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "lots"])
+    assert isinstance(result.exception, DeepfleetError)
+    assert result.exception.problems[0].where == "--gpu-mem"
+
+
+def test_check_ds_config_exits_2_with_one_line_per_problem(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_com": True},
+                                "fp16": {"enabled": True}, "bf16": {"enabled": True}}))
+    run = subprocess.run([sys.executable, "-m", "deepfleet.cli.app", "check-ds-config", str(path), "--accelerator",
+                          "cuda", "--bf16", "--gpus-per-node", "2"], capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2, run.stderr
+    assert len(errors) == 2
+    assert 'did you mean "overlap_comm"' in errors[0] and "Traceback" not in run.stderr
+
+
+def test_check_ds_config_fills_auto(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                "zero_optimization": {"stage": 2}}))
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu", "--gpus-per-node", "2"])
+    assert result.exit_code == 0, result.output
+    assert 'note: train_batch_size: "auto" -> 16' in result.output
+    assert "ok:" in result.output
