@@ -16,7 +16,7 @@ MAX_LOSS_LINES = 20
 class TrainingConsole:
     def __init__(self, stream: IO[str] | None, *, total_steps: int, every_steps: int, enabled: bool):
         self.enabled = enabled
-        self.console = Console(file=stream, highlight=False) if enabled else None
+        self.console = Console(file=stream, highlight=False, soft_wrap=True) if enabled else None
         self.total_steps = total_steps
         self.line_every = max(every_steps, math.ceil(total_steps / MAX_LOSS_LINES))
         self.progress: Progress | None = None

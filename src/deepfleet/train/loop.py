@@ -165,6 +165,14 @@ def validation_loss(run: TrainingRun) -> float | None:
 def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None) -> TrainResult:
     started = time.perf_counter()
     run = build_training_run(recipe, rank_env)
+    return train_and_save(run, console_stream=console_stream, started=started)
+
+
+def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
+                   started: float | None = None) -> TrainResult:
+    """Train from `TrainState()` to total_steps, validate, save output_dir/final (every rank calls this)."""
+    started = time.perf_counter() if started is None else started
+    recipe, rank_env = run.recipe, run.rank_env
     state = TrainState()
     # Issue 3 (checkpoints) restores `state` and the engine here, and saves after each step.
     output_dir = recipe.output_path

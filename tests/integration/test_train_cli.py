@@ -1,0 +1,78 @@
+"""`deepfleet train` on bad input: one line per problem, exit 2, no traceback, output_dir untouched;
+and the demo's learning check in a shortened form."""
+
+import re
+
+import pytest
+
+from training_fixtures import run_cli, write_recipe, write_task_data
+
+pytestmark = pytest.mark.integration
+
+
+def assert_one_clean_error(done, *expected_fragments):
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "(fix: " in lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    for fragment in expected_fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["model.name=/nonexistent/model-dir"], ["model.name", "/nonexistent/model-dir", "does not exist"]),
+    (["method=qlora"], ["method", "qlora needs a CUDA GPU"]),
+    (["train.global_batch=7"], ["train.global_batch", "not micro_batch"]),
+    (["data.train=missing.jsonl"], ["data.train", "missing.jsonl"]),
+])
+def test_bad_input_is_one_line_exit_2_before_launch(tmp_path, overrides, fragments):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"), train={"micro_batch": 2})
+    done = run_cli("train", str(recipe), *overrides, "--nproc", "2", cwd=tmp_path, timeout=120)
+    assert_one_clean_error(done, *fragments)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "run-state").exists()
+
+
+def test_recipe_typo_names_file_line_and_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'out'}\ntrain:\n  global_bach: 8\n")
+    done = run_cli("train", str(recipe), cwd=tmp_path, timeout=120)
+    assert_one_clean_error(done, f"{recipe}:3", "unknown key train.global_bach", 'did you mean "global_batch"')
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_found_inside_the_ranks_is_one_line_too(tmp_path):
+    # Malformed JSONL is only seen when the ranks read the data: the error comes back through
+    # the ranks' error files, not torchrun's traceback.
+    train, _ = write_task_data(tmp_path / "data", n_train=20, n_validation=4)
+    train.write_text(train.read_text() + "{not json\n")
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"),
+                          data={"train": [str(train)]}, train={"micro_batch": 2, "global_batch": 4})
+    done = run_cli("train", str(recipe), "--nproc", "2", cwd=tmp_path, timeout=300)
+    assert_one_clean_error(done, f"{train}:21")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"),
+                          env={"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "WARN"})
+    done = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2" in done.stdout
+    assert "-m deepfleet.train --recipe" in done.stdout
+    assert "hf_secret_value" not in done.stdout + done.stderr and "HF_TOKEN='****'" in done.stdout
+    assert "NCCL_DEBUG=WARN" in done.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run-state").exists()
+
+
+def test_demo_learns_in_a_shortened_run(tmp_path):
+    done = run_cli("demo", "train.max_steps=150", f"output_dir={tmp_path / 'demo'}", "--heldout", "40",
+                   cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    match = re.search(r"exact match before: (\d+)%\s+after: (\d+)%", done.stdout)
+    assert match, done.stdout
+    before, after = int(match.group(1)), int(match.group(2))
+    assert before <= 5 and after >= 20, done.stdout
+    assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "train.log").is_file()

@@ -1,0 +1,112 @@
+"""2-rank CPU training with real torchrun + DeepSpeed: ZeRO 0/2/3 x full/LoRA reduce the loss, save
+an HF dir that reloads to the trained engine's logits, write metrics, and generate."""
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from deepfleet.train.generate import generate_answers, load_for_generation
+from deepfleet.train.metrics import read_metrics
+
+from training_fixtures import DEEPFLEET, PYTHON, REPO, write_recipe, write_task_data
+
+pytestmark = pytest.mark.integration
+
+COMBOS = [(0, "full"), (0, "lora"), (2, "full"), (2, "lora"), (3, "full"), (3, "lora")]  # ZeRO-3 last: global config
+STEPS = 10
+PROBE = [[5, 17, 23, 42, 8, 9, 61, 3, 30, 12]]
+
+
+def combo_dir(root: Path, stage: int, method: str) -> Path:
+    return root / f"zero{stage}-{method}"
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("matrix")
+    train, validation = write_task_data(root / "data")
+    recipes = []
+    for stage, method in COMBOS:
+        recipes.append(write_recipe(
+            root / f"zero{stage}-{method}.yaml",
+            model="builtin:tiny", method=method,
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            data={"train": [str(train)], "max_length": 128, "validation": {"files": [str(validation)]}},
+            train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 2, "warmup": 2,
+                   "lr": 3e-3 if method == "full" else 1e-2, "seed": 3},
+            deepspeed={"zero": stage}, logging={"peak_tflops": 0.05},
+            output_dir=str(combo_dir(root, stage, method))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUN_DIR": str(root / "state")}
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(REPO / "tests" / "integration" / "rank_matrix.py"), *map(str, recipes)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    (root / "torchrun.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return root
+
+
+@pytest.mark.parametrize("stage,method", COMBOS)
+def test_two_rank_training_reduces_loss_and_logs_metrics(matrix, stage, method):
+    out = combo_dir(matrix, stage, method)
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in train]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    for record in train:
+        assert len(record["rank_step_seconds"]) == 2 and record["step_seconds"] > 0
+        assert record["tokens"] > 0 and record["tokens_per_second"] > 0
+        assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+        assert 0 < record["mfu"] < 10
+    assert train[-1]["lr"] < train[2]["lr"]  # warmup then cosine decay
+    validation = [r for r in records if r["kind"] == "validation"]
+    assert len(validation) == 1 and math.isfinite(validation[0]["val_loss"])
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    result = json.loads((out / "result.json").read_text())
+    if method == "lora":
+        assert 0 < result["n_trainable"] < result["n_params"] / 5
+    else:
+        assert result["n_trainable"] == result["n_params"]
+
+
+@pytest.mark.parametrize("stage,method", COMBOS)
+def test_saved_model_reloads_to_the_trained_logits(matrix, stage, method):
+    final = combo_dir(matrix, stage, method) / "final"
+    assert not list(final.parent.glob(".final*")), "staging dir left behind"
+    if method == "full":
+        assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+        model = AutoModelForCausalLM.from_pretrained(final).eval()
+    else:
+        assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+        assert not (final / "model.safetensors").exists()
+        model, _ = load_for_generation(final)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE), use_cache=False).logits.float()
+    trained = torch.load(final.parent / "engine_logits.pt")
+    torch.testing.assert_close(logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_command_answers_from_a_full_model(matrix):
+    final = combo_dir(matrix, 2, "full") / "final"
+    done = subprocess.run([DEEPFLEET, "generate", str(final), "upper abc", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = load_for_generation(final)
+    expected = generate_answers(model, tokenizer, [[{"role": "user", "content": "upper abc"}]], max_new_tokens=8)[0]
+    assert done.stdout.rstrip("\n") == expected
+    assert "Traceback" not in done.stderr
+
+
+def test_generate_from_a_lora_adapter_dir(matrix):
+    model, tokenizer = load_for_generation(combo_dir(matrix, 0, "lora") / "final")
+    answers = generate_answers(model, tokenizer, [[{"role": "user", "content": "reverse abc"}],
+                                                  [{"role": "user", "content": "upper xyz"}]], max_new_tokens=6)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert type(model).__name__ == "PeftModelForCausalLM"
