@@ -7,6 +7,7 @@ import sys
 import typer
 
 from deepfleet.cli import fleet_cmd
+from deepfleet.cli import plan_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -17,6 +18,8 @@ app = typer.Typer(
     add_completion=False,
 )
 fleet_cmd.register(app)
+app.command("plan")(plan_cmd.plan)
+app.command("check-ds-config")(plan_cmd.check_ds_config)
 
 
 def main() -> None:
