@@ -8,6 +8,7 @@ import typer
 
 from deepfleet.cli import fleet_cmd
 from deepfleet.cli import plan_cmd
+from deepfleet.cli import train_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -20,6 +21,9 @@ app = typer.Typer(
 fleet_cmd.register(app)
 app.command("plan")(plan_cmd.plan)
 app.command("check-ds-config")(plan_cmd.check_ds_config)
+app.command("train")(train_cmd.train)
+app.command("generate")(train_cmd.generate)
+app.command("demo")(train_cmd.demo)
 
 
 def main() -> None:
