@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from test_cluster_doctor import deepfleet
+from test_cluster_doctor import deepfleet  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -27,11 +27,11 @@ def ssh_with_new_key_only(cluster, source: str, target: str) -> subprocess.Compl
     return subprocess.run(argv, capture_output=True, text=True, timeout=20)
 
 
-def test_ssh_setup_builds_full_mesh_and_second_run_changes_nothing(fault_cluster):
+def test_ssh_setup_builds_full_mesh_and_second_run_changes_nothing(fault_cluster, deepfleet):
     cluster, names = fault_cluster, ["h1", "h2", "h3"]
     hosts = ",".join(f"root@{cluster.host(n).address}" for n in names)
     args = ["ssh-setup", "--hosts", hosts, "--ssh-dir", str(cluster.user_ssh_dir), "--ssh-config", str(cluster.ssh_config)]
-    first = deepfleet(cluster, *args)
+    first = deepfleet(*args)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "created" in first.stdout and "FAIL" not in first.stdout
     assert first.stdout.count("ok") >= 12            # (head + 3 hosts) x 3 targets
@@ -41,18 +41,18 @@ def test_ssh_setup_builds_full_mesh_and_second_run_changes_nothing(fault_cluster
             assert done.returncode == 0, f"{source} -> {target}: {done.stderr}"
     files = [cluster.user_ssh_dir / f for f in ("id_ed25519", "id_ed25519.pub", "known_hosts", "authorized_keys")]
     before = digest(files)
-    second = deepfleet(cluster, *args)
+    second = deepfleet(*args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "changed: nothing" in second.stdout
     assert digest(files) == before
 
 
-def test_ssh_setup_password_host_prints_ssh_copy_id_line(fault_cluster, tmp_path):
+def test_ssh_setup_password_host_prints_ssh_copy_id_line(fault_cluster, deepfleet, tmp_path):
     cluster = fault_cluster
     ssh_dir = tmp_path / "ssh"
     address = cluster.host("pw").address
     started = time.monotonic()
-    done = deepfleet(cluster, "ssh-setup", "--hosts", f"{cluster.host('h1').address},{address}", "--user", "root",
+    done = deepfleet("ssh-setup", "--hosts", f"{cluster.host('h1').address},{address}", "--user", "root",
                      "--ssh-dir", str(ssh_dir), "--ssh-config", str(cluster.ssh_config))
     assert time.monotonic() - started < 30            # BatchMode: no prompt, no hang
     assert done.returncode == 2

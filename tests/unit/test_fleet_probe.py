@@ -62,16 +62,27 @@ def test_listener_and_master_connect_on_loopback():
     assert not closed["ok"] and "refused" in closed["error"].lower()
 
 
-def test_bandwidth_sink_counts_what_the_host_sent():
+def test_bandwidth_sink_starts_hosts_together_and_counts_what_they_sent():
     async def scenario():
-        sink = BandwidthSink()
-        ports = await sink.start(["127.0.0.1"])
-        result = await asyncio.to_thread(remote_probe.send_bandwidth, "127.0.0.1", ports["127.0.0.1"], 0.2, 8 << 20)
+        sink = BandwidthSink(expected={"a", "b", "dead"}, barrier_seconds=10)
+        port = (await sink.start(["127.0.0.1"]))["127.0.0.1"]
+        send = remote_probe.send_bandwidth
+        first = asyncio.create_task(asyncio.to_thread(send, "127.0.0.1", port, "a", 0.2, 8 << 20, 10))
+        await asyncio.sleep(0.3)
+        assert not sink.go.is_set() and not first.done()        # waits for b and for dead
+        second = asyncio.create_task(asyncio.to_thread(send, "127.0.0.1", port, "b", 0.2, 8 << 20, 10))
+        await asyncio.sleep(0.2)
+        assert not sink.go.is_set()
+        started = time.monotonic()
+        sink.host_finished("dead")                                 # its probe ended without saying hello
+        results = await asyncio.gather(first, second)
         await sink.close()
-        return result
-    result = asyncio.run(scenario())
-    assert result["bytes"] == 8 << 20 or (0 < result["bytes"] < 8 << 20 and result["seconds"] >= 0.2)
-    assert result["gbit_s"] > 0
+        return results, time.monotonic() - started
+    results, seconds = asyncio.run(scenario())
+    assert seconds < 3
+    for result in results:
+        assert 0 < result["bytes"] <= 8 << 20 and result["gbit_s"] > 0
+        assert result["bytes"] == 8 << 20 or result["seconds"] >= 0.2
 
 
 def test_shared_interface_selection():

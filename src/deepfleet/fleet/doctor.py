@@ -71,7 +71,7 @@ def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: 
     if options.network and len(fleet.hosts) > 1:
         params["master"] = [fleet.master.address, fleet.master_port]
     if options.network and host.name in bandwidth:
-        params["bandwidth"] = list(bandwidth[host.name])
+        params["bandwidth"] = [*bandwidth[host.name], host.name]
     return params
 
 
@@ -107,21 +107,25 @@ async def listen_on_master(fleet: Fleet, options: DoctorOptions, ssh_options: Ss
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
     token = write_share_token(output_dir)
-    sink = BandwidthSink()
+    phase = max(options.hop_timeout, options.network_seconds) + 2      # hops and master connect, on a host
+    barrier = ssh_options.connect_timeout + phase + 5                  # first host ready -> last host ready
+    sink = BandwidthSink(barrier_seconds=barrier)
     try:
         bandwidth: dict[str, tuple[str, int]] = {}
         if options.network:
             sources = {h.name: source_address_towards(h.address) for h in fleet.hosts if not h.local}
             ports = await sink.start(a for a in sources.values() if a)
             bandwidth = {name: (addr, ports[addr]) for name, addr in sources.items() if addr}
+            sink.expected = set(bandwidth)
         listener = (asyncio.ensure_future(listen_on_master(fleet, options, ssh_options))
                     if options.network and len(fleet.hosts) > 1 else None)
-        timeout = (ssh_options.connect_timeout + options.network_seconds + options.hop_timeout
-                   + options.bandwidth_seconds + 10)
+        timeout = ssh_options.connect_timeout + 5 + phase + barrier + 2 + options.bandwidth_seconds + 5
         facts = await probe_hosts(
             fleet.hosts, python_for=fleet.python_for, options=ssh_options, timeout=timeout,
             params_for=lambda h: probe_params(fleet, h, options, ssh_options,
-                                              share_token=token[1] if token else None, bandwidth=bandwidth))
+                                              share_token=token[1] if token else None, bandwidth=bandwidth)
+            | {"bandwidth_go_timeout": barrier + 2},
+            on_done=lambda result: sink.host_finished(result.host.name))
         listened = await listener if listener else None
     finally:
         await sink.close()

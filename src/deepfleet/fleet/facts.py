@@ -92,8 +92,8 @@ def facts_from_result(result: RemoteResult, sent_at: float) -> HostFacts:
 
 async def probe_hosts(hosts: Sequence[Host], *, python_for: Callable[[Host], str],
                       params_for: Callable[[Host], dict[str, Any]], options: SshOptions,
-                      timeout: float) -> list[HostFacts]:
+                      timeout: float, on_done: Callable[[RemoteResult], None] | None = None) -> list[HostFacts]:
     sent_at = time.time()
     results = await run_on_hosts(hosts, lambda h: probe_argv(python_for(h)), options=options, timeout=timeout,
-                                 stdin=lambda h: probe_stdin(params_for(h)))
+                                 stdin=lambda h: probe_stdin(params_for(h)), on_done=on_done)
     return [facts_from_result(result, sent_at) for result in results]

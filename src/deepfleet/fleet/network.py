@@ -83,11 +83,20 @@ def source_address_towards(address: str, port: int = 9) -> str | None:
 
 @dataclass
 class BandwidthSink:
-    """TCP servers on the head that count bytes each host sends, then reply with the count."""
+    """TCP servers on the head that count the bytes each host sends, then reply with the count.
 
-    servers: dict[str, asyncio.base_events.Server] = field(default_factory=dict)
+    A barrier makes every host send at the same moment: each host says hello when its other
+    probes are done, and all get "g" once every expected host said hello or finished without
+    (so one dead host cannot hold the others), or after `barrier_seconds` at the latest.
+    """
+
+    expected: set[str] = field(default_factory=set)
     read_timeout: float = 10.0
+    barrier_seconds: float = 20.0
     max_bytes: int = 512 << 20
+    servers: dict[str, asyncio.base_events.Server] = field(default_factory=dict)
+    ready: set[str] = field(default_factory=set)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def start(self, addresses: Iterable[str]) -> dict[str, int]:
         ports = {}
@@ -97,9 +106,27 @@ class BandwidthSink:
             ports[address] = server.sockets[0].getsockname()[1]
         return ports
 
+    def host_finished(self, name: str) -> None:
+        """A host's probe ended: stop waiting for it."""
+        self.expected.discard(name)
+        self._release_if_all_ready()
+
+    def _release_if_all_ready(self) -> None:
+        if self.expected <= self.ready:
+            self.go.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received = 0
         try:
+            name = (await asyncio.wait_for(reader.readline(), self.read_timeout)).decode().strip()
+            self.ready.add(name)
+            self._release_if_all_ready()
+            try:
+                await asyncio.wait_for(self.go.wait(), self.barrier_seconds)
+            except asyncio.TimeoutError:
+                self.go.set()
+            writer.write(b"g")
+            await writer.drain()
             while received < self.max_bytes:
                 block = await asyncio.wait_for(reader.read(1 << 20), self.read_timeout)
                 if not block:

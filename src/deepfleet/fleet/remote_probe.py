@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -20,17 +21,42 @@ import time
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
 
 
+_LISTINGS = {}
+
+
+def _installed_version(name):
+    """(version, path entry) from a `<name>-<version>.dist-info` dir on sys.path, in import order.
+
+    Reading the dir name costs a fraction of importlib.metadata (which parses METADATA with the
+    email parser), and the probe's CPU time is what doctor's wall time scales with.
+    """
+    wanted = re.sub(r"[-_.]+", "_", name).lower()
+    for entry in sys.path:
+        if entry not in _LISTINGS:
+            try:
+                _LISTINGS[entry] = os.listdir(entry or ".")
+            except OSError:
+                _LISTINGS[entry] = []
+        for item in _LISTINGS[entry]:
+            if item.endswith((".dist-info", ".egg-info")):
+                dist, _, version = item.rsplit(".", 1)[0].partition("-")
+                if re.sub(r"[-_.]+", "_", dist).lower() == wanted:
+                    return version.split("-py")[0], os.path.abspath(entry or ".")
+    return None, None
+
+
 def package_facts(name):
-    """Version from metadata (fast, no import) and where `import name` would load it from."""
-    import importlib.metadata as metadata
+    """Installed version (no import) and where `import name` would load it from."""
     import importlib.util
     fact = {"version": None, "origin": None, "dist_path": None}
-    try:
-        dist = metadata.distribution(name)
-        fact["version"] = dist.version
-        fact["dist_path"] = str(dist.locate_file(""))
-    except Exception:
-        pass
+    fact["version"], fact["dist_path"] = _installed_version(name)
+    if fact["version"] is None:
+        try:
+            import importlib.metadata as metadata
+            dist = metadata.distribution(name)
+            fact["version"], fact["dist_path"] = dist.version, str(dist.locate_file(""))
+        except Exception:
+            pass
     try:
         spec = importlib.util.find_spec(name)
         fact["origin"] = spec.origin if spec else None
@@ -169,11 +195,17 @@ def connect_master(address, port, deadline):
     return {"ok": False, "error": error or "deadline passed", "seconds": round(time.monotonic() - started, 3)}
 
 
-def send_bandwidth(address, port, seconds, max_bytes):
-    """Send for `seconds` (at most max_bytes); the head replies with the byte count it received."""
+def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout):
+    """Say hello, wait for the head's "g" (all hosts start together), send for `seconds`
+    (at most max_bytes); the head replies with the byte count it received."""
     block, sent = b"\0" * (1 << 20), 0
     try:
         with socket.create_connection((address, port), timeout=3) as conn:
+            conn.sendall((name + "\n").encode())
+            conn.settimeout(go_timeout)
+            if conn.recv(1) != b"g":
+                return {"error": "the head did not start the test"}
+            conn.settimeout(10)
             started = time.monotonic()
             while sent < max_bytes and time.monotonic() - started < seconds:
                 conn.sendall(block)
@@ -187,6 +219,8 @@ def send_bandwidth(address, port, seconds, max_bytes):
 
 
 def network_facts(params):
+    """ssh to peers and the master port at once; then the bandwidth test, which waits for the
+    head's go so that every host's window is the same and overlaps no other work."""
     results, threads = {}, []
 
     def task(key, function, *args):
@@ -196,16 +230,18 @@ def network_facts(params):
         threads.append(thread)
         thread.start()
 
-    deadline = time.monotonic() + params.get("network_seconds", 6)
+    hop_timeout, network_seconds = params.get("hop_timeout", 8), params.get("network_seconds", 6)
     for peer, argv in params.get("hops", {}).items():
-        task("hop:" + peer, ssh_hop, argv, params.get("hop_timeout", 8))
+        task("hop:" + peer, ssh_hop, argv, hop_timeout)
     if params.get("master"):
-        task("master", connect_master, params["master"][0], params["master"][1], deadline)
-    if params.get("bandwidth"):
-        address, port = params["bandwidth"]
-        task("bandwidth", send_bandwidth, address, port, params.get("bandwidth_seconds", 0.5), 256 << 20)
+        task("master", connect_master, params["master"][0], params["master"][1], time.monotonic() + network_seconds)
+    joined_by = time.monotonic() + max(hop_timeout, network_seconds) + 2
     for thread in threads:
-        thread.join(max(0.0, deadline + 3 - time.monotonic()))
+        thread.join(max(0.0, joined_by - time.monotonic()))
+    if params.get("bandwidth"):
+        address, port, name = params["bandwidth"]
+        results["bandwidth"] = send_bandwidth(address, port, name, params.get("bandwidth_seconds", 0.5), 256 << 20,
+                                              params.get("bandwidth_go_timeout", 20))
     hops = {key[4:]: value for key, value in results.items() if key.startswith("hop:")}
     return {"hops": hops, "master": results.get("master"), "bandwidth": results.get("bandwidth")}
 

@@ -13,7 +13,7 @@ import re
 import shlex
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -199,22 +199,21 @@ async def run_on_host(host: Host, remote_argv: Sequence[str], *, options: SshOpt
 
 async def run_on_hosts(hosts: Sequence[Host], remote_argv: Callable[[Host], Sequence[str]] | Sequence[str], *,
                        options: SshOptions, timeout: float,
-                       stdin: Callable[[Host], bytes | None] | bytes | None = None) -> list[RemoteResult]:
-    """Run on every host at once; results in host order. Per-host argv/stdin may be functions."""
+                       stdin: Callable[[Host], bytes | None] | bytes | None = None,
+                       on_done: Callable[[RemoteResult], None] | None = None) -> list[RemoteResult]:
+    """Run on every host at once; results in host order. Per-host argv/stdin may be functions;
+    `on_done` is called as each host finishes."""
     def pick(value, host):
         return value(host) if callable(value) else value
-    return list(await asyncio.gather(*(
-        run_on_host(host, pick(remote_argv, host), options=options, timeout=timeout, stdin=pick(stdin, host))
-        for host in hosts)))
+
+    async def one(host: Host) -> RemoteResult:
+        result = await run_on_host(host, pick(remote_argv, host), options=options, timeout=timeout,
+                                   stdin=pick(stdin, host))
+        if on_done:
+            on_done(result)
+        return result
+    return list(await asyncio.gather(*(one(host) for host in hosts)))
 
 
 def options_for(fleet: Fleet, **overrides) -> SshOptions:
     return SshOptions.from_settings(fleet.ssh, **overrides)
-
-
-@dataclass(frozen=True, kw_only=True)
-class HopCommand:
-    """An ssh command one host runs to reach another (for the host<->host matrix)."""
-    source: Host
-    target: Host
-    argv: list[str] = field(default_factory=list)
