@@ -6,9 +6,10 @@ import sys
 
 import typer
 
+from deepfleet.cli import launch_cmd
 from deepfleet.cli import fleet_cmd
-from deepfleet.cli import plan_cmd
 from deepfleet.cli import train_cmd
+from deepfleet.cli import plan_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -18,12 +19,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def root() -> None:
+    """From a few GPU servers to a fine-tuned LLM across all of them, with DeepSpeed."""
+
+
+app.command("launch", context_settings=launch_cmd.LAUNCH_CONTEXT)(launch_cmd.launch)
 fleet_cmd.register(app)
-app.command("plan")(plan_cmd.plan)
-app.command("check-ds-config")(plan_cmd.check_ds_config)
 app.command("train")(train_cmd.train)
 app.command("generate")(train_cmd.generate)
 app.command("demo")(train_cmd.demo)
+app.command("plan")(plan_cmd.plan)
+app.command("check-ds-config")(plan_cmd.check_ds_config)
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ directly for the head). The supervisor feeds each agent its environment and a pi
 on stdin, reads its output and events, and stops the whole job on the first of:
 - a host's command exiting non-zero (a rank died, torchrun gave up, or ssh dropped: exit 255);
 - no event from a host for `link_timeout` seconds (partition: agents send a heartbeat every 2 s);
-- a rank whose training heartbeat has not advanced for `hang_timeout` seconds (armed after its first step).
+- a rank whose training heartbeat has not advanced for `hang_timeout` seconds. Ranks write step -1
+  while starting (loading, rendezvous); that phase gets the longer `startup_timeout`. A command that
+  writes no heartbeat at all (any user script under `launch`) is only watched for exits and links.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import re
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ class HostProcess:
 class SupervisorOptions:
     log_dir: Path
     hang_timeout: float = 60.0
+    startup_timeout: float = 900.0
     link_timeout: float = 15.0
     teardown_timeout: float = 10.0
     graceful_timeout: float = 90.0
@@ -85,7 +89,9 @@ class Supervisor:
     async def run(self) -> JobOutcome:
         self.options.log_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # Signal handlers can only be installed from the main thread; elsewhere the caller owns signals.
+        signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self._request_stop)
         try:
             await asyncio.gather(*(self._start(h) for h in self.hosts))
@@ -96,7 +102,7 @@ class Supervisor:
             pinger.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
         codes = {h.spec.label: h.exit_code for h in self.hosts}
         if self.failure is None and not self.stop_requested:
@@ -183,17 +189,20 @@ class Supervisor:
         """On a hang every rank stalls in the same collective; blame a stopped rank, else the one furthest behind."""
         beats = [(step, since, host, rank) for host in self.hosts if host.exit_code is None
                  for rank, (step, since) in host.steps.items()]
-        if not any(now - since > self.options.hang_timeout for _, since, _, _ in beats):
+        def stale(step: int, since: float) -> bool:
+            limit = self.options.startup_timeout if step < 0 else self.options.hang_timeout
+            return now - since > limit
+
+        if not any(stale(step, since) for step, since, _, _ in beats):
             return
         stopped = [(host, rank) for host in self.hosts for rank in host.stopped]
         if stopped:
             host, rank = stopped[0]
-            self._fail(host, rank, f"rank {rank} is stopped (SIGSTOP or a debugger) and the job made "
-                                   f"no progress for {self.options.hang_timeout:.0f}s")
+            self._fail(host, rank, "rank is stopped (SIGSTOP or a debugger) and the job made no progress")
             return
         step, _, host, rank = min(beats, key=lambda beat: (beat[0], beat[1]))
-        self._fail(host, rank, f"no progress for {self.options.hang_timeout:.0f}s; rank {rank} is furthest "
-                               f"behind (last step {step})")
+        phase = "while starting" if step < 0 else f"after step {step}"
+        self._fail(host, rank, f"no progress {phase}; rank {rank} is furthest behind")
 
     async def _teardown(self) -> float | None:
         running = [h for h in self.hosts if h.proc and h.proc.returncode is None]

@@ -1,0 +1,42 @@
+"""`deepfleet launch [options] -- CMD ...`: any command as one distributed job on every host."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+def launch(
+    command: List[str] = typer.Argument(None, help="The command every rank runs, after --"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml"),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Ranks per host (default: slots)"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure this many times"),
+    hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without progress before teardown"),
+    all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank's output, not only rank 0"),
+    run_dir: Path = typer.Option(Path("runs/launch"), "--run-dir", help="Where per-host logs go"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each host; run nothing"),
+) -> None:
+    """Run CMD on every host of the fleet under torchrun, supervised (see `deepfleet launch --help`)."""
+    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.ssh import options_for
+    from deepfleet.launch.job import LaunchSettings
+    from deepfleet.launch.run import RunOptions, detect_interface, plan_for, run_with_restarts
+
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    settings = LaunchSettings(command=list(command or []), nproc_per_node=nproc_per_node, master_port=master_port)
+    ssh_options = options_for(resolved)
+    if dry_run:
+        interface = asyncio.run(detect_interface(resolved, ssh_options))
+        plan = plan_for(resolved, settings, ssh_options=ssh_options, extra_env={}, interface=interface)
+        typer.echo(plan.render())
+        return
+    code = run_with_restarts(resolved, settings, RunOptions(run_dir=run_dir, max_restarts=max_restarts,
+                                                            hang_timeout=hang_timeout, all_logs=all_logs),
+                             ssh_options=ssh_options, extra_env={})
+    raise typer.Exit(code)

@@ -1,0 +1,78 @@
+"""Run a planned job: find the shared interface, supervise, and restart after failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.facts import probe_hosts
+from deepfleet.fleet.inventory import Fleet
+from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
+from deepfleet.fleet.ssh import SshOptions
+from deepfleet.launch.commands import new_job_id
+from deepfleet.launch.job import LaunchPlan, LaunchSettings, plan_launch
+from deepfleet.launch.supervisor import JobOutcome, Supervisor, SupervisorOptions, render_summary
+
+# A host that is the first to fail this many attempts in a row is named and the run stops:
+# restarting onto the same broken node only burns time.
+SAME_HOST_FAILURE_LIMIT = 2
+
+
+async def detect_interface(fleet: Fleet, options: SshOptions, *, timeout: float = 30.0) -> InterfaceChoice | None:
+    """The subnet every host shares (one probe round trip), or None for a single host."""
+    if len(fleet.hosts) == 1:
+        return None
+    facts = await probe_hosts(fleet.hosts, python_for=fleet.python_for, params_for=lambda host: {},
+                              options=options, timeout=timeout)
+    problems = [f"{f.host.name}: {f.failure.what if f.failure else f.error}" for f in facts if not f.ok]
+    if problems:
+        raise DeepfleetError(f"cannot reach {'; '.join(problems)}", where=fleet.source,
+                             fix="run `deepfleet doctor` for the full diagnosis")
+    preferred = {host.name: host.interface for host in fleet.hosts if host.interface}
+    return select_shared_interface({f.host.name: f.get("interfaces", default=[]) for f in facts}, preferred)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    run_dir: Path
+    max_restarts: int = 0
+    hang_timeout: float = 60.0
+    all_logs: bool = False
+
+
+def plan_for(fleet: Fleet, settings: LaunchSettings, *, ssh_options: SshOptions, extra_env: Mapping[str, str],
+             interface: InterfaceChoice | None) -> LaunchPlan:
+    return plan_launch(fleet, settings, job_id=new_job_id(), cwd=os.getcwd(), parent_env=os.environ,
+                       extra_env=extra_env, interface=interface, ssh_options=ssh_options)
+
+
+def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOptions, *, ssh_options: SshOptions,
+                      extra_env: Mapping[str, str], write: Callable[[str], None] = print) -> int:
+    """Launch, supervise, and relaunch up to `max_restarts` times; returns the job's exit code."""
+    interface = asyncio.run(detect_interface(fleet, ssh_options))
+    if interface and interface.network:
+        write(f"interface: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}")
+    failed_first: list[str] = []
+    outcome: JobOutcome | None = None
+    for attempt in range(options.max_restarts + 1):
+        plan = plan_for(fleet, settings, ssh_options=ssh_options, extra_env=extra_env, interface=interface)
+        log_dir = options.run_dir / "logs" / f"attempt-{attempt}"
+        write(f"launching {plan.job.job_id} on {plan.job.nnodes} host(s) x {plan.job.nproc_per_node} rank(s)"
+              + (f" (restart {attempt}/{options.max_restarts})" if attempt else "") + f"; logs in {log_dir}")
+        supervisor = Supervisor(plan.hosts, SupervisorOptions(log_dir=log_dir, hang_timeout=options.hang_timeout,
+                                                              all_logs=options.all_logs), write=write)
+        outcome = asyncio.run(supervisor.run())
+        write(render_summary(outcome))
+        if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.failure is None:
+            return outcome.exit_code
+        failed_first.append(outcome.failure.host)
+        recent = failed_first[-SAME_HOST_FAILURE_LIMIT:]
+        if len(recent) == SAME_HOST_FAILURE_LIMIT and len(set(recent)) == 1 and attempt < options.max_restarts:
+            write(f"host {recent[0]} failed first {SAME_HOST_FAILURE_LIMIT} times in a row; not restarting. "
+                  f"Fix or remove it from {fleet.source}, then run again (training resumes from the last checkpoint).")
+            return outcome.exit_code
+    return outcome.exit_code if outcome else 1

@@ -1,0 +1,83 @@
+import shlex
+
+import pytest
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.inventory import Fleet, Host
+from deepfleet.fleet.network import InterfaceChoice
+from deepfleet.fleet.ssh import SshOptions
+from deepfleet.launch.environment import job_environment, masked
+from deepfleet.launch.job import LaunchSettings, plan_launch
+
+TWO_HOSTS = Fleet(hosts=(Host(name="gpu1", address="10.0.0.1", slots=2), Host(name="gpu2", address="10.0.0.2", slots=2)),
+                  source="fleet.yaml", python="/opt/venv/bin/python", master_port=29500)
+CHOICE = InterfaceChoice(network="192.168.7.0/24", per_host={"gpu1": "ib0", "gpu2": "ib0"},
+                         addresses={"gpu1": "192.168.7.1", "gpu2": "192.168.7.2"})
+
+
+def plan(settings=None, parent_env=None, **kwargs):
+    return plan_launch(TWO_HOSTS, settings or LaunchSettings(command=["python", "train.py", "--deepspeed", "ds.json"]),
+                       job_id="df-test", cwd="/work/proj", parent_env=parent_env or {}, extra_env=kwargs.get("extra", {}),
+                       interface=kwargs.get("interface", CHOICE), ssh_options=SshOptions(known_hosts_file="/k"))
+
+
+def test_each_host_gets_ssh_agent_and_torchrun_with_its_node_rank():
+    launch = plan()
+    for node_rank, host in enumerate(launch.hosts):
+        argv = host.argv
+        assert argv[0] == "ssh" and "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
+        remote = shlex.split(argv[-1])
+        assert remote[:3] == ["/opt/venv/bin/python", "-m", "deepfleet.launch.host_agent"]
+        assert f"--job-id=df-test.{node_rank}" in remote and "--cwd=/work/proj" in remote
+        torchrun = remote[remote.index("--") + 1:]
+        assert f"--node-rank={node_rank}" in torchrun and "--nnodes=2" in torchrun
+        assert "--master-addr=192.168.7.1" in torchrun, "rendezvous must use the chosen private interface"
+        assert torchrun[-4:] == ["/opt/venv/bin/python", "train.py", "--deepspeed", "ds.json"]
+
+
+def test_interface_variables_and_allow_list_but_no_unlisted_variables():
+    env = plan(parent_env={"NCCL_DEBUG": "INFO", "HF_HOME": "/cache", "HOME": "/root", "LD_PRELOAD": "x.so"}).hosts[0].env
+    assert env["GLOO_SOCKET_IFNAME"] == "ib0" and env["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert env["NCCL_DEBUG"] == "INFO" and env["HF_HOME"] == "/cache"
+    assert "HOME" not in env and "LD_PRELOAD" not in env
+
+
+def test_secrets_never_on_a_command_line_and_masked_in_dry_run():
+    launch = plan(parent_env={"HF_TOKEN": "hf_secret_value"}, extra={"WANDB_API_KEY": "wandb_secret_value"})
+    for host in launch.hosts:
+        assert host.env["HF_TOKEN"] == "hf_secret_value"   # travels on stdin
+        assert "secret_value" not in " ".join(host.argv)
+    shown = launch.render()
+    assert "secret_value" not in shown and "HF_TOKEN=****" in shown and "WANDB_API_KEY=****" in shown
+
+
+def test_recipe_env_wins_over_shell_and_interface():
+    env = job_environment({"OMP_NUM_THREADS": "8"}, interface="eth0", extra={"OMP_NUM_THREADS": "2", "GLOO_SOCKET_IFNAME": "eth1"})
+    assert env["OMP_NUM_THREADS"] == "2" and env["GLOO_SOCKET_IFNAME"] == "eth1"
+    assert masked({"MY_PASSWORD": "p", "A": "b"}) == {"MY_PASSWORD": "****", "A": "b"}
+
+
+def test_hostile_values_are_quoted_for_the_remote_shell():
+    launch = plan(LaunchSettings(command=["python", "train.py", "--name", "x; rm -rf /"]))
+    remote = launch.hosts[0].argv[-1]
+    assert "'x; rm -rf /'" in remote and shlex.split(remote)[-1] == "x; rm -rf /"
+
+
+def test_bad_launch_requests_are_one_line_errors():
+    with pytest.raises(DeepfleetError, match="no command"):
+        plan(LaunchSettings(command=[]))
+    uneven = Fleet(hosts=(Host(name="a", address="10.0.0.1", slots=2), Host(name="b", address="10.0.0.2", slots=1)),
+                   source="fleet.yaml")
+    with pytest.raises(DeepfleetError, match="different slot counts"):
+        plan_launch(uneven, LaunchSettings(command=["x"]), job_id="j", cwd="/", parent_env={}, extra_env={},
+                    interface=None, ssh_options=SshOptions())
+    split = InterfaceChoice(network="10.0.0.0/24", per_host={"gpu1": "eth0"}, addresses={"gpu1": "10.0.0.1"}, outside=["gpu2"])
+    with pytest.raises(DeepfleetError, match="share no subnet"):
+        plan(interface=split)
+
+
+def test_local_single_host_runs_without_ssh_on_loopback():
+    local = Fleet(hosts=(Host(name="me", address="localhost", slots=2, local=True),), source="local machine", python="/py")
+    launch = plan_launch(local, LaunchSettings(command=["python", "t.py"]), job_id="j", cwd="/w", parent_env={},
+                         extra_env={}, interface=None, ssh_options=SshOptions())
+    assert launch.hosts[0].argv[0] == "/py" and "--master-addr=127.0.0.1" in launch.hosts[0].argv
