@@ -57,7 +57,7 @@ def test_listener_and_master_connect_on_loopback():
         listener.wait(timeout=10)
     finally:
         listener.kill()
-    assert result["ok"] and json.loads(out[0]) == {"ready": True} and json.loads(out[1])["peers"] == ["127.0.0.1"]
+    assert result["ok"] and json.loads(out[0])["ready"] is True and json.loads(out[1])["peers"] == ["127.0.0.1"]
     closed = remote_probe.connect_master("127.0.0.1", free_port(), deadline=time.monotonic() + 0.3)
     assert not closed["ok"] and "refused" in closed["error"].lower()
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from deepfleet.fleet.checks import Collected, Finding, run_checks
-from deepfleet.fleet.facts import HostFacts, probe_argv, probe_hosts, probe_stdin
+from deepfleet.fleet.facts import HostFacts, probe_hosts
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.network import BandwidthSink, source_address_towards
-from deepfleet.fleet.ssh import SshOptions, run_on_host, ssh_argv
+from deepfleet.fleet.ssh import SshOptions, ssh_argv
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,9 @@ def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: 
         params["hops"] = {peer.name: hop_argv(peer, ssh_options) for peer in fleet.hosts if peer != host}
     if options.network and len(fleet.hosts) > 1:
         params["master"] = [fleet.master.address, fleet.master_port]
+        if host == fleet.master:
+            params["listen"] = {"port": fleet.master_port, "expect": len(fleet.hosts),
+                                "seconds": max(options.hop_timeout, options.network_seconds) + 3}
     if options.network and host.name in bandwidth:
         params["bandwidth"] = [*bandwidth[host.name], host.name]
     return params
@@ -88,22 +91,6 @@ def write_share_token(output_dir: str | None) -> tuple[Path, tuple[str, str]] | 
     return path, (name, value)
 
 
-async def listen_on_master(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> dict[str, Any]:
-    params = {"mode": "listen", "address": "0.0.0.0", "port": fleet.master_port,
-              "expect": len(fleet.hosts), "seconds": options.network_seconds + 1}
-    result = await run_on_host(fleet.master, probe_argv(fleet.python_for(fleet.master)), options=ssh_options,
-                               timeout=options.network_seconds + ssh_options.connect_timeout + 5,
-                               stdin=probe_stdin(params))
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    report: dict[str, Any] = {"ready": False, "error": (result.failure.what if result.failure else
-                                                         result.stderr.strip()[-200:] or "no answer")}
-    for line in lines:
-        report.update(line)
-    if report.get("ready"):
-        report.pop("error", None)
-    return report
-
-
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
     token = write_share_token(output_dir)
@@ -117,8 +104,6 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
             ports = await sink.start(a for a in sources.values() if a)
             bandwidth = {name: (addr, ports[addr]) for name, addr in sources.items() if addr}
             sink.expected = set(bandwidth)
-        listener = (asyncio.ensure_future(listen_on_master(fleet, options, ssh_options))
-                    if options.network and len(fleet.hosts) > 1 else None)
         timeout = ssh_options.connect_timeout + 5 + phase + barrier + 2 + options.bandwidth_seconds + 5
         facts = await probe_hosts(
             fleet.hosts, python_for=fleet.python_for, options=ssh_options, timeout=timeout,
@@ -126,7 +111,8 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
                                               share_token=token[1] if token else None, bandwidth=bandwidth)
             | {"bandwidth_go_timeout": barrier + 2},
             on_done=lambda result: sink.host_finished(result.host.name))
-        listened = await listener if listener else None
+        master_facts = next(f for f in facts if f.host == fleet.master)
+        listened = master_facts.get("listener") if master_facts.ok else None
     finally:
         await sink.close()
         if token:

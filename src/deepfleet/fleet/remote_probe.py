@@ -248,6 +248,13 @@ def network_facts(params):
 
 def facts(params):
     started = time.time()
+    listener, accepting, stop = None, None, threading.Event()
+    if params.get("listen"):   # this host is the master: its port is open while the others probe
+        server, listener = open_master_port(params["listen"])
+        if server:
+            accepting = threading.Thread(target=accept_peers, daemon=True, args=(
+                server, listener, params["listen"]["expect"], params["listen"]["seconds"], stop))
+            accepting.start()
     result = {
         "hostname": socket.gethostname(), "time_start": started,
         "python": {"executable": sys.executable, "version": platform.python_version(),
@@ -270,33 +277,52 @@ def facts(params):
         except OSError:
             result["share_token_seen"] = False
     result["network"] = network_facts(params)
+    if accepting:
+        # Past the bandwidth barrier every other host has finished its connect attempts.
+        if params.get("bandwidth") and "error" not in (result["network"]["bandwidth"] or {}):
+            stop.set()
+        accepting.join(params["listen"]["seconds"] + 1)
+    result["listener"] = listener
     result["torch_imported"] = "torch" in sys.modules    # only with an NVIDIA device: it costs seconds
     result["time_end"] = time.time()
     return result
 
 
-def listen(params):
-    """Open the master port, say READY, and report every peer that connected before the deadline."""
+def open_master_port(params):
+    """Bind the master port now (before facts are collected) -> (socket or None, report)."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as torch's TCPStore does
     try:
-        server.bind((params["address"], params["port"]))
+        server.bind((params.get("address", "0.0.0.0"), params["port"]))
+        server.listen(128)
     except OSError as exc:
-        print(json.dumps({"ready": False, "error": exc.strerror or str(exc)}), flush=True)
-        return
-    server.listen(128)
-    print(json.dumps({"ready": True}), flush=True)
-    peers, deadline = [], time.monotonic() + params.get("seconds", 6)
-    while len(peers) < params.get("expect", 1) and time.monotonic() < deadline:
-        server.settimeout(max(0.05, deadline - time.monotonic()))
+        server.close()
+        return None, {"ready": False, "error": exc.strerror or str(exc)}
+    return server, {"ready": True, "peers": []}
+
+
+def accept_peers(server, report, expect, seconds, stop=None):
+    """Accept until `expect` peers connected, `seconds` passed or `stop` is set; record peers."""
+    deadline = time.monotonic() + seconds
+    while len(report["peers"]) < expect and time.monotonic() < deadline and not (stop and stop.is_set()):
+        server.settimeout(max(0.05, min(0.2, deadline - time.monotonic())))
         try:
             conn, peer = server.accept()
-            peers.append(peer[0])
+            report["peers"].append(peer[0])
             conn.close()
+        except socket.timeout:
+            continue
         except OSError:
             break
     server.close()
-    print(json.dumps({"peers": peers}), flush=True)
+
+
+def listen(params):
+    server, report = open_master_port(params)
+    print(json.dumps({"ready": report["ready"], "error": report.get("error")}), flush=True)
+    if server:
+        accept_peers(server, report, params.get("expect", 1), params.get("seconds", 6))
+    print(json.dumps(report), flush=True)
 
 
 def main(params):
