@@ -63,6 +63,10 @@ def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
     return seconds
 
 
+def _one_line(answer: str, width: int = 24) -> str:
+    return answer.replace("\n", "⏎")[:width]
+
+
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit for the built-in demo recipe defaults)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
@@ -101,6 +105,9 @@ def demo(
     """Train the built-in tiny model on the built-in tasks; print held-out answers and accuracy before/after."""
     from deepfleet.train.demo import evaluate_base_model, evaluate_saved_model, training_loop_seconds
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     recipe = load_recipe(DEMO_RECIPE, list(overrides or []))
     console = Console(highlight=False)
     launch = prepare_local_training(recipe, nproc=nproc)
@@ -114,7 +121,7 @@ def demo(
         table.add_column(column)
     for old, new in list(zip(before.results, after.results))[:12]:
         mark = "[green]✓[/green]" if new.correct else "[red]✗[/red]"
-        table.add_row(new.prompt, new.expected, old.answer[:24], f"{new.answer[:24]} {mark}")
+        table.add_row(new.prompt, new.expected, _one_line(old.answer), f"{_one_line(new.answer)} {mark}")
     console.print(table)
     console.print(f"exact match before: {before.accuracy:.0%}   after: {after.accuracy:.0%}   "
                   f"({heldout} held-out prompts; training took {seconds:.0f} s wall, "

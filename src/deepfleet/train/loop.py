@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,6 +82,10 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     total_steps = order.total_steps(epochs=recipe.train.epochs, max_steps=recipe.train.max_steps)
     ds_config = deepspeed_config_for_run(recipe, world_size=rank_env.world_size, total_steps=total_steps,
                                          accelerator=device.accelerator, bf16_supported=device.bf16_supported)
+    # The planner (deepspeed: auto) or a user JSON may choose another micro batch for the same global batch.
+    micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    order = replace(order, micro_batch=micro, grad_accum=accum)
+    validation = replace(validation, micro_batch=micro) if validation else None
     built = build_model(recipe, tokenizer, ds_config=ds_config, precision=precision, device=device.device)
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
