@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -73,3 +74,16 @@ def test_check_ds_config_fills_auto(tmp_path):
     assert result.exit_code == 0, result.output
     assert 'note: train_batch_size: "auto" -> 16' in result.output
     assert "ok:" in result.output
+
+
+def test_plan_for_a_hostfile_needs_gpu_memory_then_uses_its_slots(mistral_recipe, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("gpu1 slots=4\ngpu2 slots=4\n")
+    if not torch.cuda.is_available():  # with a local GPU its memory is used for the fleet
+        missing = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--fleet", str(hostfile)])
+        assert isinstance(missing.exception, DeepfleetError) and missing.exception.problems[0].where == "--gpu-mem"
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--fleet", str(hostfile), "--gpu-mem", "80GiB",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    fleet = json.loads(result.output)["fleet"]
+    assert (fleet["nodes"], fleet["ranks_per_node"]) == (2, 4)

@@ -90,3 +90,26 @@ def test_cpu_config_uses_torch_adam_and_fp32():
     config = run(recipe(), world=2, accelerator="cpu")
     assert config["optimizer"]["params"]["torch_adam"] is True
     assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+
+
+def eight_gpus(mem=40):
+    return FleetShape(nodes=1, ranks_per_node=8, accelerator="cuda", device_memory_bytes=mem * GiB,
+                      host_memory_bytes=1024 * GiB, bf16_supported=True)
+
+
+def test_auto_from_a_transformers_config_via_the_engines_entry_point():
+    config = run(recipe("deepspeed: auto\ndata: {max_length: 2048}"), model_config=llama3_8b(), fleet=eight_gpus())
+    shape = model_shape_from_config(llama3_8b())
+    assert config["zero_optimization"]["reduce_bucket_size"] == shape.hidden_size ** 2
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 8 == 64
+
+
+def test_user_json_plan_shows_the_users_setting():
+    resolved = resolve_run_config(recipe("deepspeed: {config: ds.json}"), world_size=8, total_steps=50,
+                                  accelerator="cuda", bf16_supported=True, model_shape=model_shape_from_config(llama3_8b()),
+                                  fleet=eight_gpus(mem=80),
+                                  user_config_text='{"zero_optimization": {"stage": 3, "offload_optimizer": '
+                                                   '{"device": "cpu"}}, "train_micro_batch_size_per_gpu": "auto"}')
+    choice = resolved.plan.choice
+    assert (choice.stage, choice.offload, choice.reason) == (3, "optimizer", "set in ds.json")
+    assert choice.micro_batch == resolved.config["train_micro_batch_size_per_gpu"] == 4

@@ -71,21 +71,22 @@ def _host_memory() -> int:
 
 def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
                   local_gpus: int) -> tuple[int, int, bool]:
-    """(nodes, ranks per node, is this machine alone) from the options, the fleet file or this machine."""
-    if nodes or gpus_per_node:
-        return nodes or 1, gpus_per_node or max(local_gpus, 1), False
-    if fleet_file:
-        from deepfleet.fleet.inventory import resolve_fleet
-
-        fleet = resolve_fleet(fleet_file=fleet_file)
-        slots = {host.slots for host in fleet.hosts}
-        if len(slots) > 1:
-            raise DeepfleetError(f"hosts have different slot counts {sorted(slots)}", where=fleet_file,
-                                 fix="plan for equal hosts: give every host the same slots")
-        return len(fleet.hosts), slots.pop(), all(host.local for host in fleet.hosts)
+    """(nodes, ranks per node, is it this machine alone) from --nodes/--gpus-per-node, else the fleet
+    (--fleet, ./fleet.yaml, SLURM, PBS; the fleet developer's loader), else this machine."""
+    from deepfleet.fleet.inventory import resolve_fleet
     from deepfleet.launch.local import default_nproc
 
-    return 1, default_nproc(gpus=local_gpus), True
+    if nodes or gpus_per_node:
+        return nodes or 1, gpus_per_node or default_nproc(gpus=local_gpus), False
+    is_yaml = fleet_file is not None and fleet_file.endswith((".yaml", ".yml"))
+    fleet = resolve_fleet(fleet_file=fleet_file if is_yaml else None, hostfile=None if is_yaml else fleet_file)
+    if len(fleet.hosts) == 1 and fleet.hosts[0].local:
+        return 1, default_nproc(gpus=local_gpus), True
+    slots = {host.slots for host in fleet.hosts}
+    if len(slots) > 1:
+        raise DeepfleetError(f"hosts have different slot counts {sorted(slots)}", where=fleet.source,
+                             fix="plan for equal hosts: give every host the same slots")
+    return len(fleet.hosts), slots.pop(), False
 
 
 def fleet_shape(*, fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
@@ -103,6 +104,9 @@ def fleet_shape(*, fleet_file: Optional[str], nodes: Optional[int], gpus_per_nod
     elif local_gpus:
         device_bytes, accelerator = torch.cuda.get_device_properties(0).total_memory, "cuda"
         bf16_ok = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    elif not local_only:
+        raise DeepfleetError("no GPU here to measure, and the fleet's GPU memory is unknown", where="--gpu-mem",
+                             fix="pass --gpu-mem (e.g. --gpu-mem 80GiB) and --host-mem for the fleet's hosts")
     else:
         device_bytes, accelerator, bf16_ok = host_bytes or _host_memory(), "cpu", False
     return FleetShape(nodes=node_count, ranks_per_node=ranks, accelerator=accelerator,
@@ -142,13 +146,11 @@ def memory_table(plan: Plan) -> Table:
 
 def train_commands(recipe: Recipe, fleet: FleetShape) -> list[str]:
     """The commands `deepfleet train` would run, from the launcher's own builders."""
+    from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, local_torchrun_command, new_run_dir,
+                                        render_command)
+
     if fleet.nodes > 1:
         return ["(multi-host `deepfleet train` command line: pending in the launcher)"]
-    try:
-        from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, local_torchrun_command,
-                                            new_run_dir, render_command)
-    except ImportError:
-        return ["(local torchrun command builder not available yet)"]
     threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=fleet.ranks_per_node) \
         if fleet.accelerator == "cpu" else None
     launch = LocalLaunch(nproc=fleet.ranks_per_node, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,

@@ -235,18 +235,18 @@ def choose_zero_setting(shape: ModelShape, fleet: FleetShape, workload: Workload
 
 
 def plan_fixed_setting(shape: ModelShape, fleet: FleetShape, workload: Workload, *, stage: int,
-                       offload: Offload) -> Plan:
-    """The table for a setting the recipe fixed; the choice is the recipe's, with a note when it does not fit."""
+                       offload: Offload, source: str = "the recipe") -> Plan:
+    """The table for a setting the user fixed; the choice is theirs, with a warning when it does not fit."""
     layout = solve_batch_layout(global_batch=workload.global_batch, micro_batch=workload.micro_batch,
                                 world_size=fleet.world_size)
     micro = layout.micro_batch
     row = evaluate_setting(shape, fleet, workload, stage=stage, offload=offload, micro_batch=micro)
     warnings = _warnings(stage, fleet)
     if not row.fits:
-        warnings += (f"the recipe's ZeRO-{stage} ({offload} offload) does not fit: {row.limit}; "
+        warnings += (f"ZeRO-{stage} ({offload} offload) from {source} does not fit: {row.limit}; "
                      f"set deepspeed: auto to let the planner choose",)
     choice = ZeroChoice(stage=stage, offload=offload, micro_batch=micro, grad_accum=layout.grad_accum,
-                        reason="set in the recipe", warnings=warnings)
+                        reason=f"set in {source}", warnings=warnings)
     return _plan(shape, fleet, workload, choice)
 
 

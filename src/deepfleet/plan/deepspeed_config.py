@@ -8,7 +8,7 @@ with every "auto" filled in (`plan/deepspeed_user_config.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional
 
 from deepfleet.errors import DeepfleetError, Problem
@@ -16,7 +16,7 @@ from deepfleet.plan.choose import (BatchLayout, FleetShape, Plan, Workload, buck
                                    plan_fixed_setting, solve_batch_layout)
 from deepfleet.plan.deepspeed_user_config import (CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config,
                                                   parse_deepspeed_json, read_deepspeed_json)
-from deepfleet.plan.memory import ModelShape, Offload
+from deepfleet.plan.memory import ModelShape, Offload, model_shape_from_config
 from deepfleet.plan.recipe import Recipe
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -155,12 +155,13 @@ def _workload(recipe: Recipe, precision: Precision) -> Workload:
 
 def _plan(recipe: Recipe, shape: Optional[ModelShape], fleet: Optional[FleetShape], precision: Precision
           ) -> Optional[Plan]:
+    """The planner's choice for `deepspeed: auto`, or the table for the recipe's own setting."""
     if shape is None or fleet is None:
-        if recipe.deepspeed.zero == "auto" and recipe.deepspeed.config is None:
+        if recipe.deepspeed.zero == "auto":
             raise DeepfleetError("deepspeed: auto needs the model config and the fleet's memory to choose",
                                  where="deepspeed.zero",
-                                 fix="pass model_shape= and fleet= (run `deepfleet plan` to see the choice), "
-                                     "or set deepspeed.zero to 0, 1, 2 or 3")
+                                 fix="pass model_config= (or model_shape=) and fleet= (run `deepfleet plan` to see "
+                                     "the choice), or set deepspeed.zero to 0, 1, 2 or 3")
         return None
     workload = _workload(recipe, precision)
     if recipe.deepspeed.zero == "auto":
@@ -169,58 +170,84 @@ def _plan(recipe: Recipe, shape: Optional[ModelShape], fleet: Optional[FleetShap
                               offload=_offload_setting(recipe))
 
 
+def _setting_of(config: dict[str, Any]) -> tuple[int, Offload]:
+    """ZeRO stage and offload of a finished DeepSpeed config."""
+    zero = config.get("zero_optimization") or {}
+    devices = [(zero.get(kind) or {}).get("device", "none") for kind in ("offload_optimizer", "offload_param")]
+    offload: Offload = "optimizer+params" if devices[1] != "none" else "optimizer" if devices[0] != "none" else "none"
+    return int(zero.get("stage", 0)), offload
+
+
+def _user_config(recipe: Recipe, ours: dict[str, Any], text: str, *, source: str, common: dict[str, Any],
+                 hf_export: bool, recipe_given: bool = True) -> CheckedDeepSpeedConfig:
+    """The user's JSON, checked; its "auto" values come from deepfleet's config at the user's own stage."""
+    data = parse_deepspeed_json(text, source)
+    zero = data.get("zero_optimization")
+    user_stage = zero.get("stage") if isinstance(zero, dict) else None
+    reference = ours
+    if user_stage in (0, 1, 2, 3) and user_stage != ours["zero_optimization"]["stage"]:
+        reference = build_deepspeed_config(recipe, stage=user_stage, offload="none",
+                                           micro_batch=ours["train_micro_batch_size_per_gpu"], **common)
+    ctx = ConfigContext(reference=reference, world_size=common["world_size"], hidden_size=common["hidden_size"],
+                        bf16_supported=common["bf16_supported"], accelerator=common["accelerator"],
+                        hf_export=hf_export, recipe_given=recipe_given)
+    return check_user_deepspeed_config(data, ctx, source)
+
+
 def resolve_run_config(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
                        bf16_supported: bool, model_shape: Optional[ModelShape] = None,
                        fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
                        hf_export: bool = True) -> ResolvedDeepSpeedConfig:
-    """The config a run uses, with where it came from and what was filled in."""
+    """The config a run uses, with where it came from, what was filled in, and (given a model shape and the
+    fleet) the memory plan."""
     if fleet is not None and fleet.world_size != world_size:
         raise ValueError(f"fleet has {fleet.world_size} ranks but world_size is {world_size}")
     precision = resolve_precision(recipe.precision, accelerator=accelerator, bf16_supported=bf16_supported)
-    plan = _plan(recipe, model_shape, fleet, precision)
-    hidden = model_shape.hidden_size if model_shape else None
-    stage = plan.choice.stage if plan else int(recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2)
+    auto = recipe.deepspeed.zero == "auto"
+    plan = _plan(recipe, model_shape, fleet, precision) if (auto or recipe.deepspeed.config is None) else None
     common = dict(world_size=world_size, total_steps=total_steps, accelerator=accelerator,
-                  bf16_supported=bf16_supported, hidden_size=hidden)
-    if plan is not None and recipe.deepspeed.zero == "auto":
-        ours = build_deepspeed_config(recipe, stage=stage, offload=plan.choice.offload,
+                  bf16_supported=bf16_supported, hidden_size=model_shape.hidden_size if model_shape else None)
+    if plan is not None and auto:
+        ours = build_deepspeed_config(recipe, stage=plan.choice.stage, offload=plan.choice.offload,
                                       micro_batch=plan.choice.micro_batch, **common)
     else:
-        ours = build_deepspeed_config(recipe, stage=stage, **common)
+        ours = build_deepspeed_config(recipe, stage=int(recipe.deepspeed.zero if not auto else 2), **common)
     if recipe.deepspeed.config is None:
-        return ResolvedDeepSpeedConfig(config=ours, source="planner" if recipe.deepspeed.zero == "auto" else "recipe",
-                                       plan=plan)
-    source = recipe.deepspeed.config
-    text = read_deepspeed_json(source) if user_config_text is None else user_config_text
-    ctx = ConfigContext(reference=ours, world_size=world_size, hidden_size=hidden, bf16_supported=bf16_supported,
-                        accelerator=accelerator, hf_export=hf_export)
-    checked = check_user_deepspeed_config(parse_deepspeed_json(text, source), ctx, source)
-    return ResolvedDeepSpeedConfig(config=checked.config, source=source, notes=checked.notes, plan=plan)
+        return ResolvedDeepSpeedConfig(config=ours, source="planner" if auto else "recipe", plan=plan)
+    text = read_deepspeed_json(recipe.deepspeed.config) if user_config_text is None else user_config_text
+    checked = _user_config(recipe, ours, text, source=recipe.deepspeed.config, common=common, hf_export=hf_export)
+    if model_shape is not None and fleet is not None:
+        stage, offload = _setting_of(checked.config)
+        workload = replace(_workload(recipe, precision), micro_batch=checked.config["train_micro_batch_size_per_gpu"])
+        plan = plan_fixed_setting(model_shape, fleet, workload, stage=stage, offload=offload,
+                                  source=recipe.deepspeed.config)
+    return ResolvedDeepSpeedConfig(config=checked.config, source=recipe.deepspeed.config, notes=checked.notes,
+                                   plan=plan)
 
 
 def check_deepspeed_json(text: str, *, source: str, recipe: Recipe, world_size: int, accelerator: str,
                          bf16_supported: bool, total_steps: int, hidden_size: Optional[int] = None,
                          recipe_given: bool = True, hf_export: bool = True) -> CheckedDeepSpeedConfig:
     """`deepfleet check-ds-config`: a DeepSpeed JSON checked against the recipe (or the defaults) and fleet."""
-    data = parse_deepspeed_json(text, source)
-    zero = data.get("zero_optimization")
-    user_stage = zero.get("stage") if isinstance(zero, dict) else None
-    recipe_stage = recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2
-    stage = user_stage if user_stage in (0, 1, 2, 3) else recipe_stage
-    reference = build_deepspeed_config(recipe, stage=int(stage), world_size=world_size, total_steps=total_steps,
-                                       accelerator=accelerator, bf16_supported=bf16_supported,
-                                       hidden_size=hidden_size)
-    ctx = ConfigContext(reference=reference, world_size=world_size, hidden_size=hidden_size,
-                        bf16_supported=bf16_supported, accelerator=accelerator, hf_export=hf_export,
+    common = dict(world_size=world_size, total_steps=total_steps, accelerator=accelerator,
+                  bf16_supported=bf16_supported, hidden_size=hidden_size)
+    stage = recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2
+    ours = build_deepspeed_config(recipe, stage=int(stage), **common)
+    return _user_config(recipe, ours, text, source=source, common=common, hf_export=hf_export,
                         recipe_given=recipe_given)
-    return check_user_deepspeed_config(data, ctx, source)
 
 
 def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
-                             bf16_supported: bool, model_shape: Optional[ModelShape] = None,
+                             bf16_supported: bool, model_config: Any = None, model_shape: Optional[ModelShape] = None,
                              fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
                              hf_export: bool = True) -> dict[str, Any]:
-    """The config a run uses: the recipe's explicit stage, the planner's choice, or the user's JSON."""
+    """The config a run uses: the recipe's explicit stage, the planner's choice, or the user's JSON.
+
+    `deepspeed: auto` needs the model (`model_config`, a transformers config, or a `model_shape`) and the
+    `fleet` (ranks and memory); the chosen micro batch and accumulation are in the returned config."""
+    if model_shape is None and model_config is not None:
+        model_shape = model_shape_from_config(model_config, method=recipe.method, lora_rank=recipe.lora.r,
+                                              lora_targets=recipe.lora.target_modules)
     return resolve_run_config(recipe, world_size=world_size, total_steps=total_steps, accelerator=accelerator,
                               bf16_supported=bf16_supported, model_shape=model_shape, fleet=fleet,
                               user_config_text=user_config_text, hf_export=hf_export).config
