@@ -9,7 +9,7 @@ ZeRO-0/1, LoRA (optimizer states only for trainable parameters) and fp32 CPU ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 OFFLOADS: tuple[Offload, ...] = ("none", "optimizer", "optimizer+params")
 STAGES = (0, 1, 2, 3)
 
+# 4-bit NF4 weights plus 0.127 bits of quantization constants per weight (QLoRA paper, double quantization).
+QLORA_FROZEN_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 # DeepSpeed's estimators multiply host memory by this safety factor (their `additional_buffer_factor`).
 HOST_BUFFER_FACTOR = 1.5
 ADAM_STATE_BYTES = 8      # fp32 momentum + variance per trainable parameter
@@ -37,6 +39,7 @@ class ModelShape:
     kv_hidden_size: int          # hidden size of k (and of v) with grouped-query attention
     intermediate_size: int
     vocab_size: int
+    frozen_bytes_per_param: Optional[float] = None   # QLoRA: frozen weights stored in 4 bits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +105,8 @@ def model_shape_from_config(config, *, method: str = "full", lora_rank: int = 16
                       num_layers=text.num_hidden_layers, num_attention_heads=heads,
                       kv_hidden_size=kv_heads * head_dim,
                       intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
-                      vocab_size=text.vocab_size)
+                      vocab_size=text.vocab_size,
+                      frozen_bytes_per_param=QLORA_FROZEN_BYTES_PER_PARAM if method == "qlora" else None)
 
 
 def _gradient_bytes(trainable: int, *, stage: int, world: int, precision: Precision) -> int:
@@ -130,14 +134,15 @@ def estimate_model_state_bytes(shape: ModelShape, *, stage: int, offload: Offloa
     `_gradient_bytes`), fp32 master weights and fp32 Adam states; 2 + 18/N bytes per parameter at ZeRO-2,
     18/N at ZeRO-3. fp32 (CPU ranks): the model's own fp32 weights are the working copy; ZeRO-1/2/3 still
     keep a cloned fp32 partition for the optimizer. Only trainable parameters (LoRA) get gradients and
-    optimizer states. `frozen_bytes_per_param` overrides the width of frozen weights (QLoRA: about 0.5).
+    optimizer states. Frozen weights are `frozen_bytes_per_param` wide when given, else the shape's (QLoRA),
+    else as wide as the working weights.
     """
     if not is_valid_zero_setting(stage, offload):
         raise ValueError(f"ZeRO-{stage} cannot offload {offload}")
     world = nodes * ranks_per_node
     total, trainable = shape.total_params, shape.trainable_params
     weight = FP32_BYTES if precision == "fp32" else 2
-    frozen_width = weight if frozen_bytes_per_param is None else frozen_bytes_per_param
+    frozen_width = next((w for w in (frozen_bytes_per_param, shape.frozen_bytes_per_param) if w is not None), weight)
     params = int(trainable * weight + (total - trainable) * frozen_width)
     if stage == 3:
         params = 0 if offload == "optimizer+params" else int(params / world)
