@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deepfleet.plan.recipe import DataSpec, ModelSpec
-from deepfleet.train import builtin
+from deepfleet.train import builtin, builtin_tasks
 from deepfleet.train.batches import collate, plan_rows
 from deepfleet.train.builtin import builtin_model_config, exact_match, heldout_prompts
 from deepfleet.train.dataset import build_datasets
@@ -41,6 +41,8 @@ class Settings:
     n_eval: int
     threads: int
     seed: int
+    tasks: str
+    word_lengths: str
 
 
 def parse_settings() -> Settings:
@@ -56,6 +58,8 @@ def parse_settings() -> Settings:
     parser.add_argument("--n-eval", type=int, default=240)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tasks", default=",".join(builtin_tasks.TASKS), help="comma-separated task names")
+    parser.add_argument("--word-lengths", default="%d,%d" % builtin_tasks.WORD_LENGTHS, help="min,max letters")
     return Settings(**{key.replace("-", "_"): value for key, value in vars(parser.parse_args()).items()})
 
 
@@ -95,8 +99,16 @@ def evaluate(model, tokenizer, prompts) -> dict[str, float]:
     return scores
 
 
+def use_tasks(settings: Settings) -> None:
+    """Try other tasks or word lengths without editing builtin_tasks.py."""
+    builtin_tasks.TASKS = {name: builtin_tasks.ALL_TASKS[name] for name in settings.tasks.split(",")}
+    low, high = (int(part) for part in settings.word_lengths.split(","))
+    builtin_tasks.WORD_LENGTHS = (low, high)
+
+
 def main() -> None:
     settings = parse_settings()
+    use_tasks(settings)
     torch.set_num_threads(settings.threads)
     tokenizer = load_tokenizer(ModelSpec())
     train, _, report = build_datasets(DataSpec(max_length=settings.max_length), tokenizer, seed=settings.seed)

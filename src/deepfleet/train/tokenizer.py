@@ -58,7 +58,7 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=model.revision,
                                                   trust_remote_code=model.trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise DeepfleetError(f"cannot load the tokenizer of {model.name!r}: {exc}".splitlines()[0],
                              where="model.name",
                              fix="check the Hub id / local dir, network access and HF_TOKEN for gated models") from None
