@@ -3,8 +3,6 @@
 import json
 
 import pytest
-from transformers import LlamaConfig
-
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.choose import FleetShape
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_run_config
@@ -106,8 +104,8 @@ def test_auto_from_a_transformers_config_via_the_engines_entry_point():
 
 def test_user_json_plan_shows_the_users_setting():
     resolved = resolve_run_config(recipe("deepspeed: {config: ds.json}"), world_size=8, total_steps=50,
-                                  accelerator="cuda", bf16_supported=True, model_shape=model_shape_from_config(llama3_8b()),
-                                  fleet=eight_gpus(mem=80),
+                                  accelerator="cuda", bf16_supported=True,
+                                  model_shape=model_shape_from_config(llama3_8b()), fleet=eight_gpus(mem=80),
                                   user_config_text='{"zero_optimization": {"stage": 3, "offload_optimizer": '
                                                    '{"device": "cpu"}}, "train_micro_batch_size_per_gpu": "auto"}')
     choice = resolved.plan.choice

@@ -231,9 +231,9 @@ def plan(
 def check_ds_config(
     file: str = typer.Argument(..., help="DeepSpeed JSON config"),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Recipe the config is for ('auto' filled from it)"),
-    nodes: int = typer.Option(1, "--nodes", min=1),
-    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1,
-                                                help="Ranks per host (default: this machine's)"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml or hostfile (default: as `plan` finds it)"),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Hosts (instead of --fleet)"),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="Ranks per host"),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cuda or cpu (default: this machine)"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the hardware supports bf16"),
 ) -> None:
@@ -245,14 +245,15 @@ def check_ds_config(
     accelerator = accelerator or ("cuda" if local_gpus else "cpu")
     if accelerator not in ("cuda", "cpu"):
         raise DeepfleetError(f"unknown accelerator {accelerator!r}", where="--accelerator", fix="use cuda or cpu")
-    bf16_ok = bf16 if bf16 is not None else (accelerator == "cuda" and (not local_gpus or torch.cuda.is_bf16_supported()))
-    ranks = gpus_per_node or _fleet_layout(None, None, None, local_gpus)[1]
+    if bf16 is None:  # without a GPU here, a cuda check assumes GPUs with bf16 (pass --no-bf16 for older ones)
+        bf16 = accelerator == "cuda" and (not local_gpus or torch.cuda.is_bf16_supported())
+    node_count, ranks, _ = _fleet_layout(fleet, nodes, gpus_per_node, local_gpus)
     hidden = load_model_config(loaded.model).hidden_size if recipe else None
-    checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded, world_size=nodes * ranks,
-                                   accelerator=accelerator, bf16_supported=bf16_ok,
+    checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded,
+                                   world_size=node_count * ranks, accelerator=accelerator, bf16_supported=bf16,
                                    total_steps=loaded.train.max_steps or STEPS_WHEN_UNKNOWN, hidden_size=hidden,
                                    recipe_given=recipe is not None)
     for note in checked.notes:
         print(f"note: {note}")
     print(json.dumps(checked.config, indent=2))
-    print(f"ok: {file} is valid for {nodes * ranks} rank(s) on {accelerator}")
+    print(f"ok: {file} is valid for {node_count * ranks} rank(s) on {accelerator}")

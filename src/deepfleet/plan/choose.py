@@ -147,7 +147,8 @@ def micro_batch_candidates(*, global_batch: int, world_size: int, most: int) -> 
         raise DeepfleetError(
             f"train.global_batch {global_batch} cannot be split evenly over {world_size} ranks",
             where="train.global_batch",
-            fix=f"use a multiple of {world_size}, e.g. train.global_batch={max(world_size, global_batch // world_size * world_size)}")
+            fix=f"use a multiple of {world_size}, e.g. "
+                f"train.global_batch={max(world_size, global_batch // world_size * world_size)}")
     per_rank = global_batch // world_size
     return [m for m in range(min(most, per_rank), 0, -1) if per_rank % m == 0]
 
