@@ -42,6 +42,15 @@ def matrix(tmp_path_factory) -> Path:
                    "lr": 3e-3 if method == "full" else 1e-2, "seed": 3},
             deepspeed={"zero": stage}, logging={"peak_tflops": 0.05},
             output_dir=str(combo_dir(root, stage, method))))
+    # LoRA on a local HF model dir (the ZeRO-2 full run's output, saved before this one starts),
+    # with gradient checkpointing; the loss must fall from where the full run left it.
+    recipes.append(write_recipe(
+        root / "local-lora.yaml", model=str(combo_dir(root, 2, "full") / "final"), method="lora",
+        data={"train": [str(train)], "max_length": 128},
+        train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 4, "warmup": 2, "lr": 1e-2, "seed": 3,
+               "gradient_checkpointing": True},
+        deepspeed={"zero": 2}, logging={"peak_tflops": 0.05, "tensorboard": False},
+        output_dir=str(root / "local-lora")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUN_DIR": str(root / "state")}
     done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(REPO / "tests" / "integration" / "rank_matrix.py"), *map(str, recipes)],
@@ -110,3 +119,16 @@ def test_generate_from_a_lora_adapter_dir(matrix):
                                                   [{"role": "user", "content": "upper xyz"}]], max_new_tokens=6)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_lora_on_a_local_model_dir_with_gradient_checkpointing(matrix):
+    out = matrix / "local-lora"
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses) == STEPS and sum(losses[-3:]) < sum(losses[:3]) - 0.05, losses
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(combo_dir(matrix, 2, "full") / "final")
+    assert not (out / "final" / "base").exists()  # a real base model is referenced, not copied
+    model, _ = load_for_generation(out / "final")
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE), use_cache=False).logits.float()
+    torch.testing.assert_close(logits, torch.load(out / "engine_logits.pt"), atol=1e-5, rtol=1e-5)
