@@ -21,6 +21,13 @@ LLAMA3_STYLE_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+QWEN25_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 # Marks the end of the whole conversation, so a rendered prefix is not a prefix of the full text:
 # exercises the fallback that locates assistant turns by their content.
 END_MARKER_TEMPLATE = (
@@ -105,6 +112,7 @@ def test_multi_turn_masks_every_user_turn(tokenizer):
 
 @pytest.mark.parametrize("template, expected", [
     (LLAMA3_STYLE_TEMPLATE, ["a1<|eot_id|>", "a2<|eot_id|>"]),
+    (QWEN25_STYLE_TEMPLATE, ["a1<|im_end|>\n", "a2<|im_end|>\n"]),
     (END_MARKER_TEMPLATE, ["a1", "a2</t><END>"]),  # the last turn keeps the template's end marker
 ])
 def test_answer_labels_follow_other_chat_templates(tokenizer, template, expected):
@@ -112,6 +120,14 @@ def test_answer_labels_follow_other_chat_templates(tokenizer, template, expected
     messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
     assert trained_segments(tokenizer, tokenize_conversation(tokenizer, messages)) == expected
+
+
+def test_conversation_opening_with_assistant_turn_under_default_system_prompt(tokenizer):
+    tokenizer.chat_template = QWEN25_STYLE_TEMPLATE
+    messages = [{"role": "assistant", "content": "hi there"}, {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"}]
+    example = tokenize_conversation(tokenizer, messages)
+    assert trained_segments(tokenizer, example) == ["hi there<|im_end|>", "a<|im_end|>\n"]
 
 
 def test_json_parquet_and_saved_dataset_dirs_read_the_same(tmp_path, tokenizer):

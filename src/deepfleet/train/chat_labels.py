@@ -51,8 +51,11 @@ def _spans(text: str, messages: Conversation, before: dict[int, str], through: d
     spans: list[Span] = []
     cursor = 0
     for index in _assistant_indices(messages):
-        start_text, end_text = before.get(index, ""), through.get(index, text)
-        if text.startswith(start_text) and text.startswith(end_text) and len(end_text) > len(start_text) >= cursor:
+        # An assistant turn that opens the conversation has no prefix to render (templates may add
+        # a default system prompt before it), so it is located by content.
+        start_text, end_text = before.get(index), through.get(index, text)
+        if (start_text is not None and text.startswith(start_text) and text.startswith(end_text)
+                and len(end_text) > len(start_text) >= cursor):
             span = (len(start_text), len(end_text))
         else:
             span = _located_span(text, messages[index]["content"], cursor, eos)
