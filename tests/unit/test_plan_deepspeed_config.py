@@ -70,7 +70,8 @@ def test_user_json_from_recipe_path(tmp_path):
     assert resolved.source == str(path)
     assert resolved.config["train_batch_size"] == 64 and resolved.config["train_micro_batch_size_per_gpu"] == 4
     assert resolved.config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert len(resolved.notes) == 3
+    assert "gradient_accumulation_steps not set: 2" in resolved.notes
+    assert len(resolved.notes) == 4
 
 
 def test_user_json_problems_name_the_file(tmp_path):

@@ -1,6 +1,7 @@
 """A user's DeepSpeed JSON: every problem one line, all at once; "auto" filled from the recipe and reported."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig
@@ -127,3 +128,17 @@ def test_json_error_has_line_number():
     with pytest.raises(DeepfleetError) as err:
         parse_deepspeed_json('{\n  "train_batch_size": 8,\n  "fp16": {"enabled": true,}\n}', SOURCE)
     assert err.value.problems[0].where.startswith("ds.json:3:")
+
+
+def test_missing_batch_values_come_from_the_recipe():
+    checked = check_user_deepspeed_config({"train_batch_size": 32}, context(), SOURCE)
+    assert (checked.config["train_micro_batch_size_per_gpu"], checked.config["gradient_accumulation_steps"]) == (2, 4)
+    assert "train_micro_batch_size_per_gpu not set: 2" in checked.notes
+
+
+def test_without_a_recipe_missing_batch_values_are_derived_like_deepspeed():
+    ctx = replace(context(), recipe_given=False)
+    checked = check_user_deepspeed_config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, ctx, SOURCE)
+    assert checked.config["gradient_accumulation_steps"] == 2
+    [line] = problems_of({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, ctx)
+    assert "world size 4" in line

@@ -132,30 +132,58 @@ def _unknown_key_problems(config: Mapping[str, Any], source: str) -> list[Proble
     return problems
 
 
+def _derive_like_deepspeed(batch: Any, micro: Any, accum: Any, world: int) -> tuple[Any, Any, Any]:
+    """The missing batch values as DeepSpeed derives them (DeepSpeedConfig._set_batch_related_parameters);
+    None where DeepSpeed could not derive them either."""
+    if batch is not None and micro is not None and accum is None:
+        accum = batch // (micro * world) if batch % (micro * world) == 0 else None
+    elif batch is not None and accum is not None and micro is None:
+        micro = batch // (accum * world) if batch % (accum * world) == 0 else None
+    elif micro is not None and accum is not None and batch is None:
+        batch = micro * accum * world
+    elif batch is not None and micro is None and accum is None:
+        accum, micro = 1, (batch // world if batch % world == 0 else None)
+    elif micro is not None and batch is None and accum is None:
+        accum, batch = 1, micro * world
+    return batch, micro, accum
+
+
+def _identity_problem(batch: int, micro: int, accum: int, world: int, where: str) -> Problem:
+    return Problem(what=f"train_batch_size {batch} != train_micro_batch_size_per_gpu {micro} x "
+                        f"gradient_accumulation_steps {accum} x world size {world} (= {micro * accum * world})",
+                   where=where, fix=f'set train_batch_size to {micro * accum * world}, or set it to "auto"')
+
+
 def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
-    """train_batch_size = micro x accumulation x world, filling what is missing the way DeepSpeed would."""
-    batch, micro, accum = (config.get(k) for k in BATCH_KEYS)
+    """train_batch_size = micro x accumulation x world. Missing values come from the recipe when one was given
+    (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit."""
+    given = [config.get(key) for key in BATCH_KEYS]
+    reference = [ctx.reference.get(key) for key in BATCH_KEYS]
     world = ctx.world_size
-    ref_batch, ref_micro, ref_accum = (ctx.reference.get(k) for k in BATCH_KEYS)
-    notes: list[str] = []
-    if batch is None and micro is None and accum is None:
-        config.update({"train_batch_size": ref_batch, "train_micro_batch_size_per_gpu": ref_micro,
-                       "gradient_accumulation_steps": ref_accum})
-        return [f"batch sizes not set: filled from the recipe ({ref_micro} x {ref_accum} x {world} = {ref_batch})"], []
-    if batch is not None and micro is not None and accum is not None and batch != micro * accum * world:
-        return [], [Problem(
-            what=f"train_batch_size {batch} != train_micro_batch_size_per_gpu {micro} x "
-                 f"gradient_accumulation_steps {accum} x world size {world} (= {micro * accum * world})",
-            where=f"{source}:train_batch_size",
-            fix=f'set train_batch_size to {micro * accum * world}, or set it to "auto"')]
+    where = f"{source}:train_batch_size"
+    if None not in given and given[0] != given[1] * given[2] * world:
+        return [], [_identity_problem(*given, world, where)]
     if ctx.recipe_given:
-        mismatched = [f"{key} {value} vs recipe {ref}" for key, value, ref in
-                      zip(BATCH_KEYS, (batch, micro, accum), (ref_batch, ref_micro, ref_accum))
+        mismatched = [f"{key} {value} vs recipe {ref}" for key, value, ref in zip(BATCH_KEYS, given, reference)
                       if value is not None and value != ref]
         if mismatched:
-            return [], [Problem(what="batch sizes disagree with the recipe: " + ", ".join(mismatched),
-                                where=f"{source}:train_batch_size",
+            return [], [Problem(what="batch sizes disagree with the recipe: " + ", ".join(mismatched), where=where,
                                 fix='set them to "auto" so the recipe decides, or change train.* in the recipe')]
+        completed = [ref if value is None else value for value, ref in zip(given, reference)]
+    else:
+        completed = list(_derive_like_deepspeed(*given, world))
+        if all(value is None for value in given[:2]):
+            completed = reference
+    if None in completed:
+        return [], [Problem(what=f"train_batch_size {given[0]} is not train_micro_batch_size_per_gpu x "
+                                 f"gradient_accumulation_steps x world size {world} for whole numbers",
+                            where=where, fix=f"use a train_batch_size that is a multiple of {world}")]
+    batch, micro, accum = completed
+    if batch != micro * accum * world:
+        return [], [_identity_problem(batch, micro, accum, world, where)]
+    notes = [f"{key} not set: {value}" for key, value, original in zip(BATCH_KEYS, completed, given)
+             if original is None]
+    config.update(zip(BATCH_KEYS, completed))
     return notes, []
 
 
