@@ -112,3 +112,28 @@ def test_user_json_plan_shows_the_users_setting():
     choice = resolved.plan.choice
     assert (choice.stage, choice.offload, choice.reason) == (3, "optimizer", "set in ds.json")
     assert choice.micro_batch == resolved.config["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("text", ["deepspeed: auto", "deepspeed: {zero: 1}",
+                                  "deepspeed: {zero: 3, offload_optimizer: cpu, offload_params: cpu}"])
+def test_configs_are_accepted_by_deepspeeds_parser(text):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from deepfleet.plan.deepspeed_schema import find_unknown_keys
+
+    fleet = FleetShape(nodes=1, ranks_per_node=1, accelerator="cpu", device_memory_bytes=16 * GiB,
+                       host_memory_bytes=16 * GiB)
+    config = deepspeed_config_for_run(parse_recipe("train: {global_batch: 8, micro_batch: 2}\n" + text), world_size=1,
+                                      total_steps=10, accelerator="cpu", bf16_supported=False,
+                                      model_config=plan_tiny(), fleet=fleet)
+    assert find_unknown_keys(config) == []
+    parsed = DeepSpeedConfig(config)
+    assert parsed.train_batch_size == 8
+    assert parsed.zero_optimization_stage == config["zero_optimization"]["stage"]
+
+
+def plan_tiny():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=300)
