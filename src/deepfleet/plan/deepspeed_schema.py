@@ -141,6 +141,11 @@ def _recorded_section(section: str) -> Optional[KeySchema]:
 def deepspeed_key_schema() -> KeySchema:
     """The full key schema of the installed DeepSpeed (computed once)."""
     top_keys = _keys_deepspeed_reads() | {"sequence_parallel_size", "data_parallel_size"}
+    if not {"train_batch_size", "zero_optimization", "optimizer"} <= top_keys:
+        import deepspeed
+
+        raise RuntimeError(f"could not read the config keys of DeepSpeed {deepspeed.__version__} from its parser; "
+                           "deepfleet/plan/deepspeed_schema.py needs updating for this version")
     pydantic_sections = _pydantic_sections()
     schema: dict[str, Optional[KeySchema]] = {}
     for key in sorted(top_keys | set(pydantic_sections)):
