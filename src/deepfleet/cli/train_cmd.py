@@ -72,9 +72,15 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this machine (default: GPUs, else 2 CPU ranks)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the torchrun command and environment; run nothing"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over even when output_dir has checkpoints"),
 ) -> None:
-    """Train locally with torchrun: checks first, then N ranks; saves an HF model to output_dir/final."""
+    """Train locally with torchrun: checks first, then N ranks; saves an HF model to output_dir/final.
+
+    Resumes from the newest complete checkpoint in output_dir. Exit code 75: stopped by a signal
+    after writing a checkpoint; run the same command again to resume.
+    """
     recipe_path, override_list = _split_recipe_argument(recipe, overrides)
+    override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
     launch = prepare_local_training(loaded, nproc=nproc)
     if dry_run:

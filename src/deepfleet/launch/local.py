@@ -8,6 +8,7 @@ torchrun's traceback, which goes with all library noise to `<run dir>/torchrun.l
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,6 +22,10 @@ from typing import Mapping
 
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.launch.environment import masked
+
+# Shared with the rank program (train/preemption.py); launch/ does not import train/.
+EXIT_PREEMPTED = 75
+PREEMPTED_FILE = "preempted.json"
 
 RUNS_ROOT_ENV = "DEEPFLEET_RUNS_ROOT"   # where run dirs go; default <tmp>/deepfleet-runs
 RECIPE_FILE = "recipe.json"
@@ -121,13 +126,21 @@ def run_local(launch: LocalLaunch) -> None:
         log.flush()
         process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=None, stderr=log,
                                    start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             code = process.wait()
         except KeyboardInterrupt:
-            _stop(process)
-            raise
+            # Ranks checkpoint on SIGTERM and exit 75; report that like any preemption below.
+            code = _stop(process)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if code == 0:
         return
+    preempted = launch.run_dir / PREEMPTED_FILE
+    if preempted.is_file():
+        info = json.loads(preempted.read_text())
+        raise DeepfleetError(f"stopped by signal after step {info['step']}; checkpoint {info['checkpoint']} is complete",
+                             where="train", fix="run the same command again to resume", exit_code=EXIT_PREEMPTED)
     reported = rank_errors(launch.run_dir)
     if reported:
         problems = [Problem(what=line.removeprefix("error: ")) for line in reported]
@@ -137,13 +150,17 @@ def run_local(launch: LocalLaunch) -> None:
                          fix=f"see the full log {launch.log_file}")
 
 
-def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
-    """Ctrl-C: torchrun forwards SIGTERM to its ranks; kill the group if it does not finish in time."""
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen, grace: float = 60.0) -> int:
+    """Ctrl-C or SIGTERM: SIGTERM to torchrun and its ranks (they checkpoint); SIGKILL after `grace`."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace)
+        return process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        return process.wait()
     except ProcessLookupError:
-        pass
+        return process.wait()

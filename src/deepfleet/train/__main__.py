@@ -3,12 +3,13 @@
 Library output (DeepSpeed, transformers) goes to stderr, which the launcher captures in a log;
 rank 0 keeps the real stdout for the progress bar. A `DeepfleetError` is written to
 `$DEEPFLEET_RUN_DIR/errors/rank-<RANK>.txt`, so the launcher prints that one line instead of a
-traceback, and the rank exits with 2.
+traceback, and the rank exits with 2. A preempted rank (checkpoint written) exits with 75.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepfleet.errors import DeepfleetError
     from deepfleet.train.distributed import RankEnv
+    from deepfleet.train.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, Preempted
 
     rank_env = RankEnv.from_environ()
     try:
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         write_rank_error(rank_env.run_dir, rank_env.rank, exc.render())
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
+    except Preempted as stop:
+        if rank_env.is_main and rank_env.run_dir is not None:
+            (rank_env.run_dir / PREEMPTED_FILE).write_text(
+                json.dumps({"step": stop.step, "checkpoint": str(stop.checkpoint)}) + "\n")
+        print(f"preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -82,3 +82,15 @@ def gather_across_ranks(value: float, device: torch.device) -> list[float]:
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     return [t.item() for t in everyone]
+
+
+def min_across_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.item()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -20,14 +20,18 @@ from deepfleet.plan.recipe import Recipe
 from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
-from deepfleet.train.distributed import (Device, RankEnv, gather_across_ranks, init_distributed, seed_rank,
-                                         sum_across_ranks, synchronize)
+from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
+                                         min_across_ranks, seed_rank, sum_across_ranks, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
                                      plot_loss)
 from deepfleet.train.model import BuiltModel, build_model
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
+from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints_root, complete_checkpoints,
+                                        load_checkpoint, remove_incomplete, run_fingerprint, save_checkpoint,
+                                        step_dir)
+from deepfleet.train.preemption import Preempted, StopRequest
 
 
 @dataclass(kw_only=True)
@@ -109,8 +113,11 @@ def _local_grad_norm(engine) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def train_one_step(run: TrainingRun, state: TrainState) -> StepMetrics:
-    """One optimizer step: grad_accum forward/backward micro batches, then engine.step()."""
+def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool = False) -> tuple[StepMetrics, bool]:
+    """One optimizer step: grad_accum forward/backward micro batches, then engine.step().
+
+    Also returns whether any rank was asked to stop (shared through the metrics all-reduce).
+    """
     engine, device = run.engine, run.device.device
     engine.train()
     synchronize(device)
@@ -132,19 +139,21 @@ def train_one_step(run: TrainingRun, state: TrainState) -> StepMetrics:
     grad_norm = engine.get_global_grad_norm()
     grad_norm = norm_before_step if grad_norm is None else float(grad_norm)
     world = run.rank_env.world_size
-    loss_total, tokens = sum_across_ranks([loss_sum / run.order.grad_accum, float(real_tokens)], device)
+    loss_total, tokens, stop_votes = sum_across_ranks(
+        [loss_sum / run.order.grad_accum, float(real_tokens), float(stop_requested)], device)
     rank_seconds = gather_across_ranks(seconds, device)
     step_seconds = max(rank_seconds)
     tokens_per_second = tokens / max(step_seconds, 1e-9)
     state.tokens_seen += int(tokens)
     state.step += 1
     state.epoch = run.order.locate(state.step)[0]
-    return StepMetrics(step=state.step, epoch=state.epoch, loss=loss_total / world, lr=lr,
+    metrics = StepMetrics(step=state.step, epoch=state.epoch, loss=loss_total / world, lr=lr,
                        grad_norm=float("nan") if grad_norm is None else grad_norm, tokens=int(tokens),
                        step_seconds=step_seconds, tokens_per_second=tokens_per_second,
                        mfu=mfu(n_params=run.built.n_params, tokens_per_second=tokens_per_second,
                                peak_flops_per_rank=run.peak_flops, world_size=world),
                        rank_step_seconds=rank_seconds)
+    return metrics, stop_votes > 0
 
 
 @torch.no_grad()
@@ -174,34 +183,52 @@ def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] |
 
 def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
                    started: float | None = None) -> TrainResult:
-    """Train from `TrainState()` to total_steps, validate, save output_dir/final (every rank calls this)."""
+    """Train from the newest complete checkpoint (or step 0) to total_steps, validate, save output_dir/final.
+
+    Every rank calls this. Raises `Preempted` after checkpointing when a stop signal arrived.
+    """
     started = time.perf_counter() if started is None else started
     recipe, rank_env = run.recipe, run.rank_env
-    state = TrainState()
-    # Issue 3 (checkpoints) restores `state` and the engine here, and saves after each step.
     output_dir = recipe.output_path
-    writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard) if rank_env.is_main else None
     console = TrainingConsole(console_stream, total_steps=run.total_steps, every_steps=recipe.logging.every_steps,
                               enabled=rank_env.is_main)
-    heartbeat = Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds)
     console.say(_startup_line(run))
+    state = resume_or_start(run, console)
+    writer = None
+    if rank_env.is_main:
+        writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard, resume_after_step=state.step)
+    heartbeat = Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds)
     heartbeat.beat(state.step, force=True)
+    policy = SavePolicy(every_steps=recipe.checkpoint.every_steps, every_minutes=recipe.checkpoint.every_minutes,
+                        keep=recipe.checkpoint.keep)
+    stop = StopRequest(recipe.checkpoint.preempt_signal)
     first_loss = last_loss = math.nan
     val_every = recipe.data.validation.every_steps
+    seconds_since_save = 0.0   # sum of all-reduced step times: the same on every rank, so saves agree
     console.start(state.step)
     try:
         while state.step < run.total_steps:
-            metrics = train_one_step(run, state)
+            metrics, stop_now = train_one_step(run, state, stop_requested=stop.requested)
             heartbeat.beat(state.step)
             first_loss = metrics.loss if math.isnan(first_loss) else first_loss
             last_loss = metrics.loss
+            seconds_since_save += metrics.step_seconds
             if writer and (state.step % recipe.logging.every_steps == 0 or state.step == run.total_steps):
                 writer.write_step(metrics)
             console.step(metrics)
+            if stop_now:
+                path = _save_checkpoint(run, state)
+                if writer:
+                    writer.close()
+                raise Preempted(state.step, path)
             if val_every and state.step % val_every == 0 and state.step < run.total_steps:
                 _log_validation(run, state, writer, console)
+            if state.step < run.total_steps and policy.due(step=state.step, seconds_since_save=seconds_since_save):
+                _save_checkpoint(run, state)
+                seconds_since_save = 0.0
     finally:
         console.stop()
+        stop.restore()
     val_loss = _log_validation(run, state, writer, console)
     heartbeat.beat(state.step, force=True)
     final = save_final_model(run.engine, run.tokenizer, output_dir, rank=rank_env.rank,
@@ -215,6 +242,38 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
                     f"metrics in {writer.path}, plot in {output_dir / LOSS_PLOT_FILE}")
     return TrainResult(steps=state.step, first_loss=first_loss, last_loss=last_loss, val_loss=val_loss,
                        seconds=time.perf_counter() - started, final_dir=final)
+
+
+def resume_or_start(run: TrainingRun, console: TrainingConsole) -> TrainState:
+    """The newest complete checkpoint every rank has (engine, optimizer, scheduler, RNG, step), or step 0."""
+    recipe, rank_env = run.recipe, run.rank_env
+    output_dir = recipe.output_path
+    if rank_env.local_rank == 0:
+        for path in remove_incomplete(output_dir):
+            console.say(f"removed incomplete checkpoint {path}")
+        if not recipe.resume and complete_checkpoints(output_dir):
+            aside = output_dir / f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}"
+            checkpoints_root(output_dir).rename(aside)
+            console.say(f"resume is off: starting over; previous checkpoints moved to {aside}")
+    barrier()
+    if not recipe.resume:
+        return TrainState()
+    newest = complete_checkpoints(output_dir)
+    step = int(min_across_ranks(float(newest[-1][0] if newest else -1), run.device.device))
+    if step < 0:
+        return TrainState()
+    path = step_dir(output_dir, step)
+    check_resumable(path, run_fingerprint(recipe, world_size=rank_env.world_size))
+    state = TrainState(**load_checkpoint(run.engine, path, rank=rank_env.rank))
+    console.say(f"resuming from {path} (step {state.step} of {run.total_steps})")
+    return state
+
+
+def _save_checkpoint(run: TrainingRun, state: TrainState) -> Path:
+    rank_env = run.rank_env
+    return save_checkpoint(run.engine, state, run.recipe.output_path, rank=rank_env.rank,
+                           local_rank=rank_env.local_rank, keep=run.recipe.checkpoint.keep,
+                           fingerprint=run_fingerprint(run.recipe, world_size=rank_env.world_size))
 
 
 def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter | None,

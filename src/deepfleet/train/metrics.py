@@ -81,10 +81,16 @@ class Heartbeat:
 class MetricsWriter:
     """Rank 0's sinks: one JSON object per line in metrics.jsonl, and TensorBoard scalars."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool):
+    def __init__(self, output_dir: Path, *, tensorboard: bool, resume_after_step: int = 0):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / METRICS_FILE
-        self.file = self.path.open("a", encoding="utf-8")
+        kept = []
+        if resume_after_step and self.path.is_file():
+            # Steps after the checkpoint are trained again: drop their old records.
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_after_step]
+        self.file = self.path.open("w", encoding="utf-8")
+        for record in kept:
+            self.file.write(json.dumps(record) + "\n")
         self.board = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

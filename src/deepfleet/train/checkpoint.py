@@ -1,0 +1,179 @@
+"""Checkpoints that are complete or ignored: output_dir/checkpoints/step-N/ counts only with its marker.
+
+Save: every rank writes its DeepSpeed shards (tag "engine") and its RNG states; after a barrier the
+first rank of every host fsyncs what its host holds, a second barrier, then each host's first rank
+writes the COMPLETE marker by atomic rename. DeepSpeed's own `latest` pointer is never written, so
+nothing points at a half-written dir. Each host marks its own copy, so output dirs that are not
+shared between hosts work the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.recipe import Recipe
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+ENGINE_TAG = "engine"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_root(output_dir: Path) -> Path:
+    return output_dir / CHECKPOINTS_DIR
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return checkpoints_root(output_dir) / f"step-{step}"
+
+
+def run_fingerprint(recipe: Recipe, *, world_size: int) -> dict[str, Any]:
+    """What must not change across a resume: the run would silently become another run."""
+    return {"model": recipe.model.name, "method": recipe.method, "world_size": world_size,
+            "global_batch": recipe.train.global_batch,
+            "data": {"train": recipe.data.train, "format": recipe.data.format, "max_length": recipe.data.max_length,
+                     "packing": recipe.data.packing, "seed": recipe.train.seed}}
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{key}: checkpoint has {saved.get(key)!r}, this run has {current[key]!r}"
+            for key in current if saved.get(key) != current[key]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavePolicy:
+    every_steps: int
+    every_minutes: float
+    keep: int
+
+    def due(self, *, step: int, seconds_since_save: float) -> bool:
+        by_steps = self.every_steps > 0 and step % self.every_steps == 0
+        by_time = self.every_minutes > 0 and seconds_since_save >= self.every_minutes * 60
+        return by_steps or by_time
+
+
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint with a completion marker, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_incomplete(output_dir: Path) -> list[Path]:
+    """Delete step dirs without a marker (a save that died). Call before any new save starts."""
+    root = checkpoints_root(output_dir)
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.is_dir() and (STEP_DIR.match(path.name) or path.name.endswith(".tmp")) \
+                    and not (path / COMPLETE_MARKER).is_file():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    return json.loads((path / COMPLETE_MARKER).read_text())
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in sorted(path.rglob("*")):
+        if item.is_file():
+            with item.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [path, *[d for d in path.rglob("*") if d.is_dir()]]:
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _write_marker(path: Path, content: dict[str, Any]) -> None:
+    tmp = path / f".{COMPLETE_MARKER}.tmp-{os.getpid()}"
+    with tmp.open("w") as handle:
+        handle.write(json.dumps(content, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path / COMPLETE_MARKER)
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine, train_state: Any, output_dir: Path, *, rank: int, local_rank: int,
+                    fingerprint: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it at the same step. Returns the checkpoint dir."""
+    path = step_dir(output_dir, train_state.step)
+    engine.save_checkpoint(str(path), tag=ENGINE_TAG, client_state={"train_state": asdict(train_state)},
+                           save_latest=False)
+    torch.save(rng_state(), path / f"rng-rank-{rank}.pt")
+    _barrier()
+    if local_rank == 0:
+        _fsync_tree(path)
+    _barrier()
+    if local_rank == 0:
+        _write_marker(path, {"step": train_state.step, "saved_at": time.time(), "fingerprint": fingerprint})
+        for _, old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved train state fields."""
+    load_path, client_state = engine.load_checkpoint(str(path), tag=ENGINE_TAG)
+    if load_path is None:
+        raise DeepfleetError(f"DeepSpeed could not load checkpoint {path}", where=str(path),
+                             fix="remove this checkpoint dir to resume from the previous one, or use --no-resume")
+    rng_file = path / f"rng-rank-{rank}.pt"
+    if rng_file.is_file():
+        restore_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state["train_state"]
+
+
+def check_resumable(path: Path, fingerprint: dict[str, Any]) -> None:
+    differences = fingerprint_differences(read_marker(path).get("fingerprint", {}), fingerprint)
+    if differences:
+        raise DeepfleetError(f"resuming {path} would change the run: {'; '.join(differences)}",
+                             where="resume",
+                             fix="use a new output_dir, or --no-resume (resume: false) to start over")

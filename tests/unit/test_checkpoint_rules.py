@@ -1,0 +1,51 @@
+"""Which checkpoints count, when saves are due, and what a resume may not change (no ranks needed)."""
+
+import json
+
+import pytest
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.plan.recipe_io import parse_recipe
+from deepfleet.train.checkpoint import (COMPLETE_MARKER, SavePolicy, check_resumable, complete_checkpoints,
+                                        remove_incomplete, run_fingerprint, step_dir)
+
+
+def make_checkpoint(output_dir, step, *, complete, fingerprint=None):
+    path = step_dir(output_dir, step)
+    (path / "engine").mkdir(parents=True)
+    (path / "engine" / "shard.pt").write_bytes(b"x")
+    if complete:
+        (path / COMPLETE_MARKER).write_text(json.dumps({"step": step, "fingerprint": fingerprint or {}}))
+    return path
+
+
+def test_only_marked_checkpoints_count_and_unmarked_ones_are_removed(tmp_path):
+    make_checkpoint(tmp_path, 2, complete=True)
+    make_checkpoint(tmp_path, 10, complete=True)
+    half = make_checkpoint(tmp_path, 12, complete=False)   # a save that died: largest step, no marker
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [2, 10]
+    assert remove_incomplete(tmp_path) == [half]
+    assert not half.exists() and step_dir(tmp_path, 10).exists()
+    assert complete_checkpoints(tmp_path / "nothing-here") == []
+
+
+def test_save_policy_by_steps_and_by_time():
+    policy = SavePolicy(every_steps=5, every_minutes=0, keep=2)
+    assert [s for s in range(1, 16) if policy.due(step=s, seconds_since_save=0)] == [5, 10, 15]
+    timed = SavePolicy(every_steps=0, every_minutes=0.5, keep=2)
+    assert not timed.due(step=1, seconds_since_save=29.9) and timed.due(step=2, seconds_since_save=30)
+    assert not SavePolicy(every_steps=0, every_minutes=0, keep=1).due(step=100, seconds_since_save=1e9)
+
+
+def test_resume_that_would_change_the_run_names_each_difference(tmp_path):
+    recipe = parse_recipe("train: {global_batch: 16}\n")
+    path = make_checkpoint(tmp_path, 4, complete=True, fingerprint=run_fingerprint(recipe, world_size=2))
+    check_resumable(path, run_fingerprint(recipe, world_size=2))  # same run: fine
+    other = parse_recipe("method: lora\ntrain: {global_batch: 32}\n")
+    with pytest.raises(DeepfleetError) as info:
+        check_resumable(path, run_fingerprint(other, world_size=4))
+    text = info.value.render()
+    assert "method: checkpoint has 'full', this run has 'lora'" in text
+    assert "world_size: checkpoint has 2, this run has 4" in text
+    assert "global_batch: checkpoint has 16, this run has 32" in text
+    assert "--no-resume" in text and text.count("\n") == 0
