@@ -244,7 +244,8 @@ def plan_fixed_setting(shape: ModelShape, fleet: FleetShape, workload: Workload,
     row = evaluate_setting(shape, fleet, workload, stage=stage, offload=offload, micro_batch=micro)
     warnings = _warnings(stage, fleet)
     if not row.fits:
-        warnings += (f"ZeRO-{stage} ({offload} offload) from {source} does not fit: {row.limit}; "
+        offload_text = "without offload" if offload == "none" else f"with {offload} offload"
+        warnings += (f"ZeRO-{stage} {offload_text} from {source} does not fit: {row.limit}; "
                      f"set deepspeed: auto to let the planner choose",)
     choice = ZeroChoice(stage=stage, offload=offload, micro_batch=micro, grad_accum=layout.grad_accum,
                         reason=f"set in {source}", warnings=warnings)
