@@ -21,11 +21,11 @@ SECRET = "hf_do_not_leak_7f3a"
 JOB_PROCESS_WORDS = (b"deepfleet.launch.host_agent", b"torch.distributed.run", b"worker.py")
 WORKER = textwrap.dedent("""
     import os, sys, time, torch, torch.distributed as dist
-    beat = os.environ["DEEPFLEET_HEARTBEAT_DIR"]
+    beat = os.environ.get("DEEPFLEET_HEARTBEAT_DIR", ".")
     rank = os.environ["RANK"]
     open(f"{beat}/rank-{rank}", "w").write(f"-1 {time.time()}")
     dist.init_process_group("gloo")
-    for step in range(int(sys.argv[1])):
+    for step in range(int(sys.argv[-1])):  # the deepspeed backend inserts --local_rank first
         t = torch.ones(2); dist.all_reduce(t)
         open(f"{beat}/rank-{rank}", "w").write(f"{step} {time.time()}")
         if step == 2:
@@ -147,3 +147,16 @@ def test_second_job_on_same_hosts_survives_when_first_is_stopped(namespace_clust
     assert survivor.poll() is None, "the other job was killed by the first job's teardown"
     survivor_out = finish(survivor, 120)
     assert survivor.returncode == 0, survivor_out
+
+
+def test_deepspeed_backend_runs_across_hosts_with_generated_env_file(namespace_cluster, job_dir):
+    argv = [sys.executable, "-m", "deepfleet.cli.app", "launch", "--backend", "deepspeed", "--fleet", "fleet.yaml",
+            "--master-port", "29721", "--run-dir", "dsrun", "--", "python", "worker.py", "3"]
+    done = subprocess.run(argv, cwd=job_dir, env={**os.environ, "HF_TOKEN": SECRET}, capture_output=True,
+                          text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "rank 1 world 2 sum 2.0" in out, "both hosts must join one job"
+    env_file = (job_dir / "dsrun" / "deepspeed_env").read_text()
+    assert "GLOO_SOCKET_IFNAME=eth0" in env_file and SECRET not in env_file
+    assert "HF_TOKEN not exported" in out and SECRET not in out

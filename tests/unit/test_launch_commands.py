@@ -81,3 +81,34 @@ def test_local_single_host_runs_without_ssh_on_loopback():
     launch = plan_launch(local, LaunchSettings(command=["python", "t.py"]), job_id="j", cwd="/w", parent_env={},
                          extra_env={}, interface=None, ssh_options=SshOptions())
     assert launch.hosts[0].argv[0] == "/py" and "--master-addr=127.0.0.1" in launch.hosts[0].argv
+
+
+def test_deepspeed_backend_exports_interface_withholds_secrets_and_checks_ssh_itself():
+    from deepfleet.launch.backends import deepspeed_runner_command, render_deepspeed
+
+    launch_plan = plan(parent_env={"HF_TOKEN": "hf_secret_value", "HF_HOME": "/my cache"})
+    ds = deepspeed_runner_command(TWO_HOSTS, launch_plan, state_dir="/run/x", ssh_args=["-F", "/cfg"])
+    env_file = ds.files["/run/x/deepspeed_env"]
+    assert "GLOO_SOCKET_IFNAME=ib0" in env_file and "HF_HOME='/my cache'" in env_file
+    assert "secret_value" not in env_file and ds.withheld_secrets == ["HF_TOKEN"]
+    assert ds.files["/run/x/hostfile"] == "10.0.0.1 slots=2\n10.0.0.2 slots=2\n"
+    assert ds.env["DS_ENV_FILE"] == "/run/x/deepspeed_env" and ds.env["PDSH_SSH_ARGS_APPEND"] == "-F /cfg"
+    assert ds.argv[-3:] == ["train.py", "--deepspeed", "ds.json"] and "--master_addr" in ds.argv
+    assert "secret_value" not in render_deepspeed(ds)
+
+
+def test_slurm_script_takes_master_and_node_rank_from_the_allocation():
+    from deepfleet.launch.backends import slurm_script
+
+    script = slurm_script(plan(parent_env={"HF_TOKEN": "hf_secret_value"}))
+    assert "#SBATCH --nodes=2" in script and 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in script
+    assert '--node-rank="$SLURM_NODEID"' in script and "secret_value" not in script
+    assert "srun --kill-on-bad-exit=1" in script
+
+
+def test_manual_mode_prints_one_line_per_host_with_secret_references():
+    from deepfleet.launch.backends import manual_commands
+
+    lines = manual_commands(plan(parent_env={"HF_TOKEN": "hf_secret_value"}))
+    assert len(lines) == 2 and "--node-rank=1" in lines[1] and lines[1].startswith("# on gpu2")
+    assert 'HF_TOKEN="$HF_TOKEN"' in lines[0] and "secret_value" not in "".join(lines)

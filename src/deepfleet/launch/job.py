@@ -76,7 +76,7 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
     if interface and interface.outside:
         raise DeepfleetError(f"host(s) {', '.join(interface.outside)} share no subnet with the others",
                              where=fleet.source, fix="run `deepfleet doctor`; set `interface:` per host in fleet.yaml")
-    job = JobSpec(job_id=job_id, command=list(settings.command), python=fleet.python,
+    job = JobSpec(job_id=job_id, command=rank_command(settings.command, fleet.python), python=fleet.python,
                   workdir=fleet.workdir or cwd, master_addr=master_address(fleet, interface),
                   master_port=settings.master_port or fleet.master_port, nnodes=len(fleet.hosts),
                   nproc_per_node=counts.pop(), lifeline_timeout=settings.lifeline_timeout, grace=settings.grace)
@@ -86,7 +86,7 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
         env = job_environment(parent_env, interface=chosen, extra={**dict(host.env), **dict(extra_env)})
         python = fleet.python_for(host)
         host_job = JobSpec(**{**vars(job), "python": python, "env": env,
-                              "command": rank_command(job.command, python)})
+                              "command": rank_command(settings.command, python)})
         hosts.append(HostProcess(label=host.name, argv=host_argv(host, agent_argv(host_job, node_rank=node_rank),
                                                                  options=ssh_options),
                                  env=agent_env(host_job)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -12,7 +13,8 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.facts import probe_hosts
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
-from deepfleet.fleet.ssh import SshOptions
+from deepfleet.fleet.ssh import SshOptions, ssh_option_args
+from deepfleet.launch.backends import deepspeed_runner_command, render_deepspeed, slurm_script
 from deepfleet.launch.commands import new_job_id
 from deepfleet.launch.job import LaunchPlan, LaunchSettings, plan_launch
 from deepfleet.launch.supervisor import JobOutcome, Supervisor, SupervisorOptions, render_summary
@@ -76,3 +78,33 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
                   f"Fix or remove it from {fleet.source}, then run again (training resumes from the last checkpoint).")
             return outcome.exit_code
     return outcome.exit_code if outcome else 1
+
+
+def run_deepspeed_backend(fleet: Fleet, plan: LaunchPlan, *, run_dir: Path, ssh_options: SshOptions,
+                          dry_run: bool, write: Callable[[str], None] = print) -> int:
+    """DeepSpeed's own launcher over pdsh. Its supervision is its own: it waits for pdsh to end."""
+    launch = deepspeed_runner_command(fleet, plan, state_dir=str(run_dir.resolve()),
+                                      ssh_args=ssh_option_args(ssh_options))
+    write(render_deepspeed(launch))
+    if dry_run:
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path, content in launch.files.items():
+        Path(path).write_text(content)
+    return subprocess.run(launch.argv, env={**os.environ, **launch.env}, check=False).returncode
+
+
+def run_slurm_backend(plan: LaunchPlan, *, run_dir: Path, dry_run: bool, environ: Mapping[str, str],
+                      write: Callable[[str], None] = print) -> int:
+    """Write the sbatch script; run it when already inside an allocation, else say how to submit it."""
+    script = slurm_script(plan)
+    path = run_dir / "job.sbatch"
+    if dry_run:
+        write(f"--- {path}\n{script}")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    if not environ.get("SLURM_JOB_ID"):
+        raise DeepfleetError("not inside a SLURM allocation", where="--backend slurm",
+                             fix=f"submit the script deepfleet wrote: sbatch {path}")
+    return subprocess.run(["bash", str(path)], check=False).returncode
