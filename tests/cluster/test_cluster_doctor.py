@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -72,7 +73,9 @@ def test_doctor_cli_healthy_hosts_all_pass(fault_cluster, deepfleet):
     assert "is shared" in messages
     assert "every host reaches h1:29500" in messages
     assert "deepspeed 0.19.8 everywhere" in messages
-    assert len([f for f in findings if f["check"] == "bandwidth"]) == 3
+    bandwidth = [f["message"] for f in findings if f["check"] == "bandwidth"]
+    assert len(bandwidth) == 3
+    assert all(("(iperf3," if shutil.which("iperf3") else "(builtin,") in m for m in bandwidth), bandwidth
 
 
 def test_doctor_reports_every_fault_within_its_timeout(fault_cluster):
@@ -96,11 +99,13 @@ def test_doctor_reports_every_fault_within_its_timeout(fault_cluster):
 
 
 def test_doctor_blocked_master_port(fault_cluster):
-    report = doctor(fault_cluster, ["fw", "h2"], matrix=False, network_seconds=2)
+    report = doctor(fault_cluster, ["fw", "h2"], matrix=False, network_seconds=2, iperf3=False)
     failures = [f for f in by(report, "master-port") if f.severity == "fail"]
     assert {f.host for f in failures} == {"fw", "h2"}
     assert all("timed out" in f.message and "29500" in f.fix for f in failures)
     assert not [f for f in report.findings if f.severity == "fail" and f.check != "master-port"]
+    bandwidth = [f.message for f in by(report, "bandwidth")]
+    assert len(bandwidth) == 2 and all("(builtin," in m for m in bandwidth)    # other ports still open
 
 
 def test_hosts_and_hostfile_discover(fault_cluster, deepfleet, tmp_path):

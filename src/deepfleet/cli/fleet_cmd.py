@@ -84,12 +84,13 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                    checksum: List[str] = typer.Option([], "--checksum", help="data/model file to compare across hosts"),
                    no_matrix: bool = typer.Option(False, "--no-matrix", help="skip host->host ssh"),
                    no_network: bool = typer.Option(False, "--no-network", help="skip master port and bandwidth"),
+                   no_iperf3: bool = typer.Option(False, "--no-iperf3", help="built-in bandwidth test even with iperf3"),
                    as_json: bool = typer.Option(False, "--json", help="print JSON"),
                    record: Optional[str] = typer.Option(None, "--record", help="also save the raw facts here")) -> None:
     """Check every host in parallel; every finding has a fix. Exit 2 on any fail."""
     fleet = _fleet(fleet_file, hostfile, ssh_config)
     options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
-                            network=not no_network)
+                            network=not no_network, iperf3=not no_iperf3)
     report = run_doctor(fleet, options, options_for(fleet))
     if record:
         Path(record).write_text(json.dumps(report.record(), indent=1))

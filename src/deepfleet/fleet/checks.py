@@ -333,8 +333,8 @@ def check_bandwidth(c: Collected, warn_gbit: float = 1.0) -> list[Finding]:
             continue
         rate = result["gbit_s"]
         found.append(Finding(check="bandwidth", host=f.host.name, severity="warn" if rate < warn_gbit else "ok",
-                             message=f"host -> head {rate:.2f} Gbit/s ({result['bytes'] >> 20} MiB in "
-                                     f"{result['seconds']:.2f}s, all hosts sending at once)",
+                             message=f"host -> head {rate:.2f} Gbit/s ({result.get('tool', 'builtin')}, "
+                                     f"{result['bytes'] >> 20} MiB in {result['seconds']:.2f}s, all hosts at once)",
                              fix="use a faster link (NCCL_SOCKET_IFNAME on the fast interface)" if rate < warn_gbit else ""))
     return found
 

@@ -18,7 +18,8 @@ from typing import Any
 from deepfleet.fleet.checks import Collected, Finding, run_checks
 from deepfleet.fleet.facts import HostFacts, probe_hosts
 from deepfleet.fleet.inventory import Fleet, Host
-from deepfleet.fleet.network import BandwidthSink, source_address_towards
+from deepfleet.fleet.network import (BandwidthSink, source_address_towards, start_iperf3_servers,
+                                     stop_iperf3_servers)
 from deepfleet.fleet.ssh import SshOptions, ssh_argv
 
 
@@ -29,7 +30,8 @@ class DoctorOptions:
     checksum_paths: tuple[str, ...] = ()
     matrix: bool = True                  # host->host ssh for every ordered pair
     network: bool = True                 # master port and bandwidth probes
-    bandwidth_seconds: float = 0.5
+    bandwidth_seconds: float = 0.5       # built-in test; iperf3 (when both sides have it) runs 1 s
+    iperf3: bool = True
     network_seconds: float = 5.0         # master port connect deadline on each host
     hop_timeout: float = 8.0
 
@@ -58,7 +60,8 @@ def hop_argv(peer: Host, options: SshOptions) -> list[str]:
 
 
 def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: SshOptions, *,
-                 share_token: tuple[str, str] | None, bandwidth: dict[str, tuple[str, int]]) -> dict[str, Any]:
+                 share_token: tuple[str, str] | None, bandwidth: dict[str, tuple[str, int, int | None]],
+                 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "python": fleet.python_for(host), "workdir": fleet.workdir or options.workdir,
         "output_dir": options.output_dir or fleet.output_dir, "checksum": list(options.checksum_paths),
@@ -74,7 +77,8 @@ def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: 
             params["listen"] = {"port": fleet.master_port, "expect": len(fleet.hosts),
                                 "seconds": max(options.hop_timeout, options.network_seconds) + 3}
     if options.network and host.name in bandwidth:
-        params["bandwidth"] = [*bandwidth[host.name], host.name]
+        address, port, iperf3_port = bandwidth[host.name]
+        params["bandwidth"] = [address, port, host.name, iperf3_port]
     return params
 
 
@@ -97,12 +101,15 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
     phase = max(options.hop_timeout, options.network_seconds) + 2      # hops and master connect, on a host
     barrier = ssh_options.connect_timeout + phase + 5                  # first host ready -> last host ready
     sink = BandwidthSink(barrier_seconds=barrier)
+    iperf3: dict = {}
     try:
-        bandwidth: dict[str, tuple[str, int]] = {}
+        bandwidth: dict[str, tuple[str, int, int | None]] = {}
         if options.network:
             sources = {h.name: source_address_towards(h.address) for h in fleet.hosts if not h.local}
             ports = await sink.start(a for a in sources.values() if a)
-            bandwidth = {name: (addr, ports[addr]) for name, addr in sources.items() if addr}
+            reachable = {name: addr for name, addr in sources.items() if addr}
+            iperf3 = start_iperf3_servers(reachable) if options.iperf3 else {}
+            bandwidth = {name: (addr, ports[addr], iperf3.get(name, (None,))[0]) for name, addr in reachable.items()}
             sink.expected = set(bandwidth)
         timeout = ssh_options.connect_timeout + 5 + phase + barrier + 2 + options.bandwidth_seconds + 5
         facts = await probe_hosts(
@@ -115,6 +122,7 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
         listened = master_facts.get("listener") if master_facts.ok else None
     finally:
         await sink.close()
+        stop_iperf3_servers(iperf3)
         if token:
             token[0].unlink(missing_ok=True)
     return Collected(fleet=fleet, facts=facts, listener=listened, matrix=options.matrix,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import shutil
+import signal
 import socket
+import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -143,3 +147,32 @@ class BandwidthSink:
         for server in self.servers.values():
             server.close()
             await server.wait_closed()
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]
+
+
+def start_iperf3_servers(addresses: dict[str, str]) -> dict[str, tuple[int, subprocess.Popen]]:
+    """One one-off iperf3 server per host (host -> (port, process)); {} without iperf3 here."""
+    if not shutil.which("iperf3"):
+        return {}
+    servers = {}
+    for host, address in addresses.items():
+        port = free_port(address)
+        process = subprocess.Popen(["iperf3", "-s", "-1", "-B", address, "-p", str(port)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        servers[host] = (port, process)
+    return servers
+
+
+def stop_iperf3_servers(servers: dict[str, tuple[int, subprocess.Popen]]) -> None:
+    for _, process in servers.values():
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        process.wait(timeout=5)

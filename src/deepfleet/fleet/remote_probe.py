@@ -195,9 +195,23 @@ def connect_master(address, port, deadline):
     return {"ok": False, "error": error or "deadline passed", "seconds": round(time.monotonic() - started, 3)}
 
 
-def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout):
-    """Say hello, wait for the head's "g" (all hosts start together), send for `seconds`
-    (at most max_bytes); the head replies with the byte count it received."""
+def iperf3_test(address, port, seconds):
+    """iperf3 client against the head's one-off server; None when iperf3 is missing or fails."""
+    if not port or not shutil.which("iperf3"):
+        return None
+    argv = ["iperf3", "-c", address, "-p", str(port), "-t", str(max(1, round(seconds))), "-J"]
+    try:
+        report = json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 15).stdout)
+        total = report["end"]["sum_received"]
+        return {"tool": "iperf3", "bytes": int(total["bytes"]), "seconds": round(total["seconds"], 4),
+                "gbit_s": round(total["bits_per_second"] / 1e9, 3)}
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
+        return None
+
+
+def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout, iperf3_port=None):
+    """Say hello, wait for the head's "g" (all hosts start together), then run iperf3 when both
+    sides have it, else send for `seconds` (at most max_bytes) and read back the head's count."""
     block, sent = b"\0" * (1 << 20), 0
     try:
         with socket.create_connection((address, port), timeout=3) as conn:
@@ -205,6 +219,9 @@ def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout):
             conn.settimeout(go_timeout)
             if conn.recv(1) != b"g":
                 return {"error": "the head did not start the test"}
+            measured = iperf3_test(address, iperf3_port, seconds)
+            if measured:
+                return measured
             conn.settimeout(10)
             started = time.monotonic()
             while sent < max_bytes and time.monotonic() - started < seconds:
@@ -213,7 +230,8 @@ def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout):
             conn.shutdown(socket.SHUT_WR)
             received = int(conn.recv(64).decode() or 0)
             elapsed = time.monotonic() - started
-        return {"bytes": received, "seconds": round(elapsed, 4), "gbit_s": round(received * 8 / elapsed / 1e9, 3)}
+        return {"tool": "builtin", "bytes": received, "seconds": round(elapsed, 4),
+                "gbit_s": round(received * 8 / elapsed / 1e9, 3)}
     except (OSError, ValueError) as exc:
         return {"error": getattr(exc, "strerror", None) or str(exc)}
 
@@ -239,9 +257,9 @@ def network_facts(params):
     for thread in threads:
         thread.join(max(0.0, joined_by - time.monotonic()))
     if params.get("bandwidth"):
-        address, port, name = params["bandwidth"]
+        address, port, name, iperf3_port = params["bandwidth"]
         results["bandwidth"] = send_bandwidth(address, port, name, params.get("bandwidth_seconds", 0.5), 256 << 20,
-                                              params.get("bandwidth_go_timeout", 20))
+                                              params.get("bandwidth_go_timeout", 20), iperf3_port)
     hops = {key[4:]: value for key, value in results.items() if key.startswith("hop:")}
     return {"hops": hops, "master": results.get("master"), "bandwidth": results.get("bandwidth")}
 
