@@ -63,6 +63,26 @@ def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
     return seconds
 
 
+def _train_on_fleet(recipe: Recipe, fleet_file: Optional[str], hostfile: Optional[str], *, nproc: Optional[int],
+                    max_restarts: int, hang_timeout: float, all_logs: bool, dry_run: bool) -> int:
+    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.launch.training import fleet_world_size, train_on_fleet
+    from deepfleet.train.preflight import check_before_launch
+
+    fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
+    # The head's accelerators stand for the fleet's: doctor checks that every host matches.
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_before_launch(recipe, world_size=fleet_world_size(fleet, nproc), accelerator="cuda" if gpus else "cpu",
+                        cuda_available=gpus > 0)
+    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1,
+                                                     nproc=nproc or fleet.hosts[0].slots)
+    return train_on_fleet(fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=recipe.env,
+                          output_dir=recipe.output_path, nproc_per_node=nproc, cpu_threads=threads,
+                          max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run)
+
+
 def _one_line(answer: str, width: int = 24) -> str:
     return answer.replace("\n", "⏎")[:width]
 
@@ -73,8 +93,13 @@ def train(
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this machine (default: GPUs, else 2 CPU ranks)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the torchrun command and environment; run nothing"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even when output_dir has checkpoints"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml: train on every host of it"),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile: train on every host of it"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With a fleet: relaunch after a failure"),
+    hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="With a fleet: seconds without progress"),
+    all_logs: bool = typer.Option(False, "--all-logs", help="With a fleet: stream every rank, not only rank 0"),
 ) -> None:
-    """Train locally with torchrun: checks first, then N ranks; saves an HF model to output_dir/final.
+    """Train with torchrun, locally or (--fleet/--hostfile) on every host; saves an HF model to output_dir/final.
 
     Resumes from the newest complete checkpoint in output_dir. Exit code 75: stopped by a signal
     after writing a checkpoint; run the same command again to resume.
@@ -82,6 +107,9 @@ def train(
     recipe_path, override_list = _split_recipe_argument(recipe, overrides)
     override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
+    if fleet or hostfile:
+        raise typer.Exit(_train_on_fleet(loaded, fleet, hostfile, nproc=nproc, max_restarts=max_restarts,
+                                         hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run))
     launch = prepare_local_training(loaded, nproc=nproc)
     if dry_run:
         print(render_command(*local_torchrun_command(launch)))

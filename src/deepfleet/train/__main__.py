@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 ERRORS_SUBDIR = "errors"
+RECIPE_ENV = "DEEPFLEET_RECIPE"
 
 
 def claim_console() -> "object":
@@ -36,8 +37,11 @@ def write_rank_error(run_dir: Path | None, rank: int, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     console = claim_console()
     parser = argparse.ArgumentParser(prog="python -m deepfleet.train")
-    parser.add_argument("--recipe", required=True, help="resolved recipe (YAML or JSON) written by the launcher")
+    parser.add_argument("--recipe", help="resolved recipe (YAML or JSON) written by the launcher; default: "
+                                           f"the JSON text in ${RECIPE_ENV} (multi-host: hosts share no files)")
     args = parser.parse_args(argv)
+    if args.recipe is None and RECIPE_ENV not in os.environ:
+        parser.error(f"give --recipe or set ${RECIPE_ENV}")
 
     from deepfleet.errors import DeepfleetError
     from deepfleet.train.distributed import RankEnv
@@ -45,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rank_env = RankEnv.from_environ()
     try:
-        from deepfleet.plan.recipe_io import load_recipe
+        from deepfleet.plan.recipe_io import load_recipe, parse_recipe
         from deepfleet.train.loop import run_training
 
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe) if args.recipe else parse_recipe(os.environ[RECIPE_ENV], f"${RECIPE_ENV}")
         run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None)
     except DeepfleetError as exc:
         write_rank_error(rank_env.run_dir, rank_env.rank, exc.render())

@@ -1,0 +1,59 @@
+"""`deepfleet train --fleet` across namespace hosts: the same losses as one host, restarts, no shared disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from namespace_cluster import fleet_yaml_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from training_fixtures import DEEPFLEET, write_recipe, write_task_data  # noqa: E402
+
+from deepfleet.train.metrics import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+# Two ranks either way, the same rows per rank and a 2-way gloo all-reduce (a + b is the same sum
+# in any order), so the only difference is where the ranks run: losses should agree to float
+# rounding. 1e-5 leaves room for thread-count effects in CPU matmuls, nothing more.
+LOSS_TOLERANCE = 1e-5
+
+
+def recipe_for(tmp: Path, *, stage: int, output: str, steps: int = 6, **extra) -> Path:
+    train, _ = write_task_data(tmp / "data", n_train=240, n_validation=8)
+    return write_recipe(
+        tmp / f"{output}.yaml", model="builtin:tiny", method="full",
+        data={"train": [str(train)], "max_length": 64, "packing": True},
+        train={"max_steps": steps, "global_batch": 8, "micro_batch": 4, "lr": 2e-3, "warmup": 1, "seed": 3},
+        deepspeed={"zero": stage}, logging={"tensorboard": False},
+        env={"OMP_NUM_THREADS": "1"}, output_dir=str(tmp / output), **extra)
+
+
+def run(*args: str, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(cwd / "run-state")}
+    return subprocess.run([DEEPFLEET, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_host_training_matches_one_host(namespace_cluster, tmp_path, stage):
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
+    local = run("train", str(recipe_for(tmp_path, stage=stage, output="local")), "--nproc", "2", cwd=tmp_path)
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+    fleet = run("train", str(recipe_for(tmp_path, stage=stage, output="multi")), "--fleet", "fleet.yaml",
+                cwd=tmp_path)
+    assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
+    one, two = losses(tmp_path / "local"), losses(tmp_path / "multi")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert abs(one[step] - two[step]) <= LOSS_TOLERANCE, (step, one[step], two[step])
+    assert (tmp_path / "multi" / "final" / "config.json").is_file()
+    assert (tmp_path / "multi" / "logs" / "attempt-0" / "h2.log").is_file()
