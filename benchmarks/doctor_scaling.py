@@ -5,7 +5,8 @@
 Builds one namespace cluster (tests/cluster/namespace_cluster.py) with N hosts, then alternates
 doctor runs over its first 2 hosts and over all N, each with a fresh ControlMaster dir (a cold
 first run, as a user sees it). Prints the median wall seconds, the CPU seconds the whole
-machine spent (from /proc/stat), and the N/2 ratio, with and without the host->host matrix.
+machine spent (from /proc/stat, so other load on the machine shows up there too), and the N/2
+ratio, for the default doctor and with the host->host matrix / iperf3 turned off.
 All simulated hosts share this machine's cores, so CPU-bound work cannot overlap as it does on
 N real machines: the CPU column shows how much of the wall time that explains.
 """
@@ -34,13 +35,20 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def one_run(cluster, names: list[str], matrix: bool, run: int) -> tuple[float, float, bool]:
+MODES = {  # label -> DoctorOptions fields
+    "default": {},
+    "--no-matrix": {"matrix": False},
+    "--no-matrix --no-iperf3": {"matrix": False, "iperf3": False},
+}
+
+
+def one_run(cluster, names: list[str], mode: dict, run: int) -> tuple[float, float, bool]:
     control = cluster.root / f"cm{run}"
     control.mkdir(mode=0o700)
     ssh = SshOptions(config_file=str(cluster.ssh_config), connect_timeout=3, control_dir=str(control),
                      control_persist_seconds=2)
     cpu = busy_cpu_seconds()
-    report = run_doctor(fleet_for(cluster, names), DoctorOptions(output_dir=str(cluster.root), matrix=matrix), ssh)
+    report = run_doctor(fleet_for(cluster, names), DoctorOptions(output_dir=str(cluster.root), **mode), ssh)
     cpu = busy_cpu_seconds() - cpu
     failed = [f"{f.host}: {f.message}" for f in report.findings if f.severity == "fail"]
     if failed:
@@ -61,21 +69,20 @@ def main() -> None:
     try:
         names = [h.name for h in cluster.hosts]
         print(f"{os.cpu_count()} CPUs; doctor, median of {args.repeats} cold runs each, alternating")
-        print(f"{'mode':<12}{'hosts':>6}{'wall s':>9}{'cpu s':>8}{'ratio':>8}")
+        print(f"{'mode':<26}{'hosts':>6}{'wall s':>9}{'cpu s':>8}{'ratio':>8}")
         run = 0
-        for matrix in (True, False):
+        for label, mode in MODES.items():
             samples: dict[int, list[tuple[float, float]]] = {2: [], args.hosts: []}
             for _ in range(args.repeats):
                 for count in (2, args.hosts):
                     run += 1
-                    wall, cpu, _ok = one_run(cluster, names[:count], matrix, run)
+                    wall, cpu, _ok = one_run(cluster, names[:count], mode, run)
                     samples[count].append((wall, cpu))
             base = statistics.median(w for w, _ in samples[2])
             for count, values in samples.items():
                 wall = statistics.median(w for w, _ in values)
                 cpu = statistics.median(c for _, c in values)
-                mode = "full" if matrix else "--no-matrix"
-                print(f"{mode:<12}{count:>6}{wall:>9.2f}{cpu:>8.2f}{wall / base:>8.2f}")
+                print(f"{label:<26}{count:>6}{wall:>9.2f}{cpu:>8.2f}{wall / base:>8.2f}", flush=True)
     finally:
         teardown_cluster(cluster)
 

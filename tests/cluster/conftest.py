@@ -6,15 +6,21 @@
 - `cluster_factory`: build any list of `HostSpec`s; everything built is torn down at session end.
 - `fault_cluster`: healthy h1-h3 plus one host per fault (no sshd, other deepspeed, other subnet,
   firewalled master port, password only).
+- `deepfleet`: run the real CLI entry in-process -> CompletedProcess(returncode, stdout, stderr),
+  with HOME (where ssh ControlMaster sockets go) in a short temp dir.
 
 Missing prerequisites skip these tests with the reason, or fail them when CI=true.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,3 +93,26 @@ def fault_cluster(cluster_factory) -> Cluster:
     write_fake_deepspeed(cluster.root / "shim", FAKE_DEEPSPEED_VERSION)
     firewall_port(cluster, "fw", 29500)
     return cluster
+
+
+@pytest.fixture
+def deepfleet(monkeypatch):
+    from deepfleet.cli.app import main
+
+    home = tempfile.mkdtemp(prefix="dfh", dir="/tmp")   # short: ControlPath sockets live under it
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.chdir(home)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        out, err = io.StringIO(), io.StringIO()
+        monkeypatch.setattr(sys, "argv", ["deepfleet", *args])
+        code = 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code or 0
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    yield run
+    shutil.rmtree(home, ignore_errors=True)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
+import asyncio
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,32 +15,9 @@ from conftest import FAKE_DEEPSPEED_VERSION
 from namespace_cluster import fleet_for, fleet_yaml_text
 
 from deepfleet.fleet.doctor import DoctorOptions, run_doctor
-from deepfleet.fleet.ssh import SshOptions
+from deepfleet.fleet.ssh import SshOptions, run_on_hosts
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def deepfleet(fault_cluster, monkeypatch):
-    """Run the real CLI entry (`main`) in-process: HOME (ssh ControlPath dir) is a temp dir."""
-    from deepfleet.cli.app import main
-    home = fault_cluster.root / "home"
-    home.mkdir(exist_ok=True)
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-    monkeypatch.chdir(fault_cluster.root)
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        out, err = io.StringIO(), io.StringIO()
-        monkeypatch.setattr(sys, "argv", ["deepfleet", *args])
-        code = 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code or 0
-        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
-    return run
 
 
 def write_fleet(cluster, names: list[str], name: str, **kwargs) -> Path:
@@ -142,3 +117,19 @@ def test_changed_host_key_is_an_error_that_says_what_to_do(fault_cluster, tmp_pa
     finding = by(report, "ssh", "h3")[0]
     assert finding.severity == "fail" and "CHANGED" in finding.message
     assert f"ssh-keygen -R {address}" in finding.fix
+
+
+def test_connections_are_multiplexed(fault_cluster):
+    control = fault_cluster.root / "cm-mux"
+    ssh = SshOptions(config_file=str(fault_cluster.ssh_config), connect_timeout=3, control_dir=str(control),
+                     control_persist_seconds=5)
+    hosts = fleet_for(fault_cluster, ["h1", "h2"]).hosts
+    first = asyncio.run(run_on_hosts(hosts, ["true"], options=ssh, timeout=20))
+    second = asyncio.run(run_on_hosts(hosts, ["true"], options=ssh, timeout=20))
+    assert all(r.ok for r in first + second)
+    for host in hosts:
+        check = subprocess.run(["ssh", "-F", str(fault_cluster.ssh_config), "-o", f"ControlPath={control}/%C",
+                                "-O", "check", f"root@{host.address}"], capture_output=True, text=True, timeout=10)
+        assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
+        subprocess.run(["ssh", "-F", str(fault_cluster.ssh_config), "-o", f"ControlPath={control}/%C",
+                        "-O", "exit", f"root@{host.address}"], capture_output=True, timeout=10)

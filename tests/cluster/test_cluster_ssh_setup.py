@@ -8,8 +8,6 @@ import time
 
 import pytest
 
-from test_cluster_doctor import deepfleet  # noqa: F401 (fixture)
-
 pytestmark = pytest.mark.cluster
 
 

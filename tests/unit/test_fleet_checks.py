@@ -5,7 +5,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 
 from deepfleet.fleet.checks import Collected, run_checks
 from deepfleet.fleet.facts import HostFacts

@@ -26,6 +26,13 @@ def test_ssh_argv_is_batch_strict_multiplexed_and_quotes_the_remote_command():
     assert shlex.split(argv[-1]) == remote        # the remote shell gets back exactly these words
 
 
+def test_too_long_control_dir_turns_multiplexing_off_instead_of_breaking_ssh():
+    argv = ssh_argv(HOST, ["true"], options=SshOptions(control_dir="/tmp/" + "x" * 45))
+    assert not any(a.startswith("Control") for a in argv)
+    argv = ssh_argv(HOST, ["true"], options=SshOptions(control_dir="/tmp/" + "x" * 39))
+    assert "ControlMaster=auto" in argv
+
+
 def test_ssh_argv_refuses_unsafe_values():
     with pytest.raises(ValueError):
         ssh_argv(Host(name="x", address="x;reboot"), ["true"], options=SshOptions())

@@ -7,7 +7,7 @@ such as "output dir not shared" or "deepspeed differs on gpu3", is unit-tested o
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 

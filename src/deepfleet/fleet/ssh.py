@@ -20,6 +20,11 @@ from typing import Callable, Literal, Sequence
 from deepfleet.fleet.inventory import Fleet, Host, SshSettings, host_name_problem, user_problem
 
 HostKeyPolicy = Literal["yes", "accept-new"]
+# sun_path holds 104 bytes on macOS (108 on Linux). The socket path is <dir>/<%C: 40 hex> and
+# ssh first binds it with a ".<17 random chars>" suffix. A longer ControlPath makes ssh fail
+# outright, so a too-long control dir means no multiplexing instead.
+UNIX_SOCKET_PATH_MAX = 104
+CONTROL_PATH_EXTRA = len("/") + 40 + len(".") + 17
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +69,7 @@ def ssh_option_args(options: SshOptions) -> list[str]:
         args += ["-o", "IdentitiesOnly=yes"]
     if options.known_hosts_file:
         args += ["-o", f"UserKnownHostsFile={options.known_hosts_file}"]
-    if options.control_dir:
+    if options.control_dir and len(options.control_dir) + CONTROL_PATH_EXTRA < UNIX_SOCKET_PATH_MAX:
         args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={options.control_dir}/%C",
                  "-o", f"ControlPersist={options.control_persist_seconds}"]
     return args
