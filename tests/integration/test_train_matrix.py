@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from deepfleet.train.export import export_checkpoint
 from deepfleet.train.generate import generate_answers, load_for_generation
 from deepfleet.train.metrics import read_metrics
 
@@ -40,7 +41,7 @@ def matrix(tmp_path_factory) -> Path:
             data={"train": [str(train)], "max_length": 128, "validation": {"files": [str(validation)]}},
             train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 2, "warmup": 2,
                    "lr": 3e-3 if method == "full" else 1e-2, "seed": 3},
-            deepspeed={"zero": stage}, logging={"peak_tflops": 0.05},
+            deepspeed={"zero": stage}, logging={"peak_tflops": 0.05}, checkpoint={"every_steps": STEPS},
             output_dir=str(combo_dir(root, stage, method))))
     # LoRA on a local HF model dir (the ZeRO-2 full run's output, saved before this one starts),
     # with gradient checkpointing; the loss must fall from where the full run left it.
@@ -132,3 +133,21 @@ def test_lora_on_a_local_model_dir_with_gradient_checkpointing(matrix):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(PROBE), use_cache=False).logits.float()
     torch.testing.assert_close(logits, torch.load(out / "engine_logits.pt"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage,method", COMBOS)
+def test_exported_checkpoint_gives_the_engine_logits(matrix, stage, method, tmp_path):
+    out = combo_dir(matrix, stage, method)
+    assert (out / "checkpoints" / f"step-{STEPS}" / "COMPLETE").is_file()
+    targets = [(tmp_path / "export", False)] + ([(tmp_path / "merged", True)] if method == "lora" else [])
+    trained = torch.load(out / "engine_logits.pt")
+    for target, merge in targets:
+        export_checkpoint(out, to=target, merge=merge)
+        if method == "full" or merge:
+            assert (target / "model.safetensors").is_file() and not (target / "adapter_config.json").exists()
+            model = AutoModelForCausalLM.from_pretrained(target).eval()
+        else:
+            model, _ = load_for_generation(target)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(PROBE), use_cache=False).logits.float()
+        torch.testing.assert_close(logits, trained, atol=1e-4 if merge else 1e-5, rtol=1e-4 if merge else 1e-5)

@@ -28,6 +28,8 @@ from deepfleet.plan.recipe import Recipe
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 ENGINE_TAG = "engine"
+RECIPE_FILE = "recipe.json"
+DS_CONFIG_FILE = "ds_config.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -141,12 +143,15 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine, train_state: Any, output_dir: Path, *, rank: int, local_rank: int,
-                    fingerprint: dict[str, Any], keep: int) -> Path:
+                    fingerprint: dict[str, Any], keep: int, recipe_json: str, ds_config: dict) -> Path:
     """Collective: every rank calls it at the same step. Returns the checkpoint dir."""
     path = step_dir(output_dir, train_state.step)
     engine.save_checkpoint(str(path), tag=ENGINE_TAG, client_state={"train_state": asdict(train_state)},
                            save_latest=False)
     torch.save(rng_state(), path / f"rng-rank-{rank}.pt")
+    if local_rank == 0:  # what `deepfleet export` needs to rebuild the model
+        (path / RECIPE_FILE).write_text(recipe_json)
+        (path / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
     _barrier()
     if local_rank == 0:
         _fsync_tree(path)

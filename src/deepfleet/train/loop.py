@@ -223,7 +223,7 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
                 raise Preempted(state.step, path)
             if val_every and state.step % val_every == 0 and state.step < run.total_steps:
                 _log_validation(run, state, writer, console)
-            if state.step < run.total_steps and policy.due(step=state.step, seconds_since_save=seconds_since_save):
+            if policy.due(step=state.step, seconds_since_save=seconds_since_save):
                 _save_checkpoint(run, state)
                 seconds_since_save = 0.0
     finally:
@@ -271,9 +271,11 @@ def resume_or_start(run: TrainingRun, console: TrainingConsole) -> TrainState:
 
 def _save_checkpoint(run: TrainingRun, state: TrainState) -> Path:
     rank_env = run.rank_env
+    recipe_json = run.recipe.model_dump_json(indent=2, exclude={"env"})
     return save_checkpoint(run.engine, state, run.recipe.output_path, rank=rank_env.rank,
                            local_rank=rank_env.local_rank, keep=run.recipe.checkpoint.keep,
-                           fingerprint=run_fingerprint(run.recipe, world_size=rank_env.world_size))
+                           fingerprint=run_fingerprint(run.recipe, world_size=rank_env.world_size),
+                           recipe_json=recipe_json, ds_config=run.ds_config)
 
 
 def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter | None,

@@ -24,27 +24,35 @@ def save_final_model(engine, tokenizer: PreTrainedTokenizerBase, output_dir: Pat
                      is_lora: bool, base_model_name: str, save_base_weights: bool,
                      run_info: dict | None = None) -> Path | None:
     """Write output_dir/final atomically; returns its path on rank 0, None elsewhere."""
-    module = engine.module
     state_dict = None
     if engine.zero_optimization_partition_weights():
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank
     final = output_dir / FINAL_DIR
     if rank == 0:
-        staging = output_dir / f".{FINAL_DIR}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        if is_lora:
-            _save_adapter(module, staging, state_dict=state_dict, base_model_name=base_model_name,
-                          save_base_weights=save_base_weights)
-        else:
-            module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / RUN_INFO_FILE).write_text(json.dumps({"base_model": base_model_name, "lora": is_lora,
-                                                          **(run_info or {})}, indent=2) + "\n")
-        _replace_dir(staging, final)
+        write_model_dir(engine.module, tokenizer, final, state_dict=state_dict, is_lora=is_lora,
+                        base_model_name=base_model_name, save_base_weights=save_base_weights, run_info=run_info)
     if dist.is_initialized():
         dist.barrier()
     return final if rank == 0 else None
+
+
+def write_model_dir(module, tokenizer: PreTrainedTokenizerBase, target: Path, *, state_dict: dict | None,
+                    is_lora: bool, base_model_name: str, save_base_weights: bool,
+                    run_info: dict | None = None) -> Path:
+    """An HF model dir (or PEFT adapter dir) plus tokenizer at `target`, via a staging dir and a rename."""
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if is_lora:
+        _save_adapter(module, staging, state_dict=state_dict, base_model_name=base_model_name,
+                      save_base_weights=save_base_weights)
+    else:
+        module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / RUN_INFO_FILE).write_text(json.dumps({"base_model": base_model_name, "lora": is_lora,
+                                                      **(run_info or {})}, indent=2) + "\n")
+    _replace_dir(staging, target)
+    return target
 
 
 def _save_adapter(module, staging: Path, *, state_dict: dict | None, base_model_name: str,
