@@ -9,6 +9,7 @@ import typer
 from deepfleet.cli import launch_cmd
 from deepfleet.cli import fleet_cmd
 from deepfleet.cli import train_cmd
+from deepfleet.cli import export_cmd
 from deepfleet.cli import plan_cmd
 from deepfleet.errors import DeepfleetError
 
@@ -31,6 +32,7 @@ fleet_cmd.register(app)
 app.command("train")(train_cmd.train)
 app.command("generate")(train_cmd.generate)
 app.command("demo")(train_cmd.demo)
+app.command("export")(export_cmd.export)
 app.command("plan")(plan_cmd.plan)
 app.command("check-ds-config")(plan_cmd.check_ds_config)
 
