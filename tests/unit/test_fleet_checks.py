@@ -125,16 +125,26 @@ def test_master_port_blocked_and_busy():
     assert any("Address already in use" in f.message for f in failures(busy))
 
 
-def test_matrix_failure_and_unreachable_host():
+def test_matrix_failures_grouped_by_target_and_not_repeated_for_unreachable_hosts():
     def cut(records):
-        records[0]["data"]["network"]["hops"]["gpu2"] = {
-            "returncode": 255, "stderr": "root@10.213.1.3: Permission denied (publickey).", "seconds": 0.1}
+        third = copy.deepcopy(records[1])
+        third["host"].update(name="gpu3", address="10.213.242.4")
+        records.append(third)
+        denied = {"returncode": 255, "stderr": "root@10.213.242.3: Permission denied (publickey).", "seconds": 0.1}
+        records[0]["data"]["network"]["hops"]["gpu2"] = denied
+        records[2]["data"]["network"]["hops"]["gpu2"] = denied
+    found = [f for f in failures(collected(cut)) if f.check == "ssh-matrix"]
+    assert [f.message for f in found] == ["gpu1, gpu3 -> gpu2: key not accepted for user 'root'"]
+    assert "ssh-setup" in found[0].fix
+
+    def unreachable(records):
+        records[0]["data"]["network"]["hops"]["gpu2"] = {"returncode": 255, "seconds": 3.0,
+                                                         "stderr": "connect to host port 22: Connection refused"}
         records[1]["data"] = None
         records[1]["failure"] = {"kind": "unreachable", "what": "connection refused (no sshd listening)",
                                  "fix": "start sshd"}
-    found = {(f.check, f.host): f for f in failures(collected(cut))}
-    assert "gpu1 -> gpu2" in found[("ssh-matrix", "gpu1")].message
-    assert found[("ssh", "gpu2")].message.startswith("head -> root@")
+    found = {(f.check, f.host): f for f in failures(collected(unreachable))}
+    assert found[("ssh", "gpu2")].message.startswith("head -> root@") and ("ssh-matrix", "gpu1") not in found
 
 
 def test_checksums_that_differ_fail():

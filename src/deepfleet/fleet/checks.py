@@ -74,22 +74,28 @@ def check_ssh(c: Collected) -> list[Finding]:
 
 
 def check_ssh_matrix(c: Collected) -> list[Finding]:
+    """Host -> host ssh. Sources failing the same way to one target are one finding; targets the
+    head cannot reach either are left to the ssh check (same cause, already reported)."""
     if not c.matrix or len(c.fleet.hosts) < 2:
         return []
-    found, pairs = [], 0
     by_name = {h.name: h for h in c.fleet.hosts}
+    head_failed = {f.host.name for f in c.facts if not f.ok}
+    failed: dict[tuple[str, str, str], list[str]] = {}
+    pairs = 0
     for f in c.reachable:
         for peer, hop in sorted(f.get("network", "hops", default={}).items()):
             pairs += 1
-            if hop.get("returncode") == 0:
+            if hop.get("returncode") == 0 or peer in head_failed:
                 continue
             failure = diagnose(by_name.get(peer, f.host), hop.get("returncode"), hop.get("stderr", ""),
                                timed_out=hop.get("returncode") is None, options=c.ssh_options)
             what = failure.what if failure else f"exit {hop.get('returncode')}: {hop.get('stderr', '')[-120:]}"
-            found.append(Finding(check="ssh-matrix", host=f.host.name, severity="fail",
-                                 message=f"{f.host.name} -> {peer}: {what}",
-                                 fix="run `deepfleet ssh-setup` to build the full mesh" if not failure
-                                 or failure.kind in ("auth", "host-key-unknown") else failure.fix))
+            fix = ("run `deepfleet ssh-setup` to build the full mesh"
+                   if not failure or failure.kind in ("auth", "host-key-unknown") else failure.fix)
+            failed.setdefault((peer, what, fix), []).append(f.host.name)
+    found = [Finding(check="ssh-matrix", host=sources[0] if len(sources) == 1 else FLEET, severity="fail",
+                     message=f"{', '.join(sources)} -> {peer}: {what}", fix=fix)
+             for (peer, what, fix), sources in failed.items()]
     if not found and pairs:
         found.append(Finding(check="ssh-matrix", host=FLEET, severity="ok",
                              message=f"all {pairs} host->host ssh pairs work"))

@@ -173,14 +173,15 @@ async def _setup(fleet: Fleet, options: SetupOptions, control_dir: str | None) -
             report.problems.append(_host_problem(host, result, key.with_suffix(".pub")))
     if reachable:
         report.matrix = await _check_mesh(fleet, reachable, options, ssh)
+    by_name = {h.name: h for h in reachable}
     for source, row in report.matrix.items():
         for target, ok in row.items():
             if not ok:
                 report.problems.append(Problem(
                     what=f"{source} -> {target}: ssh {'did not answer' if ok is None else 'failed'} after setup",
                     where=f"host {source}" if source != HEAD else f"host {target}",
-                    fix=f"run `ssh -v {target}` on {source if source != HEAD else 'the head'} to see why "
-                        "(firewall between hosts, sshd AllowUsers, or a different user there)"))
+                    fix=f"run `ssh -v {by_name[target].destination}` on {source if source != HEAD else 'the head'} "
+                        "to see why (firewall or routing between hosts, sshd AllowUsers, another user there)"))
     return report
 
 
