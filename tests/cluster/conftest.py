@@ -28,7 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from namespace_cluster import (Cluster, HostSpec, build_cluster, firewall_port,  # noqa: E402
-                               missing_prerequisites, teardown_cluster)
+                               firewall_tool, missing_prerequisites, teardown_cluster)
 
 FAKE_DEEPSPEED_VERSION = "0.14.0"
 FAULT_HOSTS = [
@@ -43,8 +43,12 @@ FAULT_HOSTS = [
 
 def require_cluster_prerequisites() -> None:
     reason = missing_prerequisites()
-    if reason is None:
-        return
+    if reason is not None:
+        skip_or_fail(reason)
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with the reason; under CI=true a missing prerequisite is a failure instead."""
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"cluster prerequisite missing under CI=true: {reason}")
     pytest.skip(f"namespace cluster unavailable: {reason}")
@@ -58,7 +62,6 @@ def _netns_names() -> set[str]:
 @pytest.fixture(scope="session")
 def cluster_factory():
     require_cluster_prerequisites()
-    before = _netns_names()
     built: list[Cluster] = []
 
     def build(specs: list[HostSpec] | int) -> Cluster:
@@ -68,8 +71,9 @@ def cluster_factory():
 
     yield build
     leftovers = [name for cluster in built for name in teardown_cluster(cluster)]
-    stray = _netns_names() - before
-    assert not leftovers and not stray, f"namespace cluster left behind: {leftovers} {sorted(stray)}"
+    # Only this session's prefixes: other sessions on the machine may have clusters of their own.
+    stray = sorted(n for n in _netns_names() for c in built if n.startswith(f"{c.prefix}-"))
+    assert not leftovers and not stray, f"namespace cluster left behind: {leftovers} {stray}"
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +95,8 @@ def write_fake_deepspeed(shim: Path, version: str) -> None:
 def fault_cluster(cluster_factory) -> Cluster:
     cluster = cluster_factory(FAULT_HOSTS)
     write_fake_deepspeed(cluster.root / "shim", FAKE_DEEPSPEED_VERSION)
-    firewall_port(cluster, "fw", 29500)
+    if firewall_tool():
+        firewall_port(cluster, "fw", 29500)
     return cluster
 
 

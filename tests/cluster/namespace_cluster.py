@@ -212,11 +212,19 @@ def _populate(cluster: Cluster, specs: list[HostSpec], octet: int) -> None:
         "  User root\n  StrictHostKeyChecking yes\n  BatchMode yes\n  LogLevel ERROR\n")
 
 
+def firewall_tool() -> str | None:
+    return "nft" if shutil.which("nft") else "iptables" if shutil.which("iptables") else None
+
+
 def firewall_port(cluster: Cluster, name: str, port: int) -> None:
-    """Drop incoming TCP to `port` inside one host's namespace (nftables)."""
-    rules = (f"table inet {cluster.prefix}fw {{\n  chain input {{\n    type filter hook input priority 0;\n"
-             f"    tcp dport {port} drop\n  }}\n}}\n")
-    _run(["ip", "netns", "exec", cluster.host(name).namespace, "nft", "-f", "-"], input=rules)
+    """Drop incoming TCP to `port` inside one host's namespace (nftables, else iptables)."""
+    in_ns = ["ip", "netns", "exec", cluster.host(name).namespace]
+    if firewall_tool() == "nft":
+        rules = (f"table inet {cluster.prefix}fw {{\n  chain input {{\n    type filter hook input priority 0;\n"
+                 f"    tcp dport {port} drop\n  }}\n}}\n")
+        _run([*in_ns, "nft", "-f", "-"], input=rules)
+    else:
+        _run([*in_ns, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"])
 
 
 def teardown_cluster(cluster: Cluster) -> list[str]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_DEEPSPEED_VERSION
-from namespace_cluster import fleet_for, fleet_yaml_text
+from conftest import FAKE_DEEPSPEED_VERSION, skip_or_fail
+from namespace_cluster import firewall_tool, fleet_for, fleet_yaml_text
 
 from deepfleet.fleet.doctor import DoctorOptions, run_doctor
 from deepfleet.fleet.ssh import SshOptions, run_on_hosts
@@ -76,6 +76,8 @@ def test_doctor_reports_every_fault_within_its_timeout(fault_cluster):
 
 
 def test_doctor_blocked_master_port(fault_cluster):
+    if not firewall_tool():
+        skip_or_fail("neither nft nor iptables installed (scripts/install-os-deps.sh)")
     report = doctor(fault_cluster, ["fw", "h2"], matrix=False, network_seconds=2, iperf3=False)
     failures = [f for f in by(report, "master-port") if f.severity == "fail"]
     assert {f.host for f in failures} == {"fw", "h2"}

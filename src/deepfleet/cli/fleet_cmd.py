@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.discover import discover_hosts
 from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
-from deepfleet.fleet.inventory import Fleet, SshSettings, hosts_from_names, render_hostfile, resolve_fleet
+from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile, resolve_fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.fleet.ssh_setup import HEAD, SetupOptions, SetupReport, run_ssh_setup
 
@@ -31,7 +32,7 @@ def _fleet(fleet_file: Optional[str], hostfile: Optional[str], ssh_config: Optio
     if ssh_config:
         if not Path(ssh_config).is_file():
             raise DeepfleetError("ssh config file not found", where=ssh_config, fix="check the --ssh-config path")
-        fleet = Fleet(**{**vars(fleet), "ssh": SshSettings(**{**vars(fleet.ssh), "config_file": ssh_config})})
+        fleet = replace(fleet, ssh=replace(fleet.ssh, config_file=ssh_config))
     return fleet
 
 
@@ -121,8 +122,7 @@ def ssh_setup_command(hosts: Optional[str] = typer.Option(None, "--hosts", help=
     """Key, host keys (accept-new), full mesh, and the N x N reachability matrix."""
     fleet = _fleet(fleet_file, hostfile, ssh_config)
     if hosts:
-        fleet = Fleet(**{**vars(fleet), "hosts": tuple(hosts_from_names(hosts, user=user, port=port)),
-                         "source": "--hosts"})
+        fleet = replace(fleet, hosts=tuple(hosts_from_names(hosts, user=user, port=port)), source="--hosts")
     report = run_ssh_setup(fleet, SetupOptions(ssh_dir=ssh_dir))
     _render_setup(report)
     if report.problems:
