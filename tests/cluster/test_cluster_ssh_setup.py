@@ -50,10 +50,14 @@ def test_ssh_setup_password_host_prints_ssh_copy_id_line(fault_cluster, deepflee
     ssh_dir = tmp_path / "ssh"
     address = cluster.host("pw").address
     started = time.monotonic()
-    done = deepfleet("ssh-setup", "--hosts", f"{cluster.host('h1').address},{address}", "--user", "root",
+    wrong_user = f"nosuchuser@{cluster.host('h2').address}"
+    done = deepfleet("ssh-setup", "--hosts", f"{cluster.host('h1').address},{address},{wrong_user}", "--user", "root",
                      "--ssh-dir", str(ssh_dir), "--ssh-config", str(cluster.ssh_config))
     assert time.monotonic() - started < 30            # BatchMode: no prompt, no hang
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: host {address}: needs a password")
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"error: host {address}: needs a password")
     assert f"ssh-copy-id -i {ssh_dir}/id_ed25519.pub root@{address}" in lines[0]
+    assert lines[1].startswith(f"error: host {cluster.host('h2').address}: key not accepted for user 'nosuchuser'")
+    assert f"ssh-copy-id -i {ssh_dir}/id_ed25519.pub {wrong_user}" in lines[1]

@@ -95,7 +95,7 @@ class BandwidthSink:
     """
 
     expected: set[str] = field(default_factory=set)
-    read_timeout: float = 10.0
+    read_timeout: float = 10.0            # the whole transfer, after "g"
     barrier_seconds: float = 20.0
     max_bytes: int = 512 << 20
     servers: dict[str, asyncio.base_events.Server] = field(default_factory=dict)
@@ -131,8 +131,10 @@ class BandwidthSink:
                 self.go.set()
             writer.write(b"g")
             await writer.drain()
+            deadline = asyncio.get_running_loop().time() + self.read_timeout
             while received < self.max_bytes:
-                block = await asyncio.wait_for(reader.read(1 << 20), self.read_timeout)
+                remaining = deadline - asyncio.get_running_loop().time()
+                block = await asyncio.wait_for(reader.read(1 << 20), max(0.01, remaining))
                 if not block:
                     break
                 received += len(block)

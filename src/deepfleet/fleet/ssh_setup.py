@@ -105,6 +105,10 @@ def _host_problem(host: Host, result: RemoteResult, public_key: Path) -> Problem
     if result.failure and result.failure.kind == "password":
         return Problem(what=f"needs a password ({result.failure.what})", where=f"host {host.name}",
                        fix=f"run `{ssh_copy_id_line(host, str(public_key))}` once, then ssh-setup again")
+    if result.failure and result.failure.kind == "auth":
+        return Problem(what=result.failure.what, where=f"host {host.name}",
+                       fix=f"check the user name; if it is right, run `{ssh_copy_id_line(host, str(public_key))}` "
+                           "once (it asks for the password), then ssh-setup again")
     if result.failure:
         return Problem(what=result.failure.what, where=f"host {host.name}", fix=result.failure.fix)
     return Problem(what=f"key install failed: {result.stderr.strip()[-200:] or 'no output'}",
