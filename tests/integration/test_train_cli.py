@@ -34,6 +34,24 @@ def test_bad_input_is_one_line_exit_2_before_launch(tmp_path, overrides, fragmen
     assert not (tmp_path / "run-state").exists()
 
 
+def test_output_dir_that_cannot_be_created_is_refused_before_launch(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "a-file" / "out"))
+    done = run_cli("train", str(recipe), cwd=tmp_path, timeout=120)
+    assert_one_clean_error(done, "output_dir", "cannot be created")
+    assert not (tmp_path / "run-state").exists()
+
+
+def test_deepspeed_auto_is_resolved_once_by_the_planner(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"), deepspeed="auto",
+                          checkpoint={"every_steps": 10})
+    done = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^# deepspeed: auto -> ZeRO-\d, offload \S+, micro batch \d+ x accumulation \d+: ",
+                     done.stdout, re.M), done.stdout
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_typo_names_file_line_and_suggestion(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'out'}\ntrain:\n  global_bach: 8\n")

@@ -49,3 +49,16 @@ def test_resume_that_would_change_the_run_names_each_difference(tmp_path):
     assert "world_size: checkpoint has 2, this run has 4" in text
     assert "global_batch: checkpoint has 16, this run has 32" in text
     assert "--no-resume" in text and text.count("\n") == 0
+
+
+def test_output_dir_must_be_creatable_and_have_room_for_a_checkpoint(tmp_path):
+    from deepfleet.train.preflight import checkpoint_bytes, output_dir_problems
+
+    assert output_dir_problems(tmp_path / "new" / "run", needed_bytes=1000) == []
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    [problem] = output_dir_problems(blocker / "run", needed_bytes=None)
+    assert "cannot be created" in problem.what and problem.where == "output_dir"
+    [problem] = output_dir_problems(tmp_path / "run", needed_bytes=2**60)
+    assert "one checkpoint needs about" in problem.what and "GiB free" in problem.what
+    assert checkpoint_bytes(total_params=10, trainable_params=2, precision_bytes=2) == 10 * 2 + 2 * 12

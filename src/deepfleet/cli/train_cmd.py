@@ -30,18 +30,65 @@ def _split_recipe_argument(recipe: Optional[str], overrides: Optional[list[str]]
     return recipe, overrides
 
 
-def prepare_local_training(recipe: Recipe, *, nproc: Optional[int]) -> LocalLaunch:
-    """Check everything checkable without ranks, then say how they will run. Writes nothing."""
+def prepare_local_training(recipe: Recipe, *, nproc: Optional[int]) -> tuple[Recipe, LocalLaunch, str]:
+    """Resolve `deepspeed: auto`, check everything checkable without ranks, say how they will run.
+
+    Returns the recipe the ranks get, the launch, and a note on the planner's choice ("" if none). Writes nothing.
+    """
     import torch
 
     from deepfleet.train.preflight import check_before_launch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     nproc = nproc or default_nproc(gpus=gpus)
-    check_before_launch(recipe, world_size=nproc, accelerator="cuda" if gpus else "cpu", cuda_available=gpus > 0)
+    recipe, note = resolve_auto_zero(recipe, nproc=nproc)
+    check_before_launch(recipe, world_size=nproc, accelerator="cuda" if gpus else "cpu", cuda_available=gpus > 0,
+                        checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
     threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=nproc)
-    return LocalLaunch(nproc=nproc, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,
-                       extra_env=dict(recipe.env))
+    launch = LocalLaunch(nproc=nproc, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,
+                         extra_env=dict(recipe.env))
+    return recipe, launch, note
+
+
+def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: int) -> Optional[int]:
+    """Size of one checkpoint when checkpoints are on (from the model config on the meta device)."""
+    if not (recipe.checkpoint.every_steps or recipe.checkpoint.every_minutes):
+        return None
+    from deepfleet.cli.plan_cmd import shape_for
+    from deepfleet.train.preflight import checkpoint_bytes
+
+    shape = shape_for(recipe)
+    precision_bytes = 2 if gpus and recipe.precision != "fp32" else 4
+    return checkpoint_bytes(total_params=shape.total_params, trainable_params=shape.trainable_params,
+                            precision_bytes=precision_bytes)
+
+
+def resolve_auto_zero(recipe: Recipe, *, nproc: int) -> tuple[Recipe, str]:
+    """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees."""
+    if recipe.deepspeed.zero != "auto" or recipe.deepspeed.config is not None:
+        return recipe, ""
+    import torch
+
+    from deepfleet.cli.plan_cmd import shape_for
+    from deepfleet.plan.choose import FleetShape
+    from deepfleet.plan.deepspeed_config import resolve_run_config
+
+    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpus = torch.cuda.is_available()
+    fleet = FleetShape(nodes=1, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
+                       device_memory_bytes=torch.cuda.get_device_properties(0).total_memory if gpus else host_memory,
+                       host_memory_bytes=host_memory, bf16_supported=gpus and torch.cuda.is_bf16_supported())
+    choice = resolve_run_config(recipe, world_size=nproc, total_steps=100, accelerator=fleet.accelerator,
+                                bf16_supported=fleet.bf16_supported, model_shape=shape_for(recipe),
+                                fleet=fleet).plan.choice
+    deepspeed = recipe.deepspeed.model_copy(update={
+        "zero": choice.stage,
+        "offload_optimizer": "cpu" if choice.offload.startswith("optimizer") else "none",
+        "offload_params": "cpu" if choice.offload.endswith("params") else "none"})
+    train = recipe.train.model_copy(update={"micro_batch": choice.micro_batch})
+    note = (f"deepspeed: auto -> ZeRO-{choice.stage}, offload {choice.offload}, micro batch {choice.micro_batch} "
+            f"x accumulation {choice.grad_accum}: {choice.reason}")
+    return recipe.model_copy(update={"deepspeed": deepspeed, "train": train}), note
 
 
 def resolved_recipe_json(recipe: Recipe) -> str:
@@ -110,7 +157,9 @@ def train(
     if fleet or hostfile:
         raise typer.Exit(_train_on_fleet(loaded, fleet, hostfile, nproc=nproc, max_restarts=max_restarts,
                                          hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run))
-    launch = prepare_local_training(loaded, nproc=nproc)
+    loaded, launch, note = prepare_local_training(loaded, nproc=nproc)
+    if note:
+        print(f"# {note}")
     if dry_run:
         print(render_command(*local_torchrun_command(launch)))
         return
@@ -144,7 +193,7 @@ def demo(
     transformers_logging.disable_progress_bar()
     recipe = load_recipe(DEMO_RECIPE, list(overrides or []))
     console = Console(highlight=False)
-    launch = prepare_local_training(recipe, nproc=nproc)
+    recipe, launch, _ = prepare_local_training(recipe, nproc=nproc)
     before = evaluate_base_model(recipe, n=heldout)
     console.print(f"before training: exact match {before.accuracy:.0%} on {heldout} held-out prompts")
     console.print(f"training {recipe.model.name} on {nproc} local ranks ...")

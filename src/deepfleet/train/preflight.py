@@ -6,6 +6,7 @@ Nothing here writes anything: a failed check leaves `output_dir` exactly as it w
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from deepfleet.errors import DeepfleetError, Problem
@@ -34,8 +35,38 @@ def data_problems(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cuda_available: bool) -> None:
-    """Model source, method, batch layout / DeepSpeed settings and data paths; all problems at once."""
+def checkpoint_bytes(*, total_params: int, trainable_params: int, precision_bytes: int) -> int:
+    """One checkpoint: the weights, plus fp32 master weights and Adam's two moments of the trainable ones."""
+    return total_params * precision_bytes + trainable_params * 12
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_dir_problems(output_dir: Path, *, needed_bytes: int | None) -> list[Problem]:
+    """output_dir must be creatable and writable, with room for one checkpoint when checkpoints are on."""
+    path = output_dir.expanduser().resolve()
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        return [Problem(what=f"output_dir {str(output_dir)!r} cannot be created: {existing} is a file",
+                        where="output_dir", fix="choose an output_dir under a directory")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Problem(what=f"output_dir {str(output_dir)!r} is not writable ({existing})", where="output_dir",
+                        fix="choose a writable output_dir or fix the permissions")]
+    free = shutil.disk_usage(existing).free
+    if needed_bytes is not None and free < needed_bytes:
+        return [Problem(what=f"{free / 2**30:.1f} GiB free at {existing}, one checkpoint needs about "
+                             f"{needed_bytes / 2**30:.1f} GiB", where="output_dir",
+                        fix="free disk space, choose another output_dir, or turn checkpoints off")]
+    return []
+
+
+def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cuda_available: bool,
+                        checkpoint_size: int | None = None) -> None:
+    """Model source, method, batch layout / DeepSpeed settings, data paths, output dir; all problems at once."""
     problems: list[Problem] = []
     for check in (lambda: check_model_source(recipe),
                   lambda: check_method_supported(recipe, cuda_available=cuda_available),
@@ -46,5 +77,6 @@ def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cu
         except DeepfleetError as exc:
             problems += exc.problems
     problems += data_problems(recipe)
+    problems += output_dir_problems(recipe.output_path, needed_bytes=checkpoint_size)
     if problems:
         raise DeepfleetError(problems=problems)
