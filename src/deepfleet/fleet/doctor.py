@@ -95,6 +95,14 @@ def write_share_token(output_dir: str | None) -> tuple[Path, tuple[str, str]] | 
     return path, (name, value)
 
 
+async def head_addresses(fleet: Fleet, *, timeout: float) -> dict[str, str | None]:
+    """The head's address towards each remote host (name lookups run at once, bounded in time)."""
+    remote = [h for h in fleet.hosts if not h.local]
+    lookups = [asyncio.wait_for(asyncio.to_thread(source_address_towards, h.address), timeout) for h in remote]
+    found = await asyncio.gather(*lookups, return_exceptions=True)
+    return {h.name: (a if isinstance(a, str) else None) for h, a in zip(remote, found)}
+
+
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
     token = write_share_token(output_dir)
@@ -105,7 +113,7 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
     try:
         bandwidth: dict[str, tuple[str, int, int | None]] = {}
         if options.network:
-            sources = {h.name: source_address_towards(h.address) for h in fleet.hosts if not h.local}
+            sources = await head_addresses(fleet, timeout=ssh_options.connect_timeout)
             ports = await sink.start(a for a in sources.values() if a)
             reachable = {name: addr for name, addr in sources.items() if addr}
             iperf3 = start_iperf3_servers(reachable) if options.iperf3 else {}
