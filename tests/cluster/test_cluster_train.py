@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,39 @@ def test_two_host_training_matches_one_host(namespace_cluster, tmp_path, stage):
         assert abs(one[step] - two[step]) <= LOSS_TOLERANCE, (step, one[step], two[step])
     assert (tmp_path / "multi" / "final" / "config.json").is_file()
     assert (tmp_path / "multi" / "logs" / "attempt-0" / "h2.log").is_file()
+
+
+def rank_pids(cluster, name: str) -> list[int]:
+    pids = []
+    for pid in cluster.namespace_pids(name):
+        try:
+            if b"deepfleet.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_rank_restarts_from_checkpoint_and_reaches_the_same_final_loss(namespace_cluster, tmp_path):
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
+    checkpoints = {"checkpoint": {"every_steps": 3, "keep": 2}}
+    reference = run("train", str(recipe_for(tmp_path, stage=2, output="reference", steps=9, **checkpoints)),
+                    "--nproc", "2", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
+    recipe = recipe_for(tmp_path, stage=2, output="restarted", steps=9, **checkpoints)
+    process = subprocess.Popen([DEEPFLEET, "train", str(recipe), "--fleet", "fleet.yaml", "--max-restarts", "1"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "restarted" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and any(r.get("step", 0) >= 4 for r in read_metrics(metrics))):
+        assert time.monotonic() < deadline and process.poll() is None, "training never reached step 4"
+        time.sleep(0.2)
+    for pid in rank_pids(namespace_cluster, "h2"):
+        os.kill(pid, signal.SIGKILL)
+    out, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, out[-3000:]
+    assert "restart 1/1" in out and "first failure on h2" in out
+    assert "resum" in out.lower(), "the restarted run must say it resumed"
+    want, got = losses(tmp_path / "reference"), losses(tmp_path / "restarted")
+    assert max(got) == 9 and abs(want[9] - got[9]) <= LOSS_TOLERANCE, (want[9], got[9])

@@ -32,7 +32,7 @@ from pathlib import Path
 EVENT_PREFIX = "@@deepfleet "
 JOB_ENV = "DEEPFLEET_JOB_ID"
 HEARTBEAT_ENV = "DEEPFLEET_HEARTBEAT_DIR"
-EXIT_LIFELINE_LOST = 75
+EXIT_LIFELINE_LOST = 76   # not 75: that is the training program's "preempted, resumable"
 KILL_GRACE_SECONDS = 3.0
 
 
