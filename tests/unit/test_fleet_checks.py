@@ -130,6 +130,10 @@ def test_matrix_failures_grouped_by_target_and_not_repeated_for_unreachable_host
         third = copy.deepcopy(records[1])
         third["host"].update(name="gpu3", address="10.213.242.4")
         records.append(third)
+        ok = {"returncode": 0, "stderr": "", "seconds": 0.1}
+        for record in records:
+            record["data"]["network"]["hops"] = {n: ok for n in ("gpu1", "gpu2", "gpu3")
+                                                 if n != record["host"]["name"]}
         denied = {"returncode": 255, "stderr": "root@10.213.242.3: Permission denied (publickey).", "seconds": 0.1}
         records[0]["data"]["network"]["hops"]["gpu2"] = denied
         records[2]["data"]["network"]["hops"]["gpu2"] = denied
@@ -145,6 +149,13 @@ def test_matrix_failures_grouped_by_target_and_not_repeated_for_unreachable_host
                                  "fix": "start sshd"}
     found = {(f.check, f.host): f for f in failures(collected(unreachable))}
     assert found[("ssh", "gpu2")].message.startswith("head -> root@") and ("ssh-matrix", "gpu1") not in found
+
+
+def test_missing_matrix_answers_are_failures_not_silence():
+    def silent(records):
+        records[0]["data"]["network"]["hops"] = {}
+    found = [f for f in failures(collected(silent)) if f.check == "ssh-matrix"]
+    assert [f.message for f in found] == ["gpu1 -> gpu2: timed out"]
 
 
 def test_checksums_that_differ_fail():

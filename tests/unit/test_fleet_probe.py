@@ -111,3 +111,23 @@ def test_install_script_is_idempotent(tmp_path):
     assert "CHANGED" not in second and "PUBKEY ssh-ed25519 " in second
     assert (tmp_path / "ssh" / "authorized_keys").read_text() == keys
     assert oct((tmp_path / "ssh").stat().st_mode & 0o777) == "0o700"
+
+
+def test_hops_run_in_bounded_waves_and_keep_their_names():
+    hops = {f"p{i}": ["sh", "-c", f"sleep 0.3; exit {i}"] for i in range(4)}
+    started = time.monotonic()
+    results = remote_probe.run_hops(hops, timeout=5, parallel=2)
+    elapsed = time.monotonic() - started
+    assert 0.55 < elapsed < 2.5                                  # two waves of two, not one of four
+    assert {name: r["returncode"] for name, r in results.items()} == {"p0": 0, "p1": 1, "p2": 2, "p3": 3}
+
+
+def test_each_host_starts_its_hops_with_the_next_host():
+    from deepfleet.fleet.doctor import DoctorOptions, probe_params
+    from deepfleet.fleet.inventory import Fleet, Host
+    from deepfleet.fleet.ssh import SshOptions
+    fleet = Fleet(hosts=tuple(Host(name=f"g{i}", address=f"10.0.0.{i}") for i in range(1, 5)), source="t")
+    order = {h.name: list(probe_params(fleet, h, DoctorOptions(), SshOptions(), share_token=None,
+                                       bandwidth={})["hops"]) for h in fleet.hosts}
+    assert order == {"g1": ["g2", "g3", "g4"], "g2": ["g3", "g4", "g1"], "g3": ["g4", "g1", "g2"],
+                     "g4": ["g1", "g2", "g3"]}

@@ -83,8 +83,10 @@ def check_ssh_matrix(c: Collected) -> list[Finding]:
     failed: dict[tuple[str, str, str], list[str]] = {}
     pairs = 0
     for f in c.reachable:
-        for peer, hop in sorted(f.get("network", "hops", default={}).items()):
+        hops = f.get("network", "hops", default={})
+        for peer in sorted(h.name for h in c.fleet.hosts if h.name != f.host.name):
             pairs += 1
+            hop = hops.get(peer, {"returncode": None, "stderr": "no answer from the ssh test"})
             if hop.get("returncode") == 0 or peer in head_failed:
                 continue
             failure = diagnose(by_name.get(peer, f.host), hop.get("returncode"), hop.get("stderr", ""),

@@ -54,6 +54,15 @@ class DoctorReport:
         return [f.to_record() for f in self.collected.facts]
 
 
+HOP_PARALLEL = 8   # ssh tests one host runs at once
+
+
+def network_phase_seconds(options: DoctorOptions, host_count: int) -> float:
+    """Upper bound of a host's hops + master connect phase (hops run in waves of HOP_PARALLEL)."""
+    waves = -(-(host_count - 1) // HOP_PARALLEL) if options.matrix else 0
+    return max(options.hop_timeout * max(1, waves), options.network_seconds) + 2
+
+
 def hop_argv(peer: Host, options: SshOptions) -> list[str]:
     """What a host runs to test ssh to a peer: no multiplexing, strict host keys, just `true`."""
     return ssh_argv(peer, ["true"], options=replace(options, control_dir=None, host_key_policy="yes"))
@@ -66,16 +75,20 @@ def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: 
         "python": fleet.python_for(host), "workdir": fleet.workdir or options.workdir,
         "output_dir": options.output_dir or fleet.output_dir, "checksum": list(options.checksum_paths),
         "share_token": list(share_token) if share_token else None,
-        "network_seconds": options.network_seconds, "hop_timeout": options.hop_timeout,
+        "network_seconds": options.network_seconds, "hop_timeout": options.hop_timeout, "hop_parallel": HOP_PARALLEL,
         "bandwidth_seconds": options.bandwidth_seconds,
     }
     if options.matrix and len(fleet.hosts) > 1:
-        params["hops"] = {peer.name: hop_argv(peer, ssh_options) for peer in fleet.hosts if peer != host}
+        # Each host starts with the next host in the fleet, so the hosts' first connections go to
+        # different targets: sshd drops unauthenticated connections beyond MaxStartups (10).
+        index = fleet.hosts.index(host)
+        peers = [*fleet.hosts[index + 1:], *fleet.hosts[:index]]
+        params["hops"] = {peer.name: hop_argv(peer, ssh_options) for peer in peers}
     if options.network and len(fleet.hosts) > 1:
         params["master"] = [fleet.master.address, fleet.master_port]
         if host == fleet.master:
             params["listen"] = {"port": fleet.master_port, "expect": len(fleet.hosts),
-                                "seconds": max(options.hop_timeout, options.network_seconds) + 3}
+                                "seconds": network_phase_seconds(options, len(fleet.hosts)) + 1}
     if options.network and host.name in bandwidth:
         address, port, iperf3_port = bandwidth[host.name]
         params["bandwidth"] = [address, port, host.name, iperf3_port]
@@ -106,7 +119,7 @@ async def head_addresses(fleet: Fleet, *, timeout: float) -> dict[str, str | Non
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
     token = write_share_token(output_dir)
-    phase = max(options.hop_timeout, options.network_seconds) + 2      # hops and master connect, on a host
+    phase = network_phase_seconds(options, len(fleet.hosts))
     barrier = ssh_options.connect_timeout + phase + 5                  # first host ready -> last host ready
     sink = BandwidthSink(barrier_seconds=barrier)
     iperf3: dict = {}

@@ -180,6 +180,14 @@ def ssh_hop(argv, timeout):
     return {"returncode": code, "stderr": err.strip()[-400:], "seconds": round(time.monotonic() - started, 3)}
 
 
+def run_hops(hops, timeout, parallel):
+    """ssh to every peer, at most `parallel` at once, in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        done = pool.map(lambda argv: ssh_hop(argv, timeout), hops.values())
+        return dict(zip(hops, done))
+
+
 def connect_master(address, port, deadline):
     """Connect to the master port, retrying while the listener starts, until the deadline."""
     started, error = time.monotonic(), None
@@ -249,19 +257,19 @@ def network_facts(params):
         thread.start()
 
     hop_timeout, network_seconds = params.get("hop_timeout", 8), params.get("network_seconds", 6)
-    for peer, argv in params.get("hops", {}).items():
-        task("hop:" + peer, ssh_hop, argv, hop_timeout)
+    if params.get("hops"):
+        task("hops", run_hops, params["hops"], hop_timeout, params.get("hop_parallel", 8))
     if params.get("master"):
         task("master", connect_master, params["master"][0], params["master"][1], time.monotonic() + network_seconds)
-    joined_by = time.monotonic() + max(hop_timeout, network_seconds) + 2
+    waves = -(-len(params.get("hops", {})) // params.get("hop_parallel", 8))
+    joined_by = time.monotonic() + max(hop_timeout * max(1, waves), network_seconds) + 2
     for thread in threads:
         thread.join(max(0.0, joined_by - time.monotonic()))
     if params.get("bandwidth"):
         address, port, name, iperf3_port = params["bandwidth"]
         results["bandwidth"] = send_bandwidth(address, port, name, params.get("bandwidth_seconds", 0.5), 256 << 20,
                                               params.get("bandwidth_go_timeout", 20), iperf3_port)
-    hops = {key[4:]: value for key, value in results.items() if key.startswith("hop:")}
-    return {"hops": hops, "master": results.get("master"), "bandwidth": results.get("bandwidth")}
+    return {"hops": results.get("hops", {}), "master": results.get("master"), "bandwidth": results.get("bandwidth")}
 
 
 def facts(params):

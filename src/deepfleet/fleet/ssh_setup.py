@@ -22,6 +22,7 @@ from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.ssh import RemoteResult, SshOptions, run_on_host, run_on_hosts, ssh_argv, ssh_copy_id_line
 
 KEY_NAME = "id_ed25519"
+HOP_PARALLEL = 8
 HEAD = "(head)"
 
 # Runs on each host with the ssh dir as $1 and public keys to authorize on stdin.
@@ -134,11 +135,12 @@ async def _check_mesh(fleet: Fleet, hosts: list[Host], options: SetupOptions, he
     def params(source: Host) -> bytes:
         hops = {t.name: ssh_argv(t, ["true"], options=hop) for t in hosts}
         return probe_stdin({"mode": "hops", "hops": hops, "hop_timeout": options.timeout / 2,
-                            "network_seconds": options.timeout / 2})
+                            "hop_parallel": HOP_PARALLEL, "network_seconds": 0})
 
+    waves = -(-len(hosts) // HOP_PARALLEL)
     results, _ = await asyncio.gather(
         run_on_hosts(hosts, lambda h: probe_argv(fleet.python_for(h)), options=head_ssh,
-                     timeout=options.timeout, stdin=params),
+                     timeout=options.timeout / 2 * waves + 10, stdin=params),
         asyncio.gather(*(head_to(t) for t in hosts)))
     for source, result in zip(hosts, results):
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
