@@ -72,26 +72,60 @@ def rank_pids(cluster, name: str) -> list[int]:
     return pids
 
 
-def test_killed_rank_restarts_from_checkpoint_and_reaches_the_same_final_loss(namespace_cluster, tmp_path):
-    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
-    checkpoints = {"checkpoint": {"every_steps": 3, "keep": 2}}
-    reference = run("train", str(recipe_for(tmp_path, stage=2, output="reference", steps=9, **checkpoints)),
-                    "--nproc", "2", cwd=tmp_path)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+CHECKPOINTS = {"checkpoint": {"every_steps": 3, "keep": 2}}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted 9-step run on one host, 2 ranks: what every interrupted run must reach."""
+    tmp = tmp_path_factory.mktemp("reference")
+    done = run("train", str(recipe_for(tmp, stage=2, output="reference", steps=9, **CHECKPOINTS)), "--nproc", "2",
+               cwd=tmp)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return losses(tmp / "reference")
+
+
+def start_fleet_training(tmp_path: Path, cluster, *extra: str) -> subprocess.Popen:
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
+    recipe = recipe_for(tmp_path, stage=2, output="interrupted", steps=9, **CHECKPOINTS)
     env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
-    recipe = recipe_for(tmp_path, stage=2, output="restarted", steps=9, **checkpoints)
-    process = subprocess.Popen([DEEPFLEET, "train", str(recipe), "--fleet", "fleet.yaml", "--max-restarts", "1"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "restarted" / "metrics.jsonl"
+    return subprocess.Popen([DEEPFLEET, "train", str(recipe), "--fleet", "fleet.yaml", *extra], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(tmp_path: Path, process: subprocess.Popen, step: int) -> None:
+    metrics = tmp_path / "interrupted" / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.is_file() and any(r.get("step", 0) >= 4 for r in read_metrics(metrics))):
-        assert time.monotonic() < deadline and process.poll() is None, "training never reached step 4"
+    while not (metrics.is_file() and any(r.get("step", 0) >= step for r in read_metrics(metrics))):
+        assert time.monotonic() < deadline and process.poll() is None, f"training never reached step {step}"
         time.sleep(0.2)
+
+
+def test_killed_rank_restarts_from_checkpoint_and_reaches_the_same_final_loss(namespace_cluster, tmp_path,
+                                                                              reference_losses):
+    process = start_fleet_training(tmp_path, namespace_cluster, "--max-restarts", "1")
+    wait_for_step(tmp_path, process, 4)
     for pid in rank_pids(namespace_cluster, "h2"):
         os.kill(pid, signal.SIGKILL)
     out, _ = process.communicate(timeout=400)
     assert process.returncode == 0, out[-3000:]
     assert "restart 1/1" in out and "first failure on h2" in out
     assert "resum" in out.lower(), "the restarted run must say it resumed"
-    want, got = losses(tmp_path / "reference"), losses(tmp_path / "restarted")
-    assert max(got) == 9 and abs(want[9] - got[9]) <= LOSS_TOLERANCE, (want[9], got[9])
+    got = losses(tmp_path / "interrupted")
+    assert max(got) == 9 and abs(reference_losses[9] - got[9]) <= LOSS_TOLERANCE, (reference_losses[9], got[9])
+
+
+def test_sigterm_to_launcher_checkpoints_every_rank_then_the_same_command_resumes(namespace_cluster, tmp_path,
+                                                                                  reference_losses):
+    process = start_fleet_training(tmp_path, namespace_cluster)
+    wait_for_step(tmp_path, process, 4)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=200)
+    assert process.returncode == 75, out[-3000:]
+    assert "job preempted" in out
+    assert not any(rank_pids(namespace_cluster, name) for name in ("h1", "h2")), "a rank survived the launcher"
+    again = start_fleet_training(tmp_path, namespace_cluster)
+    out, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, out[-3000:]
+    got = losses(tmp_path / "interrupted")
+    assert max(got) == 9 and abs(reference_losses[9] - got[9]) <= LOSS_TOLERANCE, (reference_losses[9], got[9])

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 from deepfleet.launch.host_agent import EVENT_PREFIX
+from deepfleet.train.preemption import EXIT_PREEMPTED
 
 SSH_FAILED = 255
 RANK_LINE = re.compile(r"^\[(\d+)\]:")
+# What a rank of the training program prints after its preemption checkpoint is complete.
+PREEMPTED_LINE = re.compile(r"^\[\d+\]:preempted: ")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +57,7 @@ class HostState:
     last_event: float = field(default_factory=time.monotonic)
     steps: dict[str, tuple[int, float]] = field(default_factory=dict)   # rank -> (step, when it advanced)
     stopped: list[str] = field(default_factory=list)                     # ranks in state T
+    preempted: bool = False                                              # its ranks checkpointed and stopped
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     exit_code: int | None = None
     exit_reason: str = ""
@@ -74,6 +78,7 @@ class JobOutcome:
     teardown_seconds: float | None
     host_exit_codes: dict[str, int | None]
     stopped_by_signal: bool = False
+    preempted: bool = False
 
 
 class Supervisor:
@@ -105,6 +110,10 @@ class Supervisor:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         codes = {h.spec.label: h.exit_code for h in self.hosts}
+        preempted = self.failure is None and any(h.preempted for h in self.hosts)
+        if preempted:
+            return JobOutcome(exit_code=EXIT_PREEMPTED, failure=None, teardown_seconds=teardown, host_exit_codes=codes,
+                              stopped_by_signal=self.stop_requested, preempted=True)
         if self.failure is None and not self.stop_requested:
             return JobOutcome(exit_code=0, failure=None, teardown_seconds=None, host_exit_codes=codes)
         first_code = next((c for c in codes.values() if c not in (0, None)), 1)
@@ -146,11 +155,15 @@ class Supervisor:
                 log.write(line + "\n")
                 log.flush()
                 host.tail.append(line)
+                host.preempted = host.preempted or bool(PREEMPTED_LINE.match(line))
                 rank = RANK_LINE.match(line)
                 if self.options.all_logs or (rank and rank.group(1) == "0"):
                     self.write(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
         host.exit_code = await host.proc.wait()
-        if host.exit_code != 0 and self.failure is None and not self.stop_requested and self.detected_at is None:
+        # A preempted host is not a failure: every rank stops at the same step, so the other hosts
+        # are writing the same checkpoint and must not be torn down mid-save.
+        if host.exit_code != 0 and not host.preempted and self.failure is None and not self.stop_requested \
+                and self.detected_at is None:
             why = host.exit_reason or ("ssh connection dropped or failed" if host.exit_code == SSH_FAILED
                                        else f"exited with code {host.exit_code}")
             self._fail(host, None, why)
@@ -230,6 +243,9 @@ def _file_safe(label: str) -> str:
 
 
 def render_summary(outcome: JobOutcome) -> str:
+    if outcome.preempted:
+        return (f"job preempted: every rank wrote its checkpoint and stopped (exit {EXIT_PREEMPTED}); "
+                "run the same command again to resume")
     if outcome.failure is None:
         return "job stopped by signal" if outcome.stopped_by_signal else "job finished on every host"
     f = outcome.failure
