@@ -11,7 +11,7 @@ import pytest
 
 from deepfleet.train.metrics import read_metrics
 
-from training_fixtures import DEEPFLEET, write_recipe, write_task_data
+from training_fixtures import DEEPFLEET, PYTHON, REPO, write_recipe, write_task_data
 
 pytestmark = pytest.mark.integration
 
@@ -87,26 +87,46 @@ def test_sigterm_checkpoints_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert straight[STEPS] < straight[1] - 0.5
 
 
-def test_resume_refuses_a_changed_run_and_no_resume_starts_over(tmp_path):
+def test_kill_during_save_keeps_the_previous_checkpoint_and_resume_rules(tmp_path):
     train_file, _ = write_task_data(tmp_path / "data", n_train=200)
+    out = tmp_path / "out"
     recipe = write_recipe(
-        tmp_path / "r.yaml", output_dir=str(tmp_path / "out"), data={"train": [str(train_file)], "max_length": 128},
-        train={"max_steps": 4, "global_batch": 4, "micro_batch": 2, "warmup": 1},
-        checkpoint={"every_steps": 2}, logging={"peak_tflops": 0.05, "tensorboard": False})
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
+        tmp_path / "r.yaml", output_dir=str(out), data={"train": [str(train_file)], "max_length": 128},
+        train={"max_steps": 6, "global_batch": 4, "micro_batch": 2, "warmup": 1},
+        checkpoint={"every_steps": 2, "keep": 3}, logging={"peak_tflops": 0.05, "tensorboard": False})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUN_DIR": str(tmp_path / "state")}
+    job = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(REPO / "tests" / "integration" / "slow_save_rank.py"), str(recipe)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "SAVING").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.1)
+    assert (out / "SAVING").exists(), "the step-4 save never started"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert (out / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    assert (out / "checkpoints" / "step-4" / "engine").is_dir()            # shards written...
+    assert not (out / "checkpoints" / "step-4" / "COMPLETE").exists()     # ...but never marked
 
     def train(*args):
-        return subprocess.run([DEEPFLEET, "train", str(recipe), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=400)
+        return subprocess.run([DEEPFLEET, "train", str(recipe), *args], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}, timeout=400)
 
-    first = train()
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert (tmp_path / "out" / "checkpoints" / "step-2" / "COMPLETE").is_file()
     changed = train("train.global_batch=8")
     lines = [line for line in changed.stderr.splitlines() if line.strip()]
     assert changed.returncode == 2 and len(lines) == 1, changed.stdout + changed.stderr
     assert "global_batch: checkpoint has 4, this run has 8" in lines[0] and "Traceback" not in changed.stderr
-    fresh = train("train.global_batch=8", "--no-resume")
+    assert f"removed incomplete checkpoint {out / 'checkpoints' / 'step-4'}" in changed.stdout
+    assert not (out / "checkpoints" / "step-4").exists()
+
+    resumed = train()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / 'step-2'} (step 2 of 6)" in resumed.stdout
+    assert sorted(train_losses(out)) == list(range(1, 7))
+    assert (out / "checkpoints" / "step-4" / "COMPLETE").is_file() and (out / "final").is_dir()
+
+    fresh = train("train.max_steps=2", "--no-resume")
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "resume is off: starting over" in fresh.stdout and "resuming from" not in fresh.stdout
-    assert list((tmp_path / "out").glob("checkpoints.before-*/step-2/COMPLETE"))
+    assert list(out.glob("checkpoints.before-*/step-6/COMPLETE"))
+    assert sorted(train_losses(out)) == [1, 2]
