@@ -63,6 +63,6 @@ def test_builtin_model_config_builds_a_small_llama():
     assert config.model_type == "llama" and config.vocab_size == len(tokenizer)
     assert config.pad_token_id == tokenizer.pad_token_id and config.eos_token_id == tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_config(config)
-    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
+    assert 1e5 < sum(p.numel() for p in model.parameters()) < 5e6
     ids = torch.tensor([tokenizer("upper abc")["input_ids"]])
     assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
