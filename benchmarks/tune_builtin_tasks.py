@@ -21,6 +21,11 @@ steps are not), --threads 1, 16 packed rows of 128 tokens per step, cosine over 
   96 x 2, tasks upper,reverse,shift 4     3e-3  37% @300 (reverse/shift had not clicked)
   96 x 2, + shift as 4th task      4      3e-3  53% @200, 75% @300
 
+Parameter counts above are of the tuning runs, whose attention kept head_dim 32 (a bug since fixed);
+the shipped config (head_dim 24) has 305,376 parameters. End to end with it, `deepfleet demo
+train.lr=3e-3 train.max_steps=300` (2 ranks, ZeRO-2, gloo) went from 0% to 69% held-out exact
+match in 135 s wall, 78 s of it in the training loop.
+
 The shipped 96 x 2 model ran at 7.4-8.9k real tokens/s on 1 thread when the machine was quieter,
 and 2.0-2.3k under load; a step is ~1950 real tokens, so 300 steps take ~75 s quiet, ~250 s loaded.
 """
@@ -83,6 +88,7 @@ def build_model(tokenizer, settings: Settings) -> torch.nn.Module:
     config = builtin_model_config(tokenizer)
     config.hidden_size, config.num_hidden_layers = settings.hidden, settings.layers
     config.intermediate_size = settings.hidden * 4
+    config.head_dim = settings.hidden // config.num_attention_heads
     torch.manual_seed(settings.seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
