@@ -9,10 +9,10 @@ ZeRO-0/1, LoRA (optimizer states only for trainable parameters) and fp32 CPU ran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, Union
 
-import torch
-from torch import nn
+if TYPE_CHECKING:   # torch is imported where a model is built, so `deepfleet --help` stays fast
+    from torch import nn
 
 Offload = Literal["none", "optimizer", "optimizer+params"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -67,6 +67,8 @@ def is_valid_zero_setting(stage: int, offload: Offload) -> bool:
 def _linear_targets(model: nn.Module, target_modules: Union[str, Sequence[str]]) -> list[nn.Linear]:
     """The Linear layers LoRA wraps, by peft's rules: a name matches when it equals or ends with `.target`;
     `all-linear` takes every Linear except the output head."""
+    from torch import nn
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = []
     for name, module in model.named_modules():
@@ -90,6 +92,7 @@ def largest_layer_params(model: nn.Module) -> int:
 def model_shape_from_config(config, *, method: str = "full", lora_rank: int = 16,
                             lora_targets: Union[str, Sequence[str]] = "all-linear") -> ModelShape:
     """Build the model on the meta device (no weights, no memory) and count what the estimate needs."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
