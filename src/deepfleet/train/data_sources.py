@@ -50,23 +50,34 @@ def _read_text(path: Path, key: str) -> str:
         raise _unreadable(path, exc.strerror or str(exc), key) from None
 
 
+def _jsonl_line(line: str, where: str, records: list[SourceRecord]) -> str:
+    """Append the line's record to `records`; return what is wrong with it, or ''."""
+    if not line.strip():
+        return ""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"malformed JSON line: {exc.msg} (column {exc.colno})"
+    if not isinstance(value, dict):
+        return f"line is a JSON {type(value).__name__}, not an object"
+    records.append(SourceRecord(fields=value, where=where))
+    return ""
+
+
 def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
     records: list[SourceRecord] = []
     problems: list[Problem] = []
     fix = "make each line one JSON object, e.g. {\"messages\": [...]}"
-    for number, line in enumerate(_read_text(path, key).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(what=f"malformed JSON line: {exc.msg} (column {exc.colno})", where=where, fix=fix))
-            continue
-        if not isinstance(value, dict):
-            problems.append(Problem(what=f"line is a JSON {type(value).__name__}, not an object", where=where, fix=fix))
-            continue
-        records.append(SourceRecord(fields=value, where=where))
+    try:
+        with path.open(encoding="utf-8") as lines:  # streamed: JSONL files can be large
+            for number, line in enumerate(lines, start=1):
+                problem = _jsonl_line(line, f"{path}:{number}", records)
+                if problem:
+                    problems.append(Problem(what=problem, where=f"{path}:{number}", fix=fix))
+    except UnicodeDecodeError:
+        raise _unreadable(path, "not UTF-8 text", key) from None
+    except OSError as exc:
+        raise _unreadable(path, exc.strerror or str(exc), key) from None
     if problems:
         raise DeepfleetError(problems=capped_problems(problems, fix=fix))
     return records
