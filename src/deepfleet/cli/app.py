@@ -11,6 +11,7 @@ from deepfleet.cli import fleet_cmd
 from deepfleet.cli import train_cmd
 from deepfleet.cli import export_cmd
 from deepfleet.cli import plan_cmd
+from deepfleet.cli import bench_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ app.command("demo")(train_cmd.demo)
 app.command("export")(export_cmd.export)
 app.command("plan")(plan_cmd.plan)
 app.command("check-ds-config")(plan_cmd.check_ds_config)
+app.add_typer(bench_cmd.bench_app, name="bench")
 
 
 def main() -> None:

@@ -1,0 +1,60 @@
+"""`deepfleet bench comm` and `deepfleet bench train`: parse, call one function, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from deepfleet.bench.comm import DEFAULT_SIZES, OPERATIONS, parse_sizes
+from deepfleet.errors import DeepfleetError
+
+bench_app = typer.Typer(help="Bus bandwidth of the collectives; tokens/s, MFU and scaling efficiency.",
+                        no_args_is_help=True)
+
+
+def _operations(text: str) -> list[str]:
+    chosen = [op.strip().replace("-", "_") for op in text.split(",") if op.strip()]
+    unknown = [op for op in chosen if op not in OPERATIONS]
+    if unknown or not chosen:
+        raise DeepfleetError(f"unknown collective(s) {', '.join(unknown) or '(none)'}", where="--ops",
+                             fix=f"choose from {', '.join(OPERATIONS)}")
+    return chosen
+
+
+@bench_app.command("comm")
+def comm(
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, or this machine)"),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="SMALL..LARGE (x4 steps) or a list: 1MiB,64MiB"),
+    ops: str = typer.Option(",".join(OPERATIONS), "--ops", help="collectives to measure"),
+    budget: float = typer.Option(2.0, "--budget", min=0.01, help="seconds of timed iterations per size"),
+    deadline: float = typer.Option(600.0, "--deadline", min=1, help="seconds for the whole measurement"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+                                                 help="ranks per host (default: slots; 2 on a lone CPU machine)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    png: Optional[Path] = typer.Option(None, "--png", help="write a busbw-vs-size plot here"),
+    run_dir: Path = typer.Option(Path("runs/bench"), "--run-dir", help="where per-host logs go"),
+) -> None:
+    """All-reduce, all-gather and reduce-scatter across the fleet: algbw and busbw per size."""
+    import torch
+
+    from deepfleet.bench.comm_render import comm_table, plot_comm, summary_line
+    from deepfleet.bench.comm_run import CommOptions, ranks_per_host, run_comm_benchmark
+    from deepfleet.fleet.inventory import resolve_fleet
+
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    options = CommOptions(sizes=parse_sizes(sizes), operations=_operations(ops), run_dir=run_dir,
+                          budget_seconds=budget, deadline_seconds=deadline,
+                          nproc_per_node=ranks_per_host(resolved, nproc_per_node, gpus=gpus))
+    report = run_comm_benchmark(resolved, options, write=(lambda line: None) if as_json else print)
+    if png:
+        plot_comm(report, png)
+    if as_json:
+        print(report.to_json())
+        return
+    Console().print(comm_table(report))
+    print(summary_line(report) + (f"; plot in {png}" if png else ""))
