@@ -110,7 +110,7 @@ def test_generate_command_answers_from_a_full_model(matrix):
     assert done.returncode == 0, done.stderr
     model, tokenizer = load_for_generation(final)
     expected = generate_answers(model, tokenizer, [[{"role": "user", "content": "upper abc"}]], max_new_tokens=8)[0]
-    assert done.stdout.rstrip("\n") == expected
+    assert done.stdout == expected + "\n"  # print() adds one newline
     assert "Traceback" not in done.stderr
 
 

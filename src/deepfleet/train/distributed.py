@@ -75,13 +75,14 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def gather_across_ranks(value: float, device: torch.device) -> list[float]:
+def gather_across_ranks(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values`, in rank order (one collective for all the per-step numbers)."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
     if not dist.is_initialized():
-        return [value]
-    mine = torch.tensor([value], dtype=torch.float64, device=device)
+        return [mine.tolist()]
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
-    return [t.item() for t in everyone]
+    return [t.tolist() for t in everyone]
 
 
 def min_across_ranks(value: float, device: torch.device) -> float:

@@ -139,9 +139,10 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     grad_norm = engine.get_global_grad_norm()
     grad_norm = norm_before_step if grad_norm is None else float(grad_norm)
     world = run.rank_env.world_size
-    loss_total, tokens, stop_votes = sum_across_ranks(
-        [loss_sum / run.order.grad_accum, float(real_tokens), float(stop_requested)], device)
-    rank_seconds = gather_across_ranks(seconds, device)
+    per_rank = gather_across_ranks([loss_sum / run.order.grad_accum, float(real_tokens), float(stop_requested),
+                                    seconds], device)
+    loss_total, tokens, stop_votes = (sum(values[i] for values in per_rank) for i in range(3))
+    rank_seconds = [values[3] for values in per_rank]
     step_seconds = max(rank_seconds)
     tokens_per_second = tokens / max(step_seconds, 1e-9)
     state.tokens_seen += int(tokens)
