@@ -38,7 +38,8 @@ def matrix(tmp_path_factory) -> Path:
             root / f"zero{stage}-{method}.yaml",
             model="builtin:tiny", method=method,
             lora={"r": 8, "alpha": 16, "dropout": 0.0},
-            data={"train": [str(train)], "max_length": 128, "validation": {"files": [str(validation)]}},
+            data={"train": [str(train)], "max_length": 128,
+                  "validation": {"files": [str(validation)], "every_steps": 5 if stage == 0 else 0}},
             train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 2, "warmup": 2,
                    "lr": 3e-3 if method == "full" else 1e-2, "seed": 3},
             deepspeed={"zero": stage}, logging={"peak_tflops": 0.05}, checkpoint={"every_steps": STEPS},
@@ -76,7 +77,9 @@ def test_two_rank_training_reduces_loss_and_logs_metrics(matrix, stage, method):
         assert 0 < record["mfu"] < 10
     assert train[-1]["lr"] < train[2]["lr"]  # warmup then cosine decay
     validation = [r for r in records if r["kind"] == "validation"]
-    assert len(validation) == 1 and math.isfinite(validation[0]["val_loss"])
+    assert [r["step"] for r in validation] == ([5, STEPS] if stage == 0 else [STEPS])
+    assert all(math.isfinite(r["val_loss"]) for r in validation)
+    assert validation[-1]["val_loss"] < losses[0]
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     result = json.loads((out / "result.json").read_text())
