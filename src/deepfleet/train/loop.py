@@ -295,4 +295,6 @@ def _startup_line(run: TrainingRun) -> str:
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "
             f"{run.device.accelerator} | {run.built.n_params:,} params ({run.built.n_trainable:,} trainable) | "
             f"{report.n_train} train / {report.n_validation} validation examples ({report.format}) | "
-            f"{run.total_steps} steps of {recipe.train.global_batch} rows")
+            f"{run.total_steps} steps of {recipe.train.global_batch} rows"
+            + (f" | warning: {report.n_truncated} sequences truncated to data.max_length {report.max_length}"
+               if report.n_truncated else ""))
