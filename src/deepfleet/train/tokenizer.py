@@ -9,7 +9,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe import BUILTIN_MODEL_PREFIX, ModelSpec
-
 from deepfleet.train.builtin import TINY_MODEL_NAME
 
 
