@@ -173,8 +173,11 @@ def generate(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
 ) -> None:
     """Apply the chat template, generate greedily, print the answer."""
+    from transformers.utils import logging as transformers_logging
+
     from deepfleet.train.generate import generate_answers, load_for_generation
 
+    transformers_logging.disable_progress_bar()
     model, tokenizer = load_for_generation(model_dir)
     print(generate_answers(model, tokenizer, [[{"role": "user", "content": prompt}]],
                            max_new_tokens=max_new_tokens)[0])
