@@ -86,9 +86,11 @@ class Measurement:
     operation: str
     size_bytes: int
     iterations: int
-    seconds: float           # per iteration, slowest rank
+    seconds: float           # mean per iteration, slowest rank (what algbw/busbw use, as nccl-tests)
     algbw: float             # bytes/s
     busbw: float             # bytes/s
+    best_seconds: float      # fastest single iteration, slowest rank: robust to other load on the machine
+    best_busbw: float        # bytes/s at best_seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,9 +124,11 @@ class CommReport:
         return max(rows, key=lambda m: m.busbw) if rows else None
 
 
-def measurement(operation: str, size_bytes: int, *, iterations: int, seconds: float, n_ranks: int) -> Measurement:
+def measurement(operation: str, size_bytes: int, *, iterations: int, seconds: float, n_ranks: int,
+                best_seconds: float) -> Measurement:
     return Measurement(operation=operation, size_bytes=size_bytes, iterations=iterations, seconds=seconds,
-                       algbw=algbw(size_bytes, seconds), busbw=busbw(operation, size_bytes, seconds, n_ranks))
+                       algbw=algbw(size_bytes, seconds), busbw=busbw(operation, size_bytes, seconds, n_ranks),
+                       best_seconds=best_seconds, best_busbw=busbw(operation, size_bytes, best_seconds, n_ranks))
 
 
 def iterations_for(warmup_seconds: float, *, budget_seconds: float, max_iterations: int) -> int:

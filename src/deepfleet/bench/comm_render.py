@@ -16,17 +16,18 @@ def comm_table(report: CommReport) -> Table:
     table = Table(title=f"{report.backend}: {report.n_ranks} ranks on {report.n_hosts} host(s), {report.dtype} "
                         "(GB/s = 1e9 B/s, nccl-tests definitions)")
     for column, justify in (("collective", "left"), ("size", "right"), ("iters", "right"), ("time", "right"),
-                            ("algbw GB/s", "right"), ("busbw GB/s", "right")):
+                            ("algbw GB/s", "right"), ("busbw GB/s", "right"),
+                            ("best busbw", "right")):
         table.add_column(column, justify=justify, style="bold" if column.startswith("busbw") else None)
     for op in OPERATIONS:
         rows = [m for m in report.measurements if m.operation == op]
         rows += [s for s in report.skipped if s.operation == op]
         for row in sorted(rows, key=lambda r: r.size_bytes):
             if isinstance(row, Skipped):
-                table.add_row(op, format_bytes(row.size_bytes), "", f"skipped: {row.reason}", "", "")
+                table.add_row(op, format_bytes(row.size_bytes), "", f"skipped: {row.reason}", "", "", "")
             else:
                 table.add_row(op, format_bytes(row.size_bytes), str(row.iterations), format_seconds(row.seconds),
-                              f"{row.algbw / GB:.3f}", f"{row.busbw / GB:.3f}")
+                              f"{row.algbw / GB:.3f}", f"{row.busbw / GB:.3f}", f"{row.best_busbw / GB:.3f}")
     return table
 
 

@@ -58,15 +58,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_collective(operation: str, buffers: dict[str, torch.Tensor], iterations: int, device: torch.device) -> float:
-    """Seconds per iteration on the slowest rank."""
+def time_collective(operation: str, buffers: dict[str, torch.Tensor], iterations: int,
+                    device: torch.device) -> tuple[float, float]:
+    """(mean, fastest) seconds per iteration, each on the slowest rank."""
     dist.barrier()
     synchronize(device)
-    started = time.perf_counter()
+    started = best = time.perf_counter()
+    best_seconds = float("inf")
     for _ in range(iterations):
         run_collective(operation, buffers)
-    synchronize(device)
-    return agreed((time.perf_counter() - started) / iterations, device)
+        synchronize(device)
+        now = time.perf_counter()
+        best_seconds, best = min(best_seconds, now - best), now
+    return agreed((time.perf_counter() - started) / iterations, device), agreed(best_seconds, device)
 
 
 def measure_all(args: argparse.Namespace, device: torch.device) -> CommReport:
@@ -92,11 +96,11 @@ def measure_all(args: argparse.Namespace, device: torch.device) -> CommReport:
                 continue
             buffers = {"full": torch.ones(count, dtype=torch.float32, device=device),
                        "shard": torch.ones(count // n_ranks, dtype=torch.float32, device=device)}
-            warmup = time_collective(operation, buffers, 1, device)
+            warmup, _ = time_collective(operation, buffers, 1, device)
             iterations = iterations_for(warmup, budget_seconds=args.budget, max_iterations=args.max_iterations)
-            seconds = time_collective(operation, buffers, iterations, device)
+            seconds, best_seconds = time_collective(operation, buffers, iterations, device)
             measurements.append(measurement(operation, size_bytes, iterations=iterations, seconds=seconds,
-                                            n_ranks=n_ranks))
+                                            n_ranks=n_ranks, best_seconds=best_seconds))
             del buffers
             # One more iteration of the next (larger) size would not fit the budget: stop this collective.
             too_slow = warmup > args.budget
