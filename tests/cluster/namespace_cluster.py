@@ -33,6 +33,7 @@ class HostSpec:
     sshd: bool = True                        # False: the namespace exists but no sshd runs
     sshd_options: tuple[str, ...] = ()       # extra sshd_config lines; "{root}" is the session dir
     password_only: bool = False              # sshd refuses keys, offers passwords only
+    private_dirs: tuple[str, ...] = ()       # tmpfs over these paths for this host only: storage not shared
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +125,10 @@ def start_sshd(cluster: Cluster, host: ClusterHost) -> None:
     empty = cluster.root / "empty_rc"
     binds = " ".join(f"mount --bind {empty} {rc} &&" for rc in ("/root/.bashrc", "/root/.profile")
                      if Path(rc).exists())
+    # `ip netns exec` gives sshd its own mount namespace, so these mounts are seen by this host only.
+    for directory in host.spec.private_dirs:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        binds += f" mount -t tmpfs -o size=512m tmpfs {directory} &&"
     log = cluster.root / f"{host.name}.sshd.log"
     _run(["ip", "netns", "exec", host.namespace, "sh", "-c",
           f"{binds} exec /usr/sbin/sshd -f {host.sshd_config} -E {log}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from namespace_cluster import fleet_yaml_text
+from namespace_cluster import HostSpec, fleet_yaml_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from training_fixtures import DEEPFLEET, write_recipe, write_task_data  # noqa: E402
@@ -129,3 +130,38 @@ def test_sigterm_to_launcher_checkpoints_every_rank_then_the_same_command_resume
     assert again.returncode == 0, out[-3000:]
     got = losses(tmp_path / "interrupted")
     assert max(got) == 9 and abs(reference_losses[9] - got[9]) <= LOSS_TOLERANCE, (reference_losses[9], got[9])
+
+
+def host_file_text(cluster, name: str, path: Path) -> str | None:
+    """A file as host `name` sees it (inside its sshd's mount namespace), or None when absent."""
+    sshd = cluster.host(name).sshd_pid_file.read_text().strip()
+    done = subprocess.run(["nsenter", "-t", sshd, "-m", "cat", str(path)], capture_output=True, text=True, timeout=10)
+    return done.stdout if done.returncode == 0 else None
+
+
+def test_checkpoints_resume_when_hosts_do_not_share_the_output_dir(cluster_factory, tmp_path, reference_losses):
+    private = tmp_path / "node-local"
+    cluster = cluster_factory([HostSpec(name=n, private_dirs=(str(private),)) for n in ("h1", "h2")])
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
+    recipe = recipe_for(tmp_path, stage=2, output="unused", steps=9, **CHECKPOINTS)
+    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
+    output = private / "out"
+    process = subprocess.Popen([DEEPFLEET, "train", str(recipe), f"output_dir={output}", "--fleet", "fleet.yaml",
+                                "--max-restarts", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while '"step": 4' not in (host_file_text(cluster, "h1", output / "metrics.jsonl") or ""):
+        assert time.monotonic() < deadline and process.poll() is None, "training never reached step 4"
+        time.sleep(0.1)
+    for pid in rank_pids(cluster, "h2"):
+        os.kill(pid, signal.SIGKILL)
+    out, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, out[-3000:]
+    assert "resuming from" in out
+    seen_by_head = {path.name for path in private.glob("out/*")}
+    assert not seen_by_head & {"checkpoints", "metrics.jsonl", "final"}, "storage was shared after all"
+    for name in ("h1", "h2"):
+        assert host_file_text(cluster, name, output / "checkpoints" / "step-9" / "COMPLETE") is not None, name
+    metrics = host_file_text(cluster, "h1", output / "metrics.jsonl")
+    final = [json.loads(line) for line in metrics.splitlines() if '"kind": "train"' in line][-1]
+    assert final["step"] == 9 and abs(final["loss"] - reference_losses[9]) <= LOSS_TOLERANCE

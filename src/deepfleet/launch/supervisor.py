@@ -116,7 +116,8 @@ class Supervisor:
                               stopped_by_signal=self.stop_requested, preempted=True)
         if self.failure is None and not self.stop_requested:
             return JobOutcome(exit_code=0, failure=None, teardown_seconds=None, host_exit_codes=codes)
-        first_code = next((c for c in codes.values() if c not in (0, None)), 1)
+        failed_code = codes.get(self.failure.host) if self.failure else None
+        first_code = failed_code or next((c for c in codes.values() if c not in (0, None)), 1)
         return JobOutcome(exit_code=first_code, failure=self.failure, teardown_seconds=teardown,
                           host_exit_codes=codes, stopped_by_signal=self.stop_requested)
 
@@ -224,7 +225,11 @@ class Supervisor:
         started = self.detected_at or time.monotonic()
         graceful = self.stop_requested and self.failure is None
         word = "term" if graceful else "kill"
-        await asyncio.gather(*(self._send(h, word) for h in running))
+        # A silent host cannot hear us; its agent tears itself down when the head's pings stop.
+        silent = [h for h in running if time.monotonic() - h.last_event > self.options.link_timeout]
+        for host in silent:
+            host.proc.kill()
+        await asyncio.gather(*(self._send(h, word) for h in running if h not in silent))
         if not graceful:
             for host in running:
                 host.proc.stdin.close()

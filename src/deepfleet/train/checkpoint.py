@@ -182,3 +182,26 @@ def check_resumable(path: Path, fingerprint: dict[str, Any]) -> None:
         raise DeepfleetError(f"resuming {path} would change the run: {'; '.join(differences)}",
                              where="resume",
                              fix="use a new output_dir, or --no-resume (resume: false) to start over")
+
+
+def output_dir_shared_by_all_ranks(output_dir: Path, *, rank: int, local_rank: int, device: torch.device) -> bool:
+    """Whether every rank sees the same output dir: rank 0 writes a token, the others look for it.
+
+    When hosts keep their own disks, DeepSpeed must write its non-ZeRO model states on every host
+    (`use_node_local_storage`), or no host but the first could resume; on shared storage that
+    setting would make hosts write the same file at once, so it is set only when needed.
+    """
+    token = output_dir / f".shared-check-{os.environ.get('MASTER_PORT', '0')}"
+    if local_rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    if rank == 0:
+        token.write_text("")
+    _barrier()
+    seen = torch.tensor([1.0 if token.exists() else 0.0], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    _barrier()
+    if rank == 0:
+        token.unlink(missing_ok=True)
+    return bool(seen.item())

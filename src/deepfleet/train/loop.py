@@ -29,8 +29,8 @@ from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
 from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints_root, complete_checkpoints,
-                                        load_checkpoint, remove_incomplete, run_fingerprint, save_checkpoint,
-                                        step_dir)
+                                        load_checkpoint, output_dir_shared_by_all_ranks, remove_incomplete,
+                                        run_fingerprint, save_checkpoint, step_dir)
 from deepfleet.train.preemption import Preempted, StopRequest
 
 
@@ -86,6 +86,9 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     total_steps = order.total_steps(epochs=recipe.train.epochs, max_steps=recipe.train.max_steps)
     ds_config = deepspeed_config_for_run(recipe, world_size=rank_env.world_size, total_steps=total_steps,
                                          accelerator=device.accelerator, bf16_supported=device.bf16_supported)
+    if not output_dir_shared_by_all_ranks(recipe.output_path, rank=rank_env.rank, local_rank=rank_env.local_rank,
+                                          device=device.device):
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "use_node_local_storage": True}}
     # The planner (deepspeed: auto) or a user JSON may choose another micro batch for the same global batch.
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     order = replace(order, micro_batch=micro, grad_accum=accum)
