@@ -63,7 +63,7 @@ def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: int) -> Optional[int]:
                             precision_bytes=precision_bytes)
 
 
-def resolve_auto_zero(recipe: Recipe, *, nproc: int) -> tuple[Recipe, str]:
+def resolve_auto_zero(recipe: Recipe, *, nproc: int, nodes: int = 1) -> tuple[Recipe, str]:
     """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees."""
     if recipe.deepspeed.zero != "auto" or recipe.deepspeed.config is not None:
         return recipe, ""
@@ -75,10 +75,10 @@ def resolve_auto_zero(recipe: Recipe, *, nproc: int) -> tuple[Recipe, str]:
 
     host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpus = torch.cuda.is_available()
-    fleet = FleetShape(nodes=1, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
+    fleet = FleetShape(nodes=nodes, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
                        device_memory_bytes=torch.cuda.get_device_properties(0).total_memory if gpus else host_memory,
                        host_memory_bytes=host_memory, bf16_supported=gpus and torch.cuda.is_bf16_supported())
-    choice = resolve_run_config(recipe, world_size=nproc, total_steps=100, accelerator=fleet.accelerator,
+    choice = resolve_run_config(recipe, world_size=nodes * nproc, total_steps=100, accelerator=fleet.accelerator,
                                 bf16_supported=fleet.bf16_supported, model_shape=shape_for(recipe),
                                 fleet=fleet).plan.choice
     deepspeed = recipe.deepspeed.model_copy(update={
@@ -121,10 +121,13 @@ def _train_on_fleet(recipe: Recipe, fleet_file: Optional[str], hostfile: Optiona
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    per_node = nproc or fleet.hosts[0].slots
+    recipe, note = resolve_auto_zero(recipe, nproc=per_node, nodes=len(fleet.hosts))
+    if note:
+        print(note)
     check_before_launch(recipe, world_size=fleet_world_size(fleet, nproc), accelerator="cuda" if gpus else "cpu",
-                        cuda_available=gpus > 0)
-    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1,
-                                                     nproc=nproc or fleet.hosts[0].slots)
+                        cuda_available=gpus > 0, checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
+    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=per_node)
     return train_on_fleet(fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=recipe.env,
                           output_dir=recipe.output_path, nproc_per_node=nproc, cpu_threads=threads,
                           max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run)
