@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from deepfleet.train.batches import collate, pack_first_fit, plan_rows
 from deepfleet.train.dataset import IGNORE_INDEX, TokenizedExample
 
 
-def tiny_model(attn_implementation: str) -> torch.nn.Module:
+def tiny_model(attn_implementation: str, config_class: type = LlamaConfig) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = config_class(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model.eval()
 
@@ -27,9 +27,10 @@ def make_examples(lengths: list[int]) -> list[TokenizedExample]:
     return examples
 
 
+@pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_logits_match_unpacked(attn_implementation):
-    model = tiny_model(attn_implementation)
+def test_packed_logits_match_unpacked(attn_implementation, config_class):
+    model = tiny_model(attn_implementation, config_class)
     examples = make_examples([7, 12, 5, 9, 3, 11])
     rows = [[0, 1, 2], [3, 4, 5], [2, 4]]  # uneven row lengths: the short row gets a padding segment
     batch = collate(rows, examples, pad_id=0, max_length=32, packing=True)
@@ -46,6 +47,21 @@ def test_packed_logits_match_unpacked(attn_implementation):
                 worst = max(worst, (alone - part).abs().max().item())
                 offset += len(ids[0])
     assert worst < 1e-5, f"packed vs unpacked logits differ by {worst}"
+
+
+def test_packed_loss_is_the_token_weighted_mean_of_unpacked_losses():
+    model = tiny_model("sdpa")
+    examples = make_examples([6, 9, 4])
+    batch = collate([[0, 1, 2]], examples, pad_id=0, max_length=32, packing=True)
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).loss.item()
+        total = count = 0.0
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            n_targets = len(example.input_ids) - 1
+            total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * n_targets
+            count += n_targets
+    assert abs(packed - total / count) < 1e-5
 
 
 def test_packing_without_position_restart_would_leak():
