@@ -134,12 +134,12 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resume_rules(tmp_pat
     lines = [line for line in changed.stderr.splitlines() if line.strip()]
     assert changed.returncode == 2 and len(lines) == 1, changed.stdout + changed.stderr
     assert "global_batch: checkpoint has 4, this run has 8" in lines[0] and "Traceback" not in changed.stderr
-    assert f"removed incomplete checkpoint {out / 'checkpoints' / 'step-4'}" in changed.stdout
-    assert not (out / "checkpoints" / "step-4").exists()
+    assert not (tmp_path / "run-state").exists()  # refused before any rank started
 
     resumed = train()
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {out / 'checkpoints' / 'step-2'} (step 2 of 6)" in resumed.stdout
+    assert f"removed incomplete checkpoint {out / 'checkpoints' / 'step-4'}" in resumed.stdout
     assert sorted(train_losses(out)) == list(range(1, 7))
     assert (out / "checkpoints" / "step-4" / "COMPLETE").is_file() and (out / "final").is_dir()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run
 from deepfleet.plan.recipe import Recipe
+from deepfleet.train.checkpoint import check_resumable, complete_checkpoints, run_fingerprint
 from deepfleet.train.model import check_method_supported, check_model_source
 
 BUILTIN_PREFIX = "builtin:"
@@ -64,6 +65,18 @@ def output_dir_problems(output_dir: Path, *, needed_bytes: int | None) -> list[P
     return []
 
 
+def resume_problems(recipe: Recipe, *, world_size: int) -> list[Problem]:
+    """A resume that would silently change the run, caught before launch (the ranks check again)."""
+    newest = complete_checkpoints(recipe.output_path)
+    if not recipe.resume or not newest:
+        return []
+    try:
+        check_resumable(newest[-1][1], run_fingerprint(recipe, world_size=world_size))
+    except DeepfleetError as exc:
+        return exc.problems
+    return []
+
+
 def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cuda_available: bool,
                         checkpoint_size: int | None = None) -> None:
     """Model source, method, batch layout / DeepSpeed settings, data paths, output dir; all problems at once."""
@@ -78,5 +91,6 @@ def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cu
             problems += exc.problems
     problems += data_problems(recipe)
     problems += output_dir_problems(recipe.output_path, needed_bytes=checkpoint_size)
+    problems += resume_problems(recipe, world_size=world_size)
     if problems:
         raise DeepfleetError(problems=problems)
