@@ -181,6 +181,8 @@ def validation_loss(run: TrainingRun) -> float | None:
 
 def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None) -> TrainResult:
     started = time.perf_counter()
+    # Step -1 tells the supervisor this rank is still starting (loading, rendezvous): its longer timeout applies.
+    Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds).beat(-1, force=True)
     run = build_training_run(recipe, rank_env)
     return train_and_save(run, console_stream=console_stream, started=started)
 
