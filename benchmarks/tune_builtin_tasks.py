@@ -17,17 +17,16 @@ steps are not), --threads 1, 16 packed rows of 128 tokens per step, cosine over 
   128 x 4, 1.06M                   4      2e-3  64% @200, 69% @300, 77% @500
   96 x 3, 452k                     4      3e-3  16% @200, 59% @250, 67% @300
   64 x 2, 171k                     4      3e-3  36% @200, 65% @300
-  96 x 2, 330k (shipped)           4      3e-3  seed 42: 63% @150, 69% @200; seeds 1/2/3: 55/65/69% @200, 69/71/71% @300
+  96 x 2, 330k (shipped shape)     4      3e-3  seed 42: 63% @150, 69% @200; seeds 1/2/3: 55/65/69% @200, 69/71/71% @300
   96 x 2, tasks upper,reverse,shift 4     3e-3  37% @300 (reverse/shift had not clicked)
   96 x 2, + shift as 4th task      4      3e-3  53% @200, 75% @300
-
   96 x 2, 305k (head_dim 24)       4      5e-3  seeds 1/2/3: 67/64/34% @200, 70/69/63% @300 (no faster than 3e-3)
 
 Parameter counts above are of the tuning runs, whose attention kept head_dim 32 (a bug since fixed);
 the shipped config (head_dim 24) has 305,376 parameters. End to end with it, `deepfleet demo
 train.lr=3e-3 train.max_steps=300` (2 ranks, ZeRO-2, gloo) went from 0% to 69% held-out exact
 match in 135 s wall, 78 s of it in the training loop; with train.seed=1 the same run reached only
-37% (reverse had not clicked), so the demo recipe uses 600 steps: seed 1 -> 71%, seed 42 -> 72%
+37% (reverse had not clicked), so the recommended demo recipe is lr 3e-3 and 600 steps: seed 1 -> 71%, seed 42 -> 72%
 (on a loaded machine: 287 s and 365 s in the loop; about 0.12 s/step when the machine is quiet).
 
 The shipped 96 x 2 model ran at 7.4-8.9k real tokens/s on 1 thread when the machine was quieter,
