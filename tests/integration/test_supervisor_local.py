@@ -96,7 +96,7 @@ def test_killed_rank_tears_down_every_node_fast_and_spares_another_job(tmp_path)
 
     job, hosts = two_node_job(tmp_path, steps=400)
     outcome = supervise(hosts, tmp_path, lambda: os.kill(rank_pid(job, 1), signal.SIGKILL))
-    assert outcome.failure is not None and outcome.failure.host == "node1"
+    assert outcome.failure is not None and (outcome.failure.host, outcome.failure.rank) == ("node1", "1")
     assert outcome.teardown_seconds is not None and outcome.teardown_seconds < 10
     assert leftovers(job) == []
     assert other_thread.is_alive() or other_result["o"].exit_code == 0, "the other job must not be touched"

@@ -30,6 +30,8 @@ SSH_FAILED = 255
 RANK_LINE = re.compile(r"^\[(\d+)\]:")
 # What a rank of the training program prints after its preemption checkpoint is complete.
 PREEMPTED_LINE = re.compile(r"^\[\d+\]:preempted: ")
+# torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +169,8 @@ class Supervisor:
                 and self.detected_at is None:
             why = host.exit_reason or ("ssh connection dropped or failed" if host.exit_code == SSH_FAILED
                                        else f"exited with code {host.exit_code}")
-            self._fail(host, None, why)
+            ranks = [m.group(1) for m in map(ROOT_CAUSE_RANK.match, host.tail) if m]
+            self._fail(host, ranks[0] if ranks else None, why)
 
     def _on_event(self, host: HostState, event: dict) -> None:
         now = time.monotonic()
