@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -58,3 +60,39 @@ def comm(
         return
     Console().print(comm_table(report))
     print(summary_line(report) + (f"; plot in {png}" if png else ""))
+
+
+@bench_app.command("train")
+def train(
+    recipe: str = typer.Argument(..., help="Recipe YAML"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.micro_batch=8"),
+    nodes: str = typer.Option("1,2", "--nodes", help="node counts to compare, e.g. 1,2,4 (the fleet's first N hosts)"),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, or this machine)"),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    steps: int = typer.Option(20, "--steps", min=2, help="optimizer steps per node count"),
+    warmup_steps: int = typer.Option(3, "--warmup-steps", min=0, help="first steps left out of the figures"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="ranks per host (default: slots)"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+    png: Optional[Path] = typer.Option(None, "--png", help="write tokens/s and efficiency plots here"),
+) -> None:
+    """Real tokens/s, MFU, per-host step time and scaling efficiency for each node count."""
+    from deepfleet.bench.scaling import parse_node_counts
+    from deepfleet.bench.scaling_render import plot_scaling, scaling_json, scaling_table
+    from deepfleet.bench.train_run import ScalingOptions, run_scaling_benchmark
+    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.plan.recipe_io import load_recipe
+
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    options = ScalingOptions(node_counts=parse_node_counts(nodes, fleet_size=len(resolved.hosts)), steps=steps,
+                             warmup_steps=warmup_steps, nproc_per_node=nproc_per_node)
+    # The launcher prints progress; with --json it goes to stderr so stdout is only the JSON.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        results = run_scaling_benchmark(load_recipe(recipe, list(overrides or [])), resolved, options)
+    if png:
+        plot_scaling(results, png)
+    if as_json:
+        print(scaling_json(results))
+        return
+    Console().print(scaling_table(results))
+    if png:
+        print(f"plot in {png}")

@@ -1,0 +1,227 @@
+"""deepfleet training vs the seed-style loops, side by side in one run on this machine (not a test).
+
+    .venv/bin/python benchmarks/training_speed.py [--rounds 2] [--steps 12] [--warmup-steps 3]
+
+Same model (a ~5M-parameter Llama built from a config), same data (texts with lognormal lengths
+clipped to 16..512 tokens), same 2 CPU ranks with OMP_NUM_THREADS=1 each, same DeepSpeed config
+(deepfleet's for the recipe: ZeRO-2, AdamW, fp32), same micro batch and accumulation. Each round
+runs, in turn:
+  deepfleet     `deepfleet train RECIPE --nproc 2`: packed rows of 512, real tokens/s from metrics.jsonl
+  max_length    benchmarks/seed_style_loop.py: every sequence padded to 512 (the seeds' loop)
+  dynamic       the same loop, each micro batch padded to its longest sequence
+and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before and after.
+Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = 6 x params x tokens/s over the peak,
+per round and as the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+DEEPFLEET = str(Path(sys.executable).with_name("deepfleet"))
+MAX_LENGTH = 512
+MIN_LENGTH = 16
+LENGTH_MEDIAN = 100            # lognormal(ln 100, 0.8): median 100 tokens, a long tail to 512
+LENGTH_SIGMA = 0.8
+N_TEXTS = 6000
+MICRO_BATCH = 4
+GRAD_ACCUM = 2
+RANKS = 2
+HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 5, 1024, 4
+WORDS = ["the", "model", "of", "a", "fleet", "trains", "on", "every", "host", "and", "data", "flows", "to",
+         "rank", "zero", "while", "gradients", "reduce", "across", "links"]
+
+
+def machine_description() -> str:
+    import torch
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def write_corpus(path: Path, seed: int = 0) -> list[int]:
+    """Texts whose token count (chars + eos with the char-level tokenizer) is lognormal, clipped to 16..512."""
+    rng = random.Random(seed)
+    lengths = []
+    with path.open("w") as handle:
+        for _ in range(N_TEXTS):
+            n = min(MAX_LENGTH, max(MIN_LENGTH, round(rng.lognormvariate(math.log(LENGTH_MEDIAN), LENGTH_SIGMA))))
+            words, text = [], ""
+            while len(text) < n - 1:
+                words.append(rng.choice(WORDS))
+                text = " ".join(words)
+            handle.write(json.dumps({"text": text[:n - 1]}) + "\n")
+            lengths.append(n)
+    return lengths
+
+
+def write_model(directory: Path) -> int:
+    """A ~5M-parameter Llama with deepfleet's character tokenizer, saved as a local HF model dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from deepfleet.plan.recipe import ModelSpec
+    from deepfleet.train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSpec())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                         max_position_embeddings=MAX_LENGTH, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def recipe_for(work: Path, model_dir: Path, data: Path, steps: int, output: str) -> dict:
+    return {"model": str(model_dir), "method": "full",
+            "data": {"train": [str(data)], "format": "text", "max_length": MAX_LENGTH, "packing": True},
+            "train": {"max_steps": steps, "global_batch": MICRO_BATCH * GRAD_ACCUM * RANKS,
+                      "micro_batch": MICRO_BATCH, "lr": 1e-3, "warmup": 1, "seed": 1},
+            "precision": "fp32", "deepspeed": {"zero": 2},
+            "logging": {"tensorboard": False, "every_steps": 1, "peak_tflops": 1.0},
+            "output_dir": str(work / output), "resume": False}
+
+
+def deepspeed_config(recipe: dict, steps: int) -> dict:
+    from deepfleet.plan.deepspeed_config import deepspeed_config_for_run
+    from deepfleet.plan.recipe import Recipe
+    return deepspeed_config_for_run(Recipe.model_validate(recipe), world_size=RANKS, total_steps=steps,
+                                    accelerator="cpu", bf16_supported=False)
+
+
+def rank_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUNS_ROOT": tempfile.gettempdir()}
+
+
+def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str) -> dict:
+    import yaml
+    recipe = {**recipe, "output_dir": str(work / tag)}
+    path = work / f"{tag}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = subprocess.run([DEEPFLEET, "train", str(path), "--nproc", str(RANKS)], cwd=work, env=rank_env(),
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"deepfleet train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (work / tag / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r.get("kind") == "train" and r["step"] > warmup_steps]
+    tokens, seconds = sum(r["tokens"] for r in timed), sum(r["step_seconds"] for r in timed)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "timed_steps": len(timed), "last_loss": timed[-1]["loss"]}
+
+
+def run_seed_loop(work: Path, mode: str, model_dir: Path, data: Path, ds_config: Path, steps: int,
+                  warmup_steps: int, tag: str) -> dict:
+    out = work / f"{tag}.json"
+    argv = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
+            str(REPO / "benchmarks" / "seed_style_loop.py"), "--mode", mode, "--model-dir", str(model_dir),
+            "--data", str(data), "--ds-config", str(ds_config), "--max-length", str(MAX_LENGTH),
+            "--steps", str(steps), "--warmup-steps", str(warmup_steps), "--out", str(out)]
+    done = subprocess.run(argv, cwd=work, env=rank_env(), capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"seed-style loop ({mode}) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def _matmul_flops(size: int, seconds: float, queue) -> None:
+    import torch
+    torch.set_num_threads(1)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        torch.matmul(a, b)
+        count += 1
+    queue.put(2.0 * size ** 3 * count / elapsed)
+
+
+def measure_machine_peak(*, size: int = 1024, seconds: float = 3.0, repeats: int = 3) -> float:
+    """fp32 matmul FLOP/s of the machine: RANKS single-thread processes at once, best of `repeats`."""
+    context = multiprocessing.get_context("spawn")
+    best = 0.0
+    for _ in range(repeats):
+        queue = context.Queue()
+        workers = [context.Process(target=_matmul_flops, args=(size, seconds, queue)) for _ in range(RANKS)]
+        for worker in workers:
+            worker.start()
+        total = sum(queue.get(timeout=120) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=30)
+        best = max(best, total)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="df-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_description()}")
+    lengths = write_corpus(work / "train.jsonl")
+    n_params = write_model(work / "model")
+    mean_length = statistics.mean(lengths)
+    print(f"model: Llama {HIDDEN}x{LAYERS} layers, {n_params:,} params; corpus: {N_TEXTS} texts, lognormal lengths "
+          f"(median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}) clipped to {MIN_LENGTH}..{MAX_LENGTH}: mean "
+          f"{mean_length:.0f} tokens, so padding to {MAX_LENGTH} wastes {1 - mean_length / MAX_LENGTH:.0%}")
+    print(f"{RANKS} CPU ranks x 1 thread, ZeRO-2 fp32, micro batch {MICRO_BATCH} x accumulation {GRAD_ACCUM}, "
+          f"{args.steps} steps per run, first {args.warmup_steps} not timed; work dir {work}")
+    recipe = recipe_for(work, work / "model", work / "train.jsonl", args.steps, "deepfleet")
+    ds_path = work / "ds_config.json"
+    ds_path.write_text(json.dumps(deepspeed_config(recipe, args.steps), indent=2))
+    peaks = [measure_machine_peak()]
+    rounds = []
+    for index in range(args.rounds):
+        result = {"deepfleet": run_deepfleet(work, recipe, args.warmup_steps, f"deepfleet-{index}")}
+        for mode in ("max_length", "dynamic"):
+            result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
+                                         args.warmup_steps, f"{mode}-{index}")
+        rounds.append(result)
+        print(f"round {index + 1}: " + ", ".join(f"{name} {r['tokens_per_second']:,.0f} tok/s"
+                                                 for name, r in result.items()), flush=True)
+    peaks.append(measure_machine_peak())
+    peak = max(peaks)
+    report(rounds, n_params=n_params, peak=peak, peaks=peaks)
+
+
+def report(rounds: list[dict], *, n_params: int, peak: float, peaks: list[float]) -> None:
+    ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds]
+    ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds]
+    mfu = {name: [6 * n_params * r[name]["tokens_per_second"] / peak for r in rounds]
+           for name in ("deepfleet", "max_length", "dynamic")}
+    print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3): "
+          + " / ".join(f"{p / 1e9:.1f}" for p in peaks) + f" GFLOP/s (before / after); using {peak / 1e9:.1f}")
+    print(f"{'':28}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(len(rounds))) + f"{'median':>12}")
+    for name in ("deepfleet", "max_length", "dynamic"):
+        values = [r[name]["tokens_per_second"] for r in rounds]
+        print(f"{name + ' real tok/s':28}" + "".join(f"{v:>12,.0f}" for v in values) + f"{statistics.median(values):>12,.0f}")
+    for label, values, goal in (("(a) deepfleet / max_length", ratio_a, "goal >= 3.0x"),
+                                ("(b) deepfleet / dynamic", ratio_b, "goal >= 1.7x")):
+        print(f"{label:28}" + "".join(f"{v:>11.2f}x" for v in values) + f"{statistics.median(values):>11.2f}x  {goal}")
+    for name, values in mfu.items():
+        label = f"(c) MFU {name}" if name == "deepfleet" else f"    MFU {name}"
+        goal = "  goal >= 50%" if name == "deepfleet" else ""
+        print(f"{label:28}" + "".join(f"{v:>12.1%}" for v in values) + f"{statistics.median(values):>12.1%}{goal}")
+
+
+if __name__ == "__main__":
+    main()
