@@ -150,3 +150,31 @@ def test_comm_busbw_agrees_with_plain_torch_and_is_shown_next_to_tcp(namespace_c
     ours_best, plain = ours[COMPARED_SIZE]["best_busbw"], plain_best[COMPARED_SIZE]
     assert abs(ours_best - plain) <= AGREEMENT * plain, "\n".join(lines)
     assert 0 < ours_best < 2 * tcp, "\n".join(lines)   # gloo over TCP cannot beat the link by far
+
+
+def test_bench_train_scaling_table_on_one_and_two_hosts(namespace_cluster, tmp_path):
+    from training_fixtures import write_recipe, write_task_data
+
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
+    train, _ = write_task_data(tmp_path / "data", n_train=240, n_validation=8)
+    # One thread per rank: every namespace host shares this machine's 2 cores.
+    recipe = write_recipe(tmp_path / "scaling.yaml", model="builtin:tiny", method="full",
+                          data={"train": [str(train)], "max_length": 64, "packing": True},
+                          train={"global_batch": 8, "micro_batch": 4, "lr": 2e-3, "warmup": 1, "seed": 3},
+                          deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+                          output_dir=str(tmp_path / "scaling"))
+    done = subprocess.run([DEEPFLEET, "bench", "train", str(recipe), "--nodes", "1,2", "--fleet", "fleet.yaml",
+                           "--steps", "6", "--warmup-steps", "2", "--json", "--png", "scaling.png"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    one, two = json.loads(done.stdout)       # stdout holds only the JSON
+    print(f"\n1 node {one['tokens_per_second']:,.0f} tok/s, 2 nodes {two['tokens_per_second']:,.0f} tok/s, "
+          f"efficiency {two['scaling_efficiency']:.0%}; per host {two['hosts']}")
+    assert (one["nodes"], one["ranks"], two["nodes"], two["ranks"]) == (1, 1, 2, 2)
+    assert [h["host"] for h in two["hosts"]] == ["h1", "h2"]
+    assert one["scaling_efficiency"] == pytest.approx(1.0)
+    assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_second"] / (2 * one["tokens_per_second"]))
+    assert all(r["tokens_per_second"] > 0 and 0 < r["mfu"] for r in (one, two))
+    assert (tmp_path / "scaling" / "bench-nodes-2" / "logs" / "attempt-0" / "h2.log").is_file()
+    assert (tmp_path / "scaling.png").is_file()
