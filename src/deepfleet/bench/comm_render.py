@@ -14,11 +14,11 @@ GB = 1e9   # nccl-tests prints GB/s as 1e9 bytes per second
 def comm_table(report: CommReport) -> Table:
     """One row per collective and size, as nccl-tests prints them; skipped sizes say why."""
     table = Table(title=f"{report.backend}: {report.n_ranks} ranks on {report.n_hosts} host(s), {report.dtype} "
-                        "(GB/s = 1e9 B/s, nccl-tests definitions)")
+                        "; bandwidths in GB/s (1e9 B/s), nccl-tests definitions")
     for column, justify in (("collective", "left"), ("size", "right"), ("iters", "right"), ("time", "right"),
-                            ("algbw GB/s", "right"), ("busbw GB/s", "right"),
+                            ("algbw", "right"), ("busbw", "right"),
                             ("best busbw", "right")):
-        table.add_column(column, justify=justify, style="bold" if column.startswith("busbw") else None)
+        table.add_column(column, justify=justify, style="bold" if column == "busbw" else None)
     for op in OPERATIONS:
         rows = [m for m in report.measurements if m.operation == op]
         rows += [s for s in report.skipped if s.operation == op]
