@@ -30,7 +30,7 @@ class CommOptions:
     budget_seconds: float = 2.0          # timed iterations per size and collective
     max_iterations: int = 50
     deadline_seconds: float = 600.0      # the whole measurement, all sizes
-    memory_fraction: float = 0.25        # of each rank's share of free memory
+    memory_fraction: float = 0.5         # of each rank's share of free memory
     nproc_per_node: int | None = None
 
 

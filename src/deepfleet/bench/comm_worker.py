@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=2.0, help="seconds of timed iterations per size")
     parser.add_argument("--max-iterations", type=int, default=50)
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds for the whole run")
-    parser.add_argument("--memory-fraction", type=float, default=0.25, help="of free memory per rank")
+    parser.add_argument("--memory-fraction", type=float, default=0.5, help="of free memory per rank")
     args = parser.parse_args(argv)
     args.sizes = sorted(int(s) for s in args.sizes.split(","))
     args.operations = [op for op in args.operations.split(",") if op]
