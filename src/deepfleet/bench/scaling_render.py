@@ -13,9 +13,9 @@ from deepfleet.bench.scaling import NodeResult
 
 def scaling_table(results: list[NodeResult]) -> Table:
     table = Table(title="scaling: real tokens/s, MFU, step time; efficiency = tok/s(N) / (N x tok/s(1))")
-    for column in ("nodes", "ranks", "tokens/s", "tokens/s per node", "MFU", "step s", "scaling efficiency",
-                   "step s per host", "slowest host"):
-        table.add_column(column, justify="left" if column.endswith("host") else "right")
+    for column in ("nodes", "ranks", "tok/s", "tok/s/node", "MFU", "step s", "efficiency", "step s per host",
+                   "slowest"):
+        table.add_column(column, justify="left" if column in ("step s per host", "slowest") else "right")
     for r in results:
         slow = r.slow_host
         table.add_row(str(r.nodes), str(r.ranks), f"{r.tokens_per_second:,.0f}", f"{r.tokens_per_second / r.nodes:,.0f}",
