@@ -182,7 +182,7 @@ def validation_loss(run: TrainingRun) -> float | None:
 def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None) -> TrainResult:
     started = time.perf_counter()
     # Step -1 tells the supervisor this rank is still starting (loading, rendezvous): its longer timeout applies.
-    Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds).beat(-1, force=True)
+    Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds).busy()
     run = build_training_run(recipe, rank_env)
     return train_and_save(run, console_stream=console_stream, started=started)
 
@@ -223,20 +223,23 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
                 writer.write_step(metrics)
             console.step(metrics)
             if stop_now:
+                heartbeat.busy()
                 path = _save_checkpoint(run, state)
                 if writer:
                     writer.close()
                 raise Preempted(state.step, path)
             if val_every and state.step % val_every == 0 and state.step < run.total_steps:
+                heartbeat.busy()
                 _log_validation(run, state, writer, console)
             if policy.due(step=state.step, seconds_since_save=seconds_since_save):
+                heartbeat.busy()
                 _save_checkpoint(run, state)
                 seconds_since_save = 0.0
     finally:
         console.stop()
         stop.restore()
+    heartbeat.busy()
     val_loss = _log_validation(run, state, writer, console)
-    heartbeat.beat(state.step, force=True)
     final = save_final_model(run.engine, run.tokenizer, output_dir, rank=rank_env.rank,
                              is_lora=recipe.method != "full", base_model_name=recipe.model.name,
                              save_base_weights=recipe.model.name == TINY_MODEL_NAME,

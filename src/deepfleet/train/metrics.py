@@ -68,6 +68,11 @@ class Heartbeat:
         self.every_seconds = every_seconds
         self.last = 0.0
 
+    def busy(self) -> None:
+        """Step -1 while a rank starts, saves or validates: the supervisor's longer startup timeout applies,
+        so a save of a large model is not mistaken for a hang."""
+        self.beat(-1, force=True)
+
     def beat(self, step: int, *, force: bool = False) -> None:
         now = time.time()
         if self.path is None or (not force and now - self.last < self.every_seconds):
