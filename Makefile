@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/deepfleet demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -28,7 +28,7 @@ LOSS_TOLERANCE = 1e-5
 
 
 def recipe_for(tmp: Path, *, stage: int, output: str, steps: int = 6, **extra) -> Path:
-    train, _ = write_task_data(tmp / "data", n_train=240, n_validation=8)
+    train, _ = write_task_data(tmp / "data", n_train=800, n_validation=8)
     return write_recipe(
         tmp / f"{output}.yaml", model="builtin:tiny", method="full",
         data={"train": [str(train)], "max_length": 64, "packing": True},
@@ -57,15 +57,17 @@ def rank_pids(cluster, name: str) -> list[int]:
     return pids
 
 
-CHECKPOINTS = {"checkpoint": {"every_steps": 3, "keep": 2}}
+CHECKPOINTS = {"checkpoint": {"every_steps": 5, "keep": 2}}
+# Long enough that a fault injected after step 4 lands mid-run even on an idle machine (~0.05 s a step).
+LONG_RUN = 45
 
 
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> dict[int, float]:
-    """An uninterrupted 9-step run on one host, 2 ranks: what every interrupted run must reach."""
+    """An uninterrupted run on one host, 2 ranks: what every interrupted run must reach."""
     tmp = tmp_path_factory.mktemp("reference")
-    done = run("train", str(recipe_for(tmp, stage=2, output="reference", steps=9, **CHECKPOINTS)), "--nproc", "2",
-               cwd=tmp)
+    recipe = recipe_for(tmp, stage=2, output="reference", steps=LONG_RUN, **CHECKPOINTS)
+    done = run("train", str(recipe), "--nproc", "2", cwd=tmp)
     assert done.returncode == 0, done.stderr[-2000:]
     return losses(tmp / "reference")
 
@@ -78,10 +80,10 @@ def assert_same_losses(one: dict[int, float], two: dict[int, float], steps: int)
 
 def test_two_host_zero2_training_matches_one_host(namespace_cluster, tmp_path, reference_losses):
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
-    recipe = recipe_for(tmp_path, stage=2, output="multi", steps=9, **CHECKPOINTS)
+    recipe = recipe_for(tmp_path, stage=2, output="multi", steps=LONG_RUN, **CHECKPOINTS)
     fleet = run("train", str(recipe), "--fleet", "fleet.yaml", cwd=tmp_path)
     assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
-    assert_same_losses(reference_losses, losses(tmp_path / "multi"), 9)
+    assert_same_losses(reference_losses, losses(tmp_path / "multi"), LONG_RUN)
     assert (tmp_path / "multi" / "final" / "config.json").is_file()
     assert (tmp_path / "multi" / "logs" / "attempt-0" / "h2.log").is_file()
 
@@ -98,7 +100,7 @@ def test_two_host_zero3_training_matches_one_host(namespace_cluster, tmp_path):
 
 def start_fleet_training(tmp_path: Path, cluster, *extra: str) -> subprocess.Popen:
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
-    recipe = recipe_for(tmp_path, stage=2, output="interrupted", steps=9, **CHECKPOINTS)
+    recipe = recipe_for(tmp_path, stage=2, output="interrupted", steps=LONG_RUN, **CHECKPOINTS)
     env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
     return subprocess.Popen([DEEPFLEET, "train", str(recipe), "--fleet", "fleet.yaml", *extra], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,7 +127,8 @@ def test_sigterm_to_launcher_checkpoints_every_rank_then_the_same_command_resume
     out, _ = again.communicate(timeout=400)
     assert again.returncode == 0, out[-3000:]
     got = losses(tmp_path / "interrupted")
-    assert max(got) == 9 and abs(reference_losses[9] - got[9]) <= LOSS_TOLERANCE, (reference_losses[9], got[9])
+    last = reference_losses[LONG_RUN]
+    assert max(got) == LONG_RUN and abs(last - got[LONG_RUN]) <= LOSS_TOLERANCE, (last, got[LONG_RUN])
 
 
 def host_file_text(cluster, name: str, path: Path) -> str | None:
@@ -141,15 +144,15 @@ def test_killed_rank_restarts_and_resumes_when_hosts_do_not_share_the_output_dir
     private = tmp_path / "node-local"
     cluster = cluster_factory([HostSpec(name=n, private_dirs=(str(private),)) for n in ("h1", "h2")])
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
-    recipe = recipe_for(tmp_path, stage=2, output="unused", steps=9, **CHECKPOINTS)
+    recipe = recipe_for(tmp_path, stage=2, output="unused", steps=LONG_RUN, **CHECKPOINTS)
     env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
     output = private / "out"
     process = subprocess.Popen([DEEPFLEET, "train", str(recipe), f"output_dir={output}", "--fleet", "fleet.yaml",
                                 "--max-restarts", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while '"step": 4' not in (host_file_text(cluster, "h1", output / "metrics.jsonl") or ""):
-        assert time.monotonic() < deadline and process.poll() is None, "training never reached step 4"
+    while '"step": 7' not in (host_file_text(cluster, "h1", output / "metrics.jsonl") or ""):
+        assert time.monotonic() < deadline and process.poll() is None, "training never reached step 7"
         time.sleep(0.1)
     for pid in rank_pids(cluster, "h2"):
         os.kill(pid, signal.SIGKILL)
@@ -159,7 +162,7 @@ def test_killed_rank_restarts_and_resumes_when_hosts_do_not_share_the_output_dir
     seen_by_head = {path.name for path in private.glob("out/*")}
     assert not seen_by_head & {"checkpoints", "metrics.jsonl", "final"}, "storage was shared after all"
     for name in ("h1", "h2"):
-        assert host_file_text(cluster, name, output / "checkpoints" / "step-9" / "COMPLETE") is not None, name
+        assert host_file_text(cluster, name, output / "checkpoints" / f"step-{LONG_RUN}" / "COMPLETE") is not None, name
     metrics = host_file_text(cluster, "h1", output / "metrics.jsonl")
     final = [json.loads(line) for line in metrics.splitlines() if '"kind": "train"' in line][-1]
-    assert final["step"] == 9 and abs(final["loss"] - reference_losses[9]) <= LOSS_TOLERANCE
+    assert final["step"] == LONG_RUN and abs(final["loss"] - reference_losses[LONG_RUN]) <= LOSS_TOLERANCE
