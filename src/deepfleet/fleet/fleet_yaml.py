@@ -26,8 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.fleet.inventory import (DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique,
                                        read_text, validate_host)
-
-KeyPath = tuple[str, ...]
+from deepfleet.plan.recipe_io import KeyPath, key_lines
 
 
 class _Section(BaseModel):
@@ -83,25 +82,6 @@ class FleetFile(_Section):
 _SECTIONS: dict[KeyPath, type[BaseModel]] = {(): FleetFile, ("defaults",): HostDefaults, ("ssh",): SshSection}
 
 
-def _key_lines(text: str) -> dict[KeyPath, int]:
-    lines: dict[KeyPath, int] = {}
-
-    def walk(node: yaml.Node, path: KeyPath) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                lines[path + (str(key_node.value),)] = key_node.start_mark.line + 1
-                walk(value_node, path + (str(key_node.value),))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[path + (str(index),)] = item.start_mark.line + 1
-                walk(item, path + (str(index),))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def _line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
     return next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
 
@@ -134,7 +114,7 @@ def _host_from(entry: HostEntry, defaults: HostDefaults) -> Host:
 def parse_fleet_yaml(text: str, source: str) -> Fleet:
     try:
         data = yaml.safe_load(text) if text.strip() else None
-        lines = _key_lines(text)
+        lines = key_lines(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}",
