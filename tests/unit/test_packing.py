@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from deepfleet.train.batches import collate, pack_first_fit, plan_rows
 from deepfleet.train.dataset import IGNORE_INDEX, TokenizedExample
+from deepfleet.train.packed_attention import PACKED_SDPA, sequence_bounds
 
 
 def tiny_model(attn_implementation: str, config_class: type = LlamaConfig) -> torch.nn.Module:
@@ -28,7 +29,7 @@ def make_examples(lengths: list[int]) -> list[TokenizedExample]:
 
 
 @pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config])
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_logits_match_unpacked(attn_implementation, config_class):
     model = tiny_model(attn_implementation, config_class)
     examples = make_examples([7, 12, 5, 9, 3, 11])
@@ -47,6 +48,31 @@ def test_packed_logits_match_unpacked(attn_implementation, config_class):
                 worst = max(worst, (alone - part).abs().max().item())
                 offset += len(ids[0])
     assert worst < 1e-5, f"packed vs unpacked logits differ by {worst}"
+
+
+def test_per_sequence_attention_gives_sdpa_gradients():
+    examples = make_examples([7, 12, 5, 9, 3, 11])
+    batch = collate([[0, 1, 2], [3, 4, 5], [2, 4]], examples, pad_id=0, max_length=32, packing=True)
+    grads = {}
+    for name in ("sdpa", PACKED_SDPA):
+        model = tiny_model(name).train()
+        model(**batch, use_cache=False).loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads["sdpa"].abs().max() > 0
+    assert (grads["sdpa"] - grads[PACKED_SDPA]).abs().max().item() < 1e-5
+
+
+def test_per_sequence_attention_falls_back_to_sdpa_with_a_kv_cache():
+    # generate() calls with one query token and a cache: the stock sdpa path, same tokens.
+    prompt = torch.tensor([[5, 9, 3, 17, 2]])
+    outputs = [tiny_model(name).generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+               for name in ("sdpa", PACKED_SDPA)]
+    assert outputs[0].tolist() == outputs[1].tolist()
+
+
+def test_sequence_bounds_split_where_positions_restart():
+    positions = torch.tensor([0, 1, 2, 0, 1, 0, 0, 1])
+    assert sequence_bounds(positions) == [(0, 3), (3, 5), (5, 6), (6, 8)]
 
 
 def test_packed_loss_is_the_token_weighted_mean_of_unpacked_losses():

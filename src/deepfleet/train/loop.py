@@ -93,7 +93,8 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     order = replace(order, micro_batch=micro, grad_accum=accum)
     validation = replace(validation, micro_batch=micro) if validation else None
-    built = build_model(recipe, tokenizer, ds_config=ds_config, precision=precision, device=device.device)
+    built = build_model(recipe, tokenizer, ds_config=ds_config, precision=precision, device=device.device,
+                        for_training=True)
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
     seed_rank(recipe.train.seed, rank_env.rank)

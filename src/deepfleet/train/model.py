@@ -56,8 +56,15 @@ def check_model_source(recipe: Recipe) -> None:
                              fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
 
 
-def attention_implementation(requested: str) -> str:
-    return "sdpa" if requested == "auto" else requested
+def attention_implementation(requested: str, *, packed_rows: bool = False, device_type: str = "cpu") -> str:
+    """auto: per-sequence sdpa for packed training rows on CPU, else sdpa. On GPUs, where it is not
+    measured, packed rows keep sdpa's block-diagonal mask (or ask for flash_attention_2)."""
+    if requested != "auto":
+        return requested
+    if packed_rows and device_type == "cpu":
+        from deepfleet.train.packed_attention import PACKED_SDPA
+        return PACKED_SDPA
+    return "sdpa"
 
 
 def torch_dtype_for(precision: str) -> torch.dtype:
@@ -65,8 +72,11 @@ def torch_dtype_for(precision: str) -> torch.dtype:
 
 
 def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config: dict, precision: str,
-                device: torch.device) -> BuiltModel:
-    """Build or load the model, partitioned under ZeRO-3, with LoRA adapters when asked."""
+                device: torch.device, for_training: bool = False) -> BuiltModel:
+    """Build or load the model, partitioned under ZeRO-3, with LoRA adapters when asked.
+
+    for_training: the model only ever sees training/eval micro batches (which may be packed rows),
+    never generation, so packed rows may use their own attention implementation."""
     check_method_supported(recipe)
     check_model_source(recipe)
     zero3_config = None
@@ -74,7 +84,9 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
         from transformers.integrations import HfDeepSpeedConfig
         zero3_config = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(recipe.train.seed)  # same initial weights on every rank
-    model = _load_base(recipe, tokenizer, precision=precision, device=device)
+    attn = attention_implementation(recipe.model.attn_implementation, device_type=device.type,
+                                    packed_rows=for_training and recipe.data.packing)
+    model = _load_base(recipe, tokenizer, attn=attn, precision=precision, device=device)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -85,10 +97,9 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
                       n_trainable=count_parameters(model, trainable_only=True))
 
 
-def _load_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, precision: str,
+def _load_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, attn: str, precision: str,
                device: torch.device) -> PreTrainedModel:
     spec = recipe.model
-    attn = attention_implementation(spec.attn_implementation)
     dtype = torch_dtype_for(precision)
     if spec.name == TINY_MODEL_NAME:
         return AutoModelForCausalLM.from_config(builtin_model_config(tokenizer), attn_implementation=attn,
