@@ -10,6 +10,8 @@ runs, in turn:
   max_length    benchmarks/seed_style_loop.py: every sequence padded to 512 (the seeds' loop)
   dynamic       the same loop, each micro batch padded to its longest sequence
 and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before and after.
+With --compare-block-mask, deepfleet also runs with `model.attn_implementation: sdpa` (packed rows
+through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
 Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = 6 x params x tokens/s over the peak,
 per round and as the median over rounds.
 """
@@ -42,6 +44,7 @@ MICRO_BATCH = 4
 GRAD_ACCUM = 2
 RANKS = 2
 HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 5, 1024, 4
+BLOCK_MASK = "deepfleet sdpa mask"
 WORDS = ["the", "model", "of", "a", "fleet", "trains", "on", "every", "host", "and", "data", "flows", "to",
          "rank", "zero", "while", "gradients", "reduce", "across", "links"]
 
@@ -172,6 +175,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--compare-block-mask", action="store_true",
+                        help="also run deepfleet with sdpa's block-diagonal mask for packed rows")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="df-speed-"))
@@ -192,6 +197,9 @@ def main() -> None:
     rounds = []
     for index in range(args.rounds):
         result = {"deepfleet": run_deepfleet(work, recipe, args.warmup_steps, f"deepfleet-{index}")}
+        if args.compare_block_mask:
+            masked = {**recipe, "model": {"name": recipe["model"], "attn_implementation": "sdpa"}}
+            result[BLOCK_MASK] = run_deepfleet(work, masked, args.warmup_steps, f"block-mask-{index}")
         for mode in ("max_length", "dynamic"):
             result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
                                          args.warmup_steps, f"{mode}-{index}")
@@ -206,17 +214,21 @@ def main() -> None:
 def report(rounds: list[dict], *, n_params: int, peak: float, peaks: list[float]) -> None:
     ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds]
     ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds]
-    mfu = {name: [6 * n_params * r[name]["tokens_per_second"] / peak for r in rounds]
-           for name in ("deepfleet", "max_length", "dynamic")}
+    names = list(rounds[0])
+    mfu = {name: [6 * n_params * r[name]["tokens_per_second"] / peak for r in rounds] for name in names}
     print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3): "
           + " / ".join(f"{p / 1e9:.1f}" for p in peaks) + f" GFLOP/s (before / after); using {peak / 1e9:.1f}")
     print(f"{'':28}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(len(rounds))) + f"{'median':>12}")
-    for name in ("deepfleet", "max_length", "dynamic"):
+    for name in names:
         values = [r[name]["tokens_per_second"] for r in rounds]
         print(f"{name + ' real tok/s':28}" + "".join(f"{v:>12,.0f}" for v in values) + f"{statistics.median(values):>12,.0f}")
     for label, values, goal in (("(a) deepfleet / max_length", ratio_a, "goal >= 3.0x"),
                                 ("(b) deepfleet / dynamic", ratio_b, "goal >= 1.7x")):
         print(f"{label:28}" + "".join(f"{v:>11.2f}x" for v in values) + f"{statistics.median(values):>11.2f}x  {goal}")
+    if BLOCK_MASK in names:
+        values = [r["deepfleet"]["tokens_per_second"] / r[BLOCK_MASK]["tokens_per_second"] for r in rounds]
+        print(f"{'per-sequence / sdpa mask':28}" + "".join(f"{v:>11.2f}x" for v in values)
+              + f"{statistics.median(values):>11.2f}x")
     for name, values in mfu.items():
         label = f"(c) MFU {name}" if name == "deepfleet" else f"    MFU {name}"
         goal = "  goal >= 50%" if name == "deepfleet" else ""

@@ -1,5 +1,6 @@
 import asyncio
 import shlex
+import subprocess
 import time
 
 import pytest
@@ -24,6 +25,18 @@ def test_ssh_argv_is_batch_strict_multiplexed_and_quotes_the_remote_command():
     assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-l") + 1] == "ubuntu"
     assert argv[-3:-1] == ["--", "10.0.0.5"]
     assert shlex.split(argv[-1]) == remote        # the remote shell gets back exactly these words
+
+
+def test_reachability_hops_skip_only_the_costly_post_quantum_key_exchange():
+    from deepfleet.fleet.doctor import hop_argv
+    hop = hop_argv(HOST, SshOptions(control_dir="/run/df"))
+    head = ssh_argv(HOST, ["true"], options=SshOptions(control_dir="/run/df"))
+    assert not any("KexAlgorithms" in a for a in head)
+    assert not any(a.startswith("Control") for a in hop)
+    # ssh itself must accept the option and keep every other default algorithm
+    kex = subprocess.run([*hop[:hop.index("--")], "-G", HOST.address], capture_output=True, text=True, check=True)
+    chosen = next(line.split()[1] for line in kex.stdout.splitlines() if line.startswith("kexalgorithms "))
+    assert "sntrup761" not in chosen and chosen.startswith("curve25519-sha256")
 
 
 def test_too_long_control_dir_turns_multiplexing_off_instead_of_breaking_ssh():

@@ -65,7 +65,8 @@ def network_phase_seconds(options: DoctorOptions, host_count: int) -> float:
 
 def hop_argv(peer: Host, options: SshOptions) -> list[str]:
     """What a host runs to test ssh to a peer: no multiplexing, strict host keys, just `true`."""
-    return ssh_argv(peer, ["true"], options=replace(options, control_dir=None, host_key_policy="yes"))
+    return ssh_argv(peer, ["true"], options=replace(options, control_dir=None, host_key_policy="yes",
+                                                    reachability_only=True))
 
 
 def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: SshOptions, *,

@@ -37,6 +37,7 @@ class SshOptions:
     control_persist_seconds: int = 60
     host_key_policy: HostKeyPolicy = "yes"   # accept-new only during ssh-setup
     identities_only: bool = False
+    reachability_only: bool = False          # a login that runs `true`: see ssh_option_args
 
     @classmethod
     def from_settings(cls, settings: SshSettings, **overrides) -> "SshOptions":
@@ -50,6 +51,9 @@ class SshOptions:
 def default_control_dir() -> str:
     # Unix socket paths are limited to ~100 bytes: keep the directory short; %C is a short hash.
     return str(Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "deepfleet-ssh")
+
+
+PQ_HYBRID_KEX = "sntrup761x25519-sha512*"
 
 
 def ssh_option_args(options: SshOptions) -> list[str]:
@@ -69,6 +73,10 @@ def ssh_option_args(options: SshOptions) -> list[str]:
         args += ["-o", "IdentitiesOnly=yes"]
     if options.known_hosts_file:
         args += ["-o", f"UserKnownHostsFile={options.known_hosts_file}"]
+    if options.reachability_only:
+        # Nothing travels over it, so skip the post-quantum hybrid key exchange (OpenSSH 9.x's
+        # default), which costs ~70 ms of CPU per login: 3x the whole rest of a login, N(N-1) times.
+        args += ["-o", f"KexAlgorithms=-{PQ_HYBRID_KEX}"]
     if options.control_dir and len(options.control_dir) + CONTROL_PATH_EXTRA < UNIX_SOCKET_PATH_MAX:
         args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={options.control_dir}/%C",
                  "-o", f"ControlPersist={options.control_persist_seconds}"]

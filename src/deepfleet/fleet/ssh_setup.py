@@ -89,7 +89,7 @@ def hop_options(fleet: Fleet, options: SetupOptions) -> SshOptions:
     """Host -> host options: that host's own key and known_hosts under the same ssh dir."""
     return SshOptions(config_file=fleet.ssh.config_file, identity_file=f"{options.ssh_dir}/{KEY_NAME}",
                       known_hosts_file=f"{options.ssh_dir}/known_hosts", connect_timeout=fleet.ssh.connect_timeout,
-                      host_key_policy="accept-new")
+                      host_key_policy="accept-new", reachability_only=True)
 
 
 def _parse_install(result: RemoteResult) -> tuple[str | None, list[str]]:
@@ -125,7 +125,7 @@ async def _install(hosts: list[Host], keys: list[str], ssh_dir: str, ssh: SshOpt
 async def _check_mesh(fleet: Fleet, hosts: list[Host], options: SetupOptions, head_ssh: SshOptions,
                       ) -> dict[str, dict[str, bool | None]]:
     hop = hop_options(fleet, options)
-    head_hop = replace(head_ssh, control_dir=None)
+    head_hop = replace(head_ssh, control_dir=None, reachability_only=True)
     matrix: dict[str, dict[str, bool | None]] = {HEAD: {}}
 
     async def head_to(target: Host) -> None:
