@@ -21,7 +21,8 @@ SCRIPT = textwrap.dedent("""
     for item in sys.argv[1:]:
         size, iterations = map(int, item.split(":"))
         x = torch.ones(size // 4)
-        dist.all_reduce(x)                       # warm-up
+        for _ in range(3):
+            dist.all_reduce(x)                   # warm-up
         dist.barrier()
         start = last = time.perf_counter()
         best = float("inf")
