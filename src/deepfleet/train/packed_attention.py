@@ -2,9 +2,9 @@
 
 With packing, transformers turns the restarting position_ids into a block-diagonal mask, and the CPU
 sdpa kernel then computes every full row x row block, although a sequence of length L needs only its
-own causal L x L block. Running sdpa per sequence gives the same logits; at rows of 512 it was
-1.06x faster on forward+backward (benchmarks/packed_attention.py), and the masked kernel's waste
-grows with the square of the row length.
+own causal L x L block. Running sdpa per sequence gives the same logits and is faster on
+forward+backward by 1.06x at rows of 512 and 1.65x at 2048 (benchmarks/packed_attention.py): the
+masked kernel's waste grows with the square of the row length.
 
 It is only chosen for packed training rows, which carry no padding mask (`batches.collate`), so no
 mask function is registered and transformers builds none. Anything else (no position_ids, a KV
