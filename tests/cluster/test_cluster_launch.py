@@ -18,7 +18,7 @@ pytestmark = pytest.mark.cluster
 
 HOSTS = ["h1", "h2"]
 SECRET = "hf_do_not_leak_7f3a"
-JOB_PROCESS_WORDS = (b"deepfleet.launch.host_agent", b"torch.distributed.run", b"worker.py")
+JOB_PROCESS_WORDS = (b"deepfleet.launch.host_agent", b"deepfleet.launch.bound_torchrun", b"worker.py")
 WORKER = textwrap.dedent("""
     import os, sys, time, torch, torch.distributed as dist
     beat = os.environ.get("DEEPFLEET_HEARTBEAT_DIR", ".")
@@ -89,6 +89,11 @@ def assert_no_orphans(cluster: Cluster) -> None:
 def test_one_job_across_hosts_with_secret_only_in_environment(namespace_cluster, job_dir):
     process = start_launch(job_dir, 30, 29701)
     pid = rank_pid(job_dir, 1)
+    master = namespace_cluster.host("h1")
+    listeners = subprocess.run(["ip", "netns", "exec", master.namespace, "ss", "-ltnH", "sport = :29701"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.split("\n")
+    assert [line.split()[3] for line in listeners if line] == [f"{master.address}:29701"], \
+        "the rendezvous must listen on the master's private address only"
     for name in HOSTS:
         for _, cmdline in job_processes(namespace_cluster, name):
             assert SECRET.encode() not in cmdline, "a secret reached a command line"

@@ -48,7 +48,7 @@ def rank_pids(pid):
             command = open(f"/proc/{current}/cmdline").read()
         except OSError:
             continue
-        if "deepfleet.train" in command and "torch.distributed.run" not in command:
+        if "deepfleet.train" in command and "bound_torchrun" not in command:
             found.append(current)
         todo += [int(child) for child in children]
     assert len(found) == 2, found

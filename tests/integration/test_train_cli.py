@@ -77,7 +77,7 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
                           env={"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "WARN"})
     done = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2" in done.stdout
+    assert "deepfleet.launch.bound_torchrun --nnodes=1 --node-rank=0 --master-addr=127.0.0.1" in done.stdout
     assert "-m deepfleet.train --recipe" in done.stdout
     assert "hf_secret_value" not in done.stdout + done.stderr and "HF_TOKEN='****'" in done.stdout
     assert "NCCL_DEBUG=WARN" in done.stdout

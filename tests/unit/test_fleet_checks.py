@@ -179,3 +179,11 @@ def test_record_round_trip():
     assert HostFacts.from_record(facts.to_record()) == facts
     unreachable = replace(facts, data=None, failure=SshFailure(kind="timeout", what="timed out", fix="x"))
     assert HostFacts.from_record(unreachable.to_record()).failure.kind == "timeout"
+
+
+def test_record_leaves_secret_values_out():
+    facts = HostFacts.from_record(RECORDED["facts"][0])
+    with_env = replace(facts, host=replace(facts.host, env=(("HF_TOKEN", "hf_live_1"), ("NCCL_DEBUG", "INFO"))))
+    record = with_env.to_record()
+    assert record["host"]["env"] == [["HF_TOKEN", "****"], ["NCCL_DEBUG", "INFO"]]
+    assert "hf_live_1" not in json.dumps(record)

@@ -50,7 +50,7 @@ def test_hosts_json_masks_secrets_and_hostfile_prints(monkeypatch, capsys, tmp_p
     code, out, _ = run_cli(monkeypatch, capsys, "hosts", "--fleet", str(fleet), "--json")
     assert code == 0
     shown = json.loads(out)
-    assert shown["hosts"][0]["env"] == {"HF_TOKEN": "***", "NCCL_DEBUG": "INFO"} and "hf_abc" not in out
+    assert shown["hosts"][0]["env"] == {"HF_TOKEN": "****", "NCCL_DEBUG": "INFO"} and "hf_abc" not in out
     code, out, _ = run_cli(monkeypatch, capsys, "hostfile", "--fleet", str(fleet))
     assert code == 0 and out == "gpu1 slots=2\ngpu2 slots=1\n"
 

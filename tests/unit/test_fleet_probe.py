@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from deepfleet.fleet import remote_probe
 from deepfleet.fleet.facts import probe_argv, probe_stdin
 from deepfleet.fleet.network import BandwidthSink, select_shared_interface, source_address_towards
@@ -131,3 +133,13 @@ def test_each_host_starts_its_hops_with_the_next_host():
                                        bandwidth={})["hops"]) for h in fleet.hosts}
     assert order == {"g1": ["g2", "g3", "g4"], "g2": ["g3", "g4", "g1"], "g3": ["g4", "g1", "g2"],
                      "g4": ["g1", "g2", "g3"]}
+
+
+@pytest.mark.parametrize("address,bound", [("10.0.0.1", "10.0.0.1"), ("gpu01", None)])
+def test_master_port_listener_binds_the_address_hosts_connect_to(address, bound):
+    from deepfleet.fleet.doctor import DoctorOptions, probe_params
+    from deepfleet.fleet.inventory import Fleet, Host
+    from deepfleet.fleet.ssh import SshOptions
+    fleet = Fleet(hosts=(Host(name="m", address=address), Host(name="w", address="10.0.0.2")), source="t")
+    params = probe_params(fleet, fleet.hosts[0], DoctorOptions(), SshOptions(), share_token=None, bandwidth={})
+    assert params["master"][0] == address and params["listen"].get("address") == bound

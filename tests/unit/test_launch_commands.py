@@ -6,7 +6,8 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.network import InterfaceChoice
 from deepfleet.fleet.ssh import SshOptions
-from deepfleet.launch.environment import job_environment, masked
+from deepfleet.launch.environment import job_environment
+from deepfleet.masking import masked
 from deepfleet.launch.job import LaunchSettings, plan_launch
 
 TWO_HOSTS = Fleet(hosts=(Host(name="gpu1", address="10.0.0.1", slots=2), Host(name="gpu2", address="10.0.0.2", slots=2)),
@@ -87,14 +88,37 @@ def test_deepspeed_backend_exports_interface_withholds_secrets_and_checks_ssh_it
     from deepfleet.launch.backends import deepspeed_runner_command, render_deepspeed
 
     launch_plan = plan(parent_env={"HF_TOKEN": "hf_secret_value", "HF_HOME": "/my cache"})
-    ds = deepspeed_runner_command(TWO_HOSTS, launch_plan, state_dir="/run/x", ssh_args=["-F", "/cfg"])
+    ds = deepspeed_runner_command(TWO_HOSTS, launch_plan, state_dir="/run/x", ssh_args=["-F", "/cfg"], cwd="/w")
     env_file = ds.files["/run/x/deepspeed_env"]
-    assert "GLOO_SOCKET_IFNAME=ib0" in env_file and "HF_HOME='/my cache'" in env_file
+    assert "GLOO_SOCKET_IFNAME=ib0" in env_file and "HF_HOME=/my cache\n" in env_file   # DeepSpeed quotes it
     assert "secret_value" not in env_file and ds.withheld_secrets == ["HF_TOKEN"]
     assert ds.files["/run/x/hostfile"] == "10.0.0.1 slots=2\n10.0.0.2 slots=2\n"
     assert ds.env["DS_ENV_FILE"] == "/run/x/deepspeed_env" and ds.env["PDSH_SSH_ARGS_APPEND"] == "-F /cfg"
     assert ds.argv[-3:] == ["train.py", "--deepspeed", "ds.json"] and "--master_addr" in ds.argv
     assert "secret_value" not in render_deepspeed(ds)
+
+
+@pytest.mark.parametrize("parent_env,command,cwd,where", [
+    ({"NCCL_DEBUG_SUBSYS": 'a"; touch /tmp/x; "'}, ["python", "train.py"], "/w", "env NCCL_DEBUG_SUBSYS"),
+    ({"NCCL_DEBUG": "$(id)"}, ["python", "train.py"], "/w", "env NCCL_DEBUG"),
+    ({}, ["python", "train.py", "--tag=x;id"], "/w", "command"),
+    ({}, ["python", "train.py"], "/home/me/my runs", "working dir"),
+])
+def test_deepspeed_backend_refuses_what_its_launcher_would_let_the_shell_reinterpret(parent_env, command, cwd, where):
+    from deepfleet.launch.backends import deepspeed_runner_command
+
+    launch_plan = plan(LaunchSettings(command=command), parent_env=parent_env)
+    with pytest.raises(DeepfleetError) as error:
+        deepspeed_runner_command(TWO_HOSTS, launch_plan, state_dir="/run/x", ssh_args=[], cwd=cwd)
+    assert len(error.value.problems) == 1 and f"--backend deepspeed: {where}" in str(error.value)
+
+
+def test_deepspeed_runner_environment_drops_the_heads_secrets():
+    from deepfleet.launch.backends import deepspeed_runner_environment
+
+    env = deepspeed_runner_environment({"MLFLOW_TRACKING_PASSWORD": "pw", "PYTHONPATH": "/p", "HF_TOKEN": "t"},
+                                       {"DS_ENV_FILE": "/run/x/env"})
+    assert env == {"PYTHONPATH": "/p", "DS_ENV_FILE": "/run/x/env"}
 
 
 def test_slurm_script_takes_master_and_node_rank_from_the_allocation():

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, default_nproc, last_exception_line,
-                                    local_torchrun_command, rank_errors, render_command, run_local)
+from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_run_dir, default_nproc,
+                                    last_exception_line, local_torchrun_command, new_run_dir, rank_errors,
+                                    render_command, run_local)
 
 
 def launch(**changes) -> LocalLaunch:
@@ -14,10 +15,11 @@ def launch(**changes) -> LocalLaunch:
     return LocalLaunch(**{**values, **changes})
 
 
-def test_command_runs_the_rank_program_under_standalone_torchrun():
+def test_command_runs_the_rank_program_under_torchrun_bound_to_loopback():
     argv, env = local_torchrun_command(launch())
     assert " ".join(argv) == (
-        "/venv/bin/python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=2 --no-python "
+        "/venv/bin/python -m deepfleet.launch.bound_torchrun --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
+        "--master-port=0 --nproc-per-node=2 --no-python "
         "/venv/bin/python -m deepfleet.train --recipe /runs/demo-1/recipe.json")
     assert env == {"DEEPFLEET_RUN_DIR": "/runs/demo-1", "OMP_NUM_THREADS": "1"}
 
@@ -76,3 +78,14 @@ def test_run_local_turns_a_rank_error_file_into_one_clean_error(tmp_path):
     assert info.value.exit_code == 2
     assert info.value.render() == "error: model.name: no such model (fix: check it)"
     assert "Traceback noise" in (tmp_path / "run" / "torchrun.log").read_text()
+
+
+def test_run_dirs_are_per_user_and_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("DEEPFLEET_RUNS_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run_dir = new_run_dir(Path("/somewhere/out"))
+    assert run_dir.parent == tmp_path / "cache" / "deepfleet" / "runs" and run_dir.name.startswith("out-")
+    create_run_dir(run_dir)
+    assert run_dir.stat().st_mode & 0o777 == 0o700 and run_dir.parent.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(FileExistsError):
+        create_run_dir(run_dir)   # never reuses a directory that is already there

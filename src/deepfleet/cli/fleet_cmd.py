@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
@@ -19,11 +19,11 @@ from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
 from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile, resolve_fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.fleet.ssh_setup import HEAD, SetupOptions, SetupReport, run_ssh_setup
+from deepfleet.masking import masked
 
 FleetOpt = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, PBS, or this machine)")
 HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
 SshConfigOpt = typer.Option(None, "--ssh-config", help="ssh config file for every ssh call (ssh -F)")
-SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)
 SEVERITY_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 
@@ -41,7 +41,7 @@ def hosts_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] 
     """Print the resolved fleet: where it came from and every host."""
     fleet = _fleet(fleet_file, hostfile)
     rows = [{"name": h.name, "address": h.address, "user": h.user, "port": h.port, "slots": h.slots,
-             "interface": h.interface, "env": {k: "***" if SECRET.search(k) else v for k, v in h.env}}
+             "interface": h.interface, "env": masked(dict(h.env))}
             for h in fleet.hosts]
     if as_json:
         print(json.dumps({"source": fleet.source, "python": fleet.python, "master_port": fleet.master_port,
@@ -69,12 +69,16 @@ def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[st
         print(text, end="")
         return
     target = Path(output)
-    temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    temporary = None
     try:
-        temporary.write_text(text)
-        temporary.replace(target)  # never leave a half-written hostfile
+        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)  # never leave a half-written hostfile
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        if temporary:
+            Path(temporary).unlink(missing_ok=True)
         raise DeepfleetError(f"cannot write hostfile: {exc.strerror}", where=output, fix="check the path") from None
     print(f"wrote {output} ({len(hosts)} hosts, {sum(h.slots for h in hosts)} slots)")
 

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, default_nproc, local_torchrun_command,
-                                    new_run_dir, render_command, run_local)
+from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_run_dir, default_nproc,
+                                    local_torchrun_command, new_run_dir, render_command, run_local)
 from deepfleet.plan.recipe import Recipe
 from deepfleet.plan.recipe_io import load_recipe
 
@@ -100,7 +100,7 @@ def resolved_recipe_json(recipe: Recipe) -> str:
 
 def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
     """Run the ranks; on success keep the log as output_dir/train.log. Returns wall seconds."""
-    launch.run_dir.mkdir(parents=True, exist_ok=True)
+    create_run_dir(launch.run_dir)
     launch.recipe_file.write_text(resolved_recipe_json(recipe))
     started = time.perf_counter()
     run_local(launch)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from deepfleet.fleet.inventory import Host
 from deepfleet.fleet.ssh import RemoteResult, SshFailure, SshOptions, run_on_hosts
+from deepfleet.masking import masked
 
 # Exec the fleet's python when it exists there, else any python3, so a missing interpreter is
 # reported as a finding instead of hiding every other fact of that host.
@@ -61,7 +62,8 @@ class HostFacts:
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-able record, used by `doctor --record` and by the unit tests' recorded facts."""
-        return {"host": vars(self.host) | {"env": [list(p) for p in self.host.env]}, "data": self.data,
+        env = masked(dict(self.host.env))   # records are shared to debug; secrets stay out
+        return {"host": vars(self.host) | {"env": [list(p) for p in env.items()]}, "data": self.data,
                 "failure": vars(self.failure) if self.failure else None, "error": self.error,
                 "sent_at": self.sent_at, "received_at": self.received_at, "seconds": self.seconds}
 

@@ -6,12 +6,16 @@ deepfleet's supervision. These exist for sites that already standardise on anoth
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, replace
+from typing import Mapping
+
+from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet, render_hostfile
 from deepfleet.launch.commands import torchrun_argv
-from deepfleet.launch.environment import is_secret, masked
 from deepfleet.launch.job import LaunchPlan
+from deepfleet.masking import is_secret, masked
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,18 +26,53 @@ class DeepSpeedLaunch:
     withheld_secrets: list[str]      # never exported: DeepSpeed puts exports on the pdsh command line
 
 
-def deepspeed_runner_command(fleet: Fleet, plan: LaunchPlan, *, state_dir: str,
-                             ssh_args: list[str]) -> DeepSpeedLaunch:
+# DeepSpeed's pdsh runner builds one remote shell line: it passes values matching its own
+# `add_export` test unquoted, wraps other env values and arguments with spaces in double quotes
+# (where the shell still expands $(...), backticks and "), and passes anything else, the working
+# dir included, raw. So only these characters are let through; the rest are refused.
+DEEPSPEED_RAW = re.compile(r"[\w@%+=:,./-]*")
+DEEPSPEED_QUOTED = re.compile(r"[\w@%+=:,./ -]*")
+
+
+def deepspeed_unsafe(*, env: Mapping[str, str], command: list[str], paths: Mapping[str, str]) -> list[Problem]:
+    """Values DeepSpeed's launcher would hand to every host's shell in a form the shell reinterprets."""
+    fix = "use the default backend, which quotes every value, or remove the characters"
+    found = [Problem(what=f"value {value!r} has characters DeepSpeed's pdsh launcher does not quote",
+                     where=f"--backend deepspeed: env {name}", fix=fix)
+             for name, value in sorted(env.items())
+             if not DEEPSPEED_QUOTED.fullmatch(value) or value != value.strip()]
+    found += [Problem(what=f"argument {arg!r} has characters DeepSpeed's pdsh launcher does not quote",
+                      where="--backend deepspeed: command", fix=fix)
+              for arg in command if not DEEPSPEED_QUOTED.fullmatch(arg)]
+    found += [Problem(what=f"{value!r} has characters DeepSpeed's pdsh launcher does not quote",
+                      where=f"--backend deepspeed: {name}", fix=fix)
+              for name, value in paths.items() if not DEEPSPEED_RAW.fullmatch(value)]
+    return found
+
+
+def deepspeed_runner_environment(parent: Mapping[str, str], additions: Mapping[str, str]) -> dict[str, str]:
+    """The runner's environment: the head's without secrets (DeepSpeed copies MLFLOW_*, PYTHON*, NCCL_*...
+    from it into `export` statements on the pdsh command line), plus `additions`."""
+    return {**{name: value for name, value in parent.items() if not is_secret(name)}, **additions}
+
+
+def deepspeed_runner_command(fleet: Fleet, plan: LaunchPlan, *, state_dir: str, ssh_args: list[str],
+                             cwd: str) -> DeepSpeedLaunch:
     """DeepSpeed's launcher (pdsh) with a generated hostfile and a `.deepspeed_env`.
 
     DeepSpeed exports only a few prefixes by default (not GLOO_*, HF_*...), so without the env file
     multi-host gloo resolves the hostname to 127.0.0.1 and fails. `DS_ENV_FILE` (an absolute path
     wins over DeepSpeed's ~ and . search) points it at our file, so nothing is written to the
-    user's home or working dir. `ssh_args` reach pdsh's ssh through PDSH_SSH_ARGS_APPEND.
+    user's home or working dir. `ssh_args` reach pdsh's ssh through PDSH_SSH_ARGS_APPEND. DeepSpeed
+    runs every host in the runner's `cwd` and with the runner's Python.
     """
-    job, host_env = plan.job, plan.hosts[0].env
+    job = plan.job
+    host_env = {name: value for name, value in plan.hosts[0].env.items() if not name.startswith("TORCHELASTIC_")}
     exported = {name: value for name, value in host_env.items() if not is_secret(name)}
     withheld = sorted(name for name in host_env if is_secret(name))
+    unsafe = deepspeed_unsafe(env=exported, command=job.command, paths={"working dir": cwd, "python": job.python})
+    if unsafe:
+        raise DeepfleetError(problems=unsafe)
     hostfile, env_file = f"{state_dir}/hostfile", f"{state_dir}/deepspeed_env"
     command = list(job.command)
     if command[:2] == [job.python, "-m"]:
@@ -48,7 +87,7 @@ def deepspeed_runner_command(fleet: Fleet, plan: LaunchPlan, *, state_dir: str,
             "--master_addr", job.master_addr, "--master_port", str(job.master_port), "--no_ssh_check", *script]
     hosts = [replace(host, slots=job.nproc_per_node) for host in fleet.hosts]
     env = {"DS_ENV_FILE": env_file, "PDSH_SSH_ARGS_APPEND": shlex.join(ssh_args)}
-    env_lines = "".join(f"{name}={shlex.quote(value)}\n" for name, value in sorted(exported.items()))
+    env_lines = "".join(f"{name}={value}\n" for name, value in sorted(exported.items()))
     return DeepSpeedLaunch(argv=argv, env=env, files={hostfile: render_hostfile(hosts), env_file: env_lines},
                            withheld_secrets=withheld)
 

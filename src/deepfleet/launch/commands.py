@@ -1,9 +1,9 @@
 """Per-host command builders (pure): what runs on each host, and how the head starts it.
 
-On every host: `python -m deepfleet.launch.host_agent ... -- python -m torch.distributed.run ... CMD`.
-The agent owns the job's processes on that host; torchrun does the per-host rendezvous (static, at
-the master's address on the chosen interface) and gives every rank RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT.
+On every host: `python -m deepfleet.launch.host_agent ... -- python -m deepfleet.launch.bound_torchrun
+... CMD`. The agent owns the job's processes on that host; torchrun does the per-host rendezvous
+(static, listening on the master's address on the chosen interface only, see bound_torchrun.py) and
+gives every rank RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def new_job_id() -> str:
 
 def torchrun_argv(job: JobSpec, *, node_rank: int) -> list[str]:
     return [
-        job.python, "-m", "torch.distributed.run",
+        job.python, "-m", "deepfleet.launch.bound_torchrun",
         f"--nnodes={job.nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={job.nproc_per_node}",
         f"--master-addr={job.master_addr}", f"--master-port={job.master_port}",
         "--tee=3", "--no-python", *job.command,

@@ -7,18 +7,11 @@ whose name starts with an allowed prefix, and the recipe's or fleet's `env:` sec
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 PROPAGATED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_", "HF_", "WANDB_", "PYTHON", "OMP_")
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-MASK = "****"
 # Variables that describe the launching machine, not the job; never forwarded.
 LOCAL_ONLY = frozenset({"PYTHONHOME", "PYTHONSTARTUP", "PYTHONBREAKPOINT", "CUDA_VISIBLE_DEVICES"})
-
-
-def is_secret(name: str) -> bool:
-    return bool(SECRET_NAME.search(name))
 
 
 def interface_env(interface: str | None) -> dict[str, str]:
@@ -34,8 +27,3 @@ def job_environment(parent: Mapping[str, str], *, interface: str | None = None,
     forwarded = {name: value for name, value in parent.items()
                  if name.startswith(PROPAGATED_PREFIXES) and name not in LOCAL_ONLY}
     return {**interface_env(interface), **forwarded, **dict(extra or {})}
-
-
-def masked(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy safe to print or log: secret values replaced."""
-    return {name: (MASK if is_secret(name) else value) for name, value in env.items()}

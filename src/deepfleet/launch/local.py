@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Mapping
 
 from deepfleet.errors import DeepfleetError, Problem
-from deepfleet.launch.environment import masked
+from deepfleet.masking import masked
 
 # Shared with the rank program (train/preemption.py); launch/ does not import train/.
 EXIT_PREEMPTED = 75
 PREEMPTED_FILE = "preempted.json"
 
-RUNS_ROOT_ENV = "DEEPFLEET_RUNS_ROOT"   # where run dirs go; default <tmp>/deepfleet-runs
+RUNS_ROOT_ENV = "DEEPFLEET_RUNS_ROOT"   # where run dirs go; default ~/.cache/deepfleet/runs
 RECIPE_FILE = "recipe.json"
 LOG_FILE = "torchrun.log"
 ERRORS_SUBDIR = "errors"
@@ -66,9 +66,9 @@ def rank_command(python: str, recipe_file: Path) -> list[str]:
 
 
 def local_torchrun_command(launch: LocalLaunch) -> tuple[list[str], dict[str, str]]:
-    """(argv, env additions) for one torchrun on this machine; --standalone picks a free loopback port."""
-    argv = [launch.python, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc-per-node={launch.nproc}", "--no-python", *rank_command(launch.python, launch.recipe_file)]
+    """(argv, env additions) for one torchrun on this machine, its rendezvous on a free loopback port."""
+    argv = [launch.python, "-m", "deepfleet.launch.bound_torchrun", "--nnodes=1", "--node-rank=0",
+            "--master-addr=127.0.0.1", "--master-port=0", f"--nproc-per-node={launch.nproc}", "--no-python", *rank_command(launch.python, launch.recipe_file)]
     env = {"DEEPFLEET_RUN_DIR": str(launch.run_dir),
            **({"OMP_NUM_THREADS": str(launch.cpu_threads)} if launch.cpu_threads else {}),
            **launch.extra_env}
@@ -82,10 +82,21 @@ def render_command(argv: list[str], env: Mapping[str, str]) -> str:
 
 
 def new_run_dir(output_dir: Path, *, root: Path | None = None) -> Path:
-    """A fresh path for this run's state (not created): <root>/<output name>-<time>-<pid>."""
-    root = root or Path(os.environ.get(RUNS_ROOT_ENV) or Path("/tmp") / "deepfleet-runs")
+    """A fresh path for this run's state (not created): <root>/<output name>-<time>-<pid>.
+
+    The default root is per user, not in /tmp: the ranks load their recipe from the run dir, so
+    nobody else may be able to create or write it.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = root or Path(os.environ.get(RUNS_ROOT_ENV) or cache / "deepfleet" / "runs")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return root / f"{output_dir.resolve().name}-{stamp}-{os.getpid()}"
+
+
+def create_run_dir(run_dir: Path) -> None:
+    """Create the run dir private (0700); it must not exist yet, so nothing planted there is used."""
+    run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.mkdir(mode=0o700)
 
 
 def rank_errors(run_dir: Path) -> list[str]:

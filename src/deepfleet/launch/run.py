@@ -14,7 +14,8 @@ from deepfleet.fleet.facts import probe_hosts
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
 from deepfleet.fleet.ssh import SshOptions, ssh_option_args
-from deepfleet.launch.backends import deepspeed_runner_command, render_deepspeed, slurm_script
+from deepfleet.launch.backends import (deepspeed_runner_command, deepspeed_runner_environment, render_deepspeed,
+                                       slurm_script)
 from deepfleet.launch.commands import new_job_id
 from deepfleet.launch.job import LaunchPlan, LaunchSettings, plan_launch
 from deepfleet.launch.supervisor import JobOutcome, Supervisor, SupervisorOptions, render_summary
@@ -84,14 +85,14 @@ def run_deepspeed_backend(fleet: Fleet, plan: LaunchPlan, *, run_dir: Path, ssh_
                           dry_run: bool, write: Callable[[str], None] = print) -> int:
     """DeepSpeed's own launcher over pdsh. Its supervision is its own: it waits for pdsh to end."""
     launch = deepspeed_runner_command(fleet, plan, state_dir=str(run_dir.resolve()),
-                                      ssh_args=ssh_option_args(ssh_options))
+                                      ssh_args=ssh_option_args(ssh_options), cwd=os.getcwd())
     write(render_deepspeed(launch))
     if dry_run:
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     for path, content in launch.files.items():
         Path(path).write_text(content)
-    return subprocess.run(launch.argv, env={**os.environ, **launch.env}, check=False).returncode
+    return subprocess.run(launch.argv, env=deepspeed_runner_environment(os.environ, launch.env), check=False).returncode
 
 
 def run_slurm_backend(plan: LaunchPlan, *, run_dir: Path, dry_run: bool, environ: Mapping[str, str],

@@ -1,0 +1,82 @@
+"""torchrun whose rendezvous store listens on the master's address only, not on every interface.
+
+With `--master-addr/--master-port` (static rendezvous), node 0's torchrun hosts a TCPStore that
+binds the wildcard address: torch has no option for the listen address. This entry point first
+creates that server itself, on a socket bound to the master address, with `multi_tenant=True`;
+torchrun's own `TCPStore(master_addr, master_port, ..., multi_tenant=True)` in the same process
+then reuses it instead of opening a second listener. Workers use the agent's store (static
+rendezvous shares it), so nothing else listens for the rendezvous.
+
+`--master-port=0` binds a free port first and hands torchrun the port it got, so a single-machine
+run has no window between choosing a port and listening on it.
+
+    python -m deepfleet.launch.bound_torchrun [torchrun arguments]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from datetime import timedelta
+
+from torch.distributed import TCPStore
+from torch.distributed.run import get_args_parser
+from torch.distributed.run import main as torchrun_main
+
+LISTEN_BACKLOG = 1024
+
+
+def bind_listener(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((address, port))
+    listener.listen(LISTEN_BACKLOG)
+    return listener
+
+
+def hosts_rendezvous(argv: list[str]) -> tuple[str, int] | None:
+    """(address, port) when this torchrun hosts a static rendezvous at an IP literal, else None.
+
+    A host name is left to torchrun: it may resolve differently on the master (127.0.1.1 on Debian)
+    than on the other hosts, and binding there would shut them out.
+    """
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0:
+        return None
+    try:
+        ipaddress.ip_address(args.master_addr)
+    except ValueError:
+        return None
+    return args.master_addr, args.master_port
+
+
+def with_master_port(argv: list[str], port: int) -> list[str]:
+    """argv with torchrun's own --master-port set to `port` (the training command's arguments untouched)."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    split = len(argv) - 1 - len(args.training_script_args)
+    values, kept = iter(argv[:split]), []
+    for arg in values:
+        if arg in ("--master-port", "--master_port"):
+            next(values, None)
+        elif not arg.startswith(("--master-port=", "--master_port=")):
+            kept.append(arg)
+    return [*kept, f"--master-port={port}", *argv[split:]]
+
+
+def main(argv: list[str]) -> None:
+    target = hosts_rendezvous(argv)
+    if target is None:
+        torchrun_main(argv)
+        return
+    listener = bind_listener(*target)
+    port = listener.getsockname()[1]
+    # Held for the life of torchrun; torchrun's static rendezvous reuses it by port.
+    store = TCPStore(target[0], port, is_master=True, wait_for_workers=False, multi_tenant=True,  # noqa: F841
+                     timeout=timedelta(seconds=60), master_listen_fd=listener.fileno())
+    torchrun_main(argv if port == target[1] else with_master_port(argv, port))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
