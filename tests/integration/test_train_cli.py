@@ -69,7 +69,7 @@ def test_error_found_inside_the_ranks_is_one_line_too(tmp_path):
                           data={"train": [str(train)]}, train={"micro_batch": 2, "global_batch": 4})
     done = run_cli("train", str(recipe), "--nproc", "2", cwd=tmp_path, timeout=300)
     assert_one_clean_error(done, f"{train}:21")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "run-state").iterdir())
 
 
 def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):

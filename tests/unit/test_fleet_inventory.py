@@ -46,7 +46,8 @@ def test_slurm_nodelist_expansion_keeps_padding():
 @pytest.mark.parametrize("nodelist, words", [
     ("gpu[01-04", "'[' without ']'"), ("gpu]1", "']' without '['"), ("gpu[4-1]", "runs backwards"),
     ("gpu[a-b]", "is not a number or range"), ("gpu1,,gpu2", "empty entry"), ("g[[1]]", "nested"),
-    ("gpu;ls", "not allowed in a host name"),
+    ("gpu;ls", "not allowed in a host name"), ("gpu[1-2],gpu2", "host 'gpu2' listed twice"),
+    ("gpu[]", "'' is not a number or range"), ("a[1-300]b[1-300]c[1-30]", "more than 100000 hosts"),
 ])
 def test_bad_slurm_nodelist_is_one_error(nodelist, words):
     found = problems(expand_nodelist, nodelist)
@@ -112,3 +113,11 @@ def test_hosts_option_parses_user_and_rejects_metacharacters():
     assert [(h.user, h.address, h.port) for h in hosts] == [("root", "10.0.0.1", 2222), ("ubuntu", "gpu2", 2222)]
     assert "not allowed" in problems(hosts_from_names, "gpu1,gpu2&&reboot")[0]
     assert "listed twice" in problems(hosts_from_names, "a,a")[0]
+
+
+def test_non_utf8_hostfile_is_one_error(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_bytes(b"gpu1 slots=1\n\xff\xfe\n")
+    with pytest.raises(DeepfleetError) as info:
+        resolve_fleet(hostfile=str(hostfile))
+    assert [p.render() for p in info.value.problems] == [f"{hostfile}: hostfile is not UTF-8 text (byte 13) (fix: save it as UTF-8 text)"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError   # typer vendors click; not re-exported
 
 from deepfleet.cli import launch_cmd
 from deepfleet.cli import fleet_cmd
@@ -39,15 +40,29 @@ app.command("check-ds-config")(plan_cmd.check_ds_config)
 app.add_typer(bench_cmd.bench_app, name="bench")
 
 
+def usage_line(exc: UsageError) -> str:
+    """A usage error as deepfleet's one error line (click would print a boxed panel)."""
+    command = exc.ctx.command_path if exc.ctx else "deepfleet"
+    message = " ".join(exc.format_message().split())
+    return f"error: {command}: {message} (fix: see `{command} --help`)"
+
+
 def main() -> None:
     try:
-        app()
+        result = app(prog_name="deepfleet", standalone_mode=False)
     except DeepfleetError as exc:
         print(exc.render(), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        print(usage_line(exc), file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)   # typer.Exit(code) comes back as the code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,16 @@ bench_app = typer.Typer(help="Bus bandwidth of the collectives; tokens/s, MFU an
                         no_args_is_help=True)
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _plot_path(path: Optional[Path]) -> Optional[Path]:
+    """Checked before the benchmark runs, not after it."""
+    if path is not None and (path.suffix.lower() not in PLOT_SUFFIXES or not path.parent.is_dir()):
+        raise typer.BadParameter(f"{path}: needs an existing directory and a {'/'.join(PLOT_SUFFIXES)} name")
+    return path
+
+
 def _operations(text: str) -> list[str]:
     chosen = [op.strip().replace("-", "_") for op in text.split(",") if op.strip()]
     unknown = [op for op in chosen if op not in OPERATIONS]
@@ -37,8 +47,8 @@ def comm(
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
                                                  help="ranks per host (default: slots; 2 on a lone CPU machine)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    png: Optional[Path] = typer.Option(None, "--png", help="write a busbw-vs-size plot here"),
-    run_dir: Path = typer.Option(Path("runs/bench"), "--run-dir", help="where per-host logs go"),
+    png: Optional[Path] = typer.Option(None, "--png", callback=_plot_path, help="write a busbw-vs-size plot here"),
+    run_dir: Path = typer.Option(Path("runs/bench"), "--run-dir", file_okay=False, help="where per-host logs go"),
 ) -> None:
     """All-reduce, all-gather and reduce-scatter across the fleet: algbw and busbw per size."""
     import torch
@@ -73,7 +83,7 @@ def train(
     warmup_steps: int = typer.Option(3, "--warmup-steps", min=0, help="first steps left out of the figures"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="ranks per host (default: slots)"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
-    png: Optional[Path] = typer.Option(None, "--png", help="write tokens/s and efficiency plots here"),
+    png: Optional[Path] = typer.Option(None, "--png", callback=_plot_path, help="write tokens/s and efficiency plots here"),
 ) -> None:
     """Real tokens/s, MFU, per-host step time and scaling efficiency for each node count."""
     from deepfleet.bench.scaling import parse_node_counts

@@ -27,6 +27,13 @@ SshConfigOpt = typer.Option(None, "--ssh-config", help="ssh config file for ever
 SEVERITY_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
 
+def _file_to_write(path: Optional[str]) -> Optional[str]:
+    """An output file option, checked before any work: a file name in an existing directory."""
+    if path is not None and (Path(path).is_dir() or not Path(path).name or not Path(path).parent.is_dir()):
+        raise typer.BadParameter(f"{path!r}: needs a file name in an existing directory")
+    return path
+
+
 def _fleet(fleet_file: Optional[str], hostfile: Optional[str], ssh_config: Optional[str] = None) -> Fleet:
     fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
     if ssh_config:
@@ -59,7 +66,8 @@ def hosts_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] 
 
 def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
                      discover: bool = typer.Option(False, "--discover", help="ask every host for its GPU count"),
-                     output: Optional[str] = typer.Option(None, "-o", "--output", help="write here instead of stdout"),
+                     output: Optional[str] = typer.Option(None, "-o", "--output", callback=_file_to_write,
+                                                          help="write here instead of stdout"),
                      ssh_config: Optional[str] = SshConfigOpt) -> None:
     """Print (or write) a DeepSpeed hostfile for the fleet; --discover counts GPUs on each host."""
     fleet = _fleet(fleet_file, hostfile, ssh_config)
@@ -91,7 +99,8 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                    no_network: bool = typer.Option(False, "--no-network", help="skip master port and bandwidth"),
                    no_iperf3: bool = typer.Option(False, "--no-iperf3", help="built-in bandwidth test even with iperf3"),
                    as_json: bool = typer.Option(False, "--json", help="print JSON"),
-                   record: Optional[str] = typer.Option(None, "--record", help="also save the raw facts here")) -> None:
+                   record: Optional[str] = typer.Option(None, "--record", callback=_file_to_write,
+                                                        help="also save the raw facts here")) -> None:
     """Check every host in parallel; every finding has a fix. Exit 2 on any fail."""
     fleet = _fleet(fleet_file, hostfile, ssh_config)
     options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
@@ -124,6 +133,8 @@ def ssh_setup_command(hosts: Optional[str] = typer.Option(None, "--hosts", help=
                       ssh_dir: str = typer.Option("~/.ssh", "--ssh-dir", help="key, known_hosts, authorized_keys dir "
                                                   "(same path on every host)")) -> None:
     """Key, host keys (accept-new), full mesh, and the N x N reachability matrix."""
+    if Path(ssh_dir).expanduser().exists() and not Path(ssh_dir).expanduser().is_dir():
+        raise DeepfleetError("is not a directory", where=f"--ssh-dir {ssh_dir}", fix="give the ssh directory, e.g. ~/.ssh")
     fleet = _fleet(fleet_file, hostfile, ssh_config)
     if hosts:
         fleet = replace(fleet, hosts=tuple(hosts_from_names(hosts, user=user, port=port)), source="--hosts")

@@ -28,7 +28,7 @@ def launch(
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure this many times"),
     hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without progress before teardown"),
     all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank's output, not only rank 0"),
-    run_dir: Path = typer.Option(Path("runs/launch"), "--run-dir", help="Where per-host logs go"),
+    run_dir: Path = typer.Option(Path("runs/launch"), "--run-dir", file_okay=False, help="Where per-host logs go"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each host; run nothing"),
     backend: Backend = typer.Option(Backend.torchrun, "--backend", help="torchrun (supervised), deepspeed, slurm, manual"),
 ) -> None:

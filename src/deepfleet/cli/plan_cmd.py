@@ -33,7 +33,7 @@ def parse_memory_size(text: str, option: str) -> int:
     """'80GiB', '80GB', '80G' (G = GiB, as GPU vendors mean it) -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
         raise DeepfleetError(f"cannot read memory size {text!r}", where=option, fix="write it like 80GiB or 24GB")
     return int(float(match.group(1)) * _UNITS[unit])
 
@@ -76,9 +76,12 @@ def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node
     from deepfleet.fleet.inventory import resolve_fleet
     from deepfleet.launch.local import default_nproc
 
+    if fleet_file and nodes:
+        raise DeepfleetError("both --fleet and --nodes given", where="command line",
+                             fix="plan for the fleet file, or for --nodes/--gpus-per-node, not both")
     if nodes or gpus_per_node:
         return nodes or 1, gpus_per_node or default_nproc(gpus=local_gpus), False
-    is_yaml = fleet_file is not None and fleet_file.endswith((".yaml", ".yml"))
+    is_yaml = fleet_file is not None and fleet_file.lower().endswith((".yaml", ".yml"))
     fleet = resolve_fleet(fleet_file=fleet_file if is_yaml else None, hostfile=None if is_yaml else fleet_file)
     if len(fleet.hosts) == 1 and fleet.hosts[0].local:
         return 1, default_nproc(gpus=local_gpus), True
@@ -205,7 +208,7 @@ def plan(
     host_mem: Optional[str] = typer.Option(None, "--host-mem", help="CPU memory per host, e.g. 512GiB"),
     nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Hosts (instead of --fleet)"),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="Ranks per host"),
-    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", help="Measured inter-host bandwidth, Gbit/s"),
+    link_gbps: Optional[float] = typer.Option(None, "--link-gbps", min=0.001, help="Measured inter-host bandwidth, Gbit/s"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the GPUs support bf16"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepfleet.errors import EXIT_BAD_INPUT, DeepfleetError
 from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_run_dir, default_nproc,
                                     local_torchrun_command, new_run_dir, render_command, run_local)
 from deepfleet.plan.recipe import Recipe
@@ -102,8 +104,15 @@ def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
     """Run the ranks; on success keep the log as output_dir/train.log. Returns wall seconds."""
     create_run_dir(launch.run_dir)
     launch.recipe_file.write_text(resolved_recipe_json(recipe))
+    output_existed = recipe.output_path.exists()
     started = time.perf_counter()
-    run_local(launch)
+    try:
+        run_local(launch)
+    except DeepfleetError as exc:
+        if exc.exit_code == EXIT_BAD_INPUT and not output_existed and recipe.output_path.is_dir():
+            with contextlib.suppress(OSError):
+                recipe.output_path.rmdir()      # only if the ranks left it empty
+        raise
     seconds = time.perf_counter() - started
     shutil.copyfile(launch.log_file, recipe.output_path / TRAIN_LOG_FILE)
     shutil.rmtree(launch.run_dir, ignore_errors=True)
@@ -140,7 +149,7 @@ def _one_line(answer: str, width: int = 24) -> str:
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit for the built-in demo recipe defaults)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this machine (default: GPUs, else 2 CPU ranks)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Ranks on this machine (default: GPUs, else 2 CPU ranks)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the torchrun command and environment; run nothing"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even when output_dir has checkpoints"),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml: train on every host of it"),
@@ -188,7 +197,7 @@ def generate(
 
 def demo(
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of examples/demo.yaml"),
-    nproc: int = typer.Option(2, "--nproc", help="Local ranks"),
+    nproc: int = typer.Option(2, "--nproc", min=1, help="Local ranks"),
     heldout: int = typer.Option(100, "--heldout", min=1, help="Held-out prompts to score"),
 ) -> None:
     """Train the built-in tiny model on the built-in tasks; print held-out answers and accuracy before/after."""

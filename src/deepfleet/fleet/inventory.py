@@ -193,16 +193,26 @@ def expand_nodelist(nodelist: str, where: str = "SLURM_JOB_NODELIST") -> list[st
         if not item.strip():
             raise fail("empty entry")
         expanded = [""]
-        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+        for literal, brackets, ranges in re.findall(r"([^\[\]]*)(\[([^\]]*)\])?", item):
             choices = [literal]
-            if ranges:
+            if brackets:
                 choices = [literal + number for number in _expand_ranges(ranges, fail)]
+            if len(names) + len(expanded) * len(choices) > MAX_NODELIST_HOSTS:
+                raise fail(f"more than {MAX_NODELIST_HOSTS} hosts")
             expanded = [prefix + choice for prefix in expanded for choice in choices]
         names += expanded
     for name in names:
         if message := host_name_problem(name):
             raise fail(message)
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise fail(f"host {name!r} listed twice")
+        seen.add(name)
     return names
+
+
+MAX_NODELIST_HOSTS = 100_000
 
 
 def _expand_ranges(ranges: str, fail) -> list[str]:
@@ -256,6 +266,9 @@ def read_text(path: Path, what: str) -> str:
     except OSError as exc:
         raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path),
                              fix="check the path") from None
+    except UnicodeDecodeError as exc:
+        raise DeepfleetError(f"{what} is not UTF-8 text (byte {exc.start})", where=str(path),
+                             fix="save it as UTF-8 text") from None
 
 
 def resolve_fleet(*, fleet_file: str | None = None, hostfile: str | None = None,

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,8 +155,9 @@ def run_local(launch: LocalLaunch) -> None:
                              where="train", fix="run the same command again to resume", exit_code=EXIT_PREEMPTED)
     reported = rank_errors(launch.run_dir)
     if reported:
-        problems = [Problem(what=line.removeprefix("error: ")) for line in reported]
-        raise DeepfleetError(problems=problems)
+        # Bad input the ranks found: the line says it all, so the run's state is not kept.
+        shutil.rmtree(launch.run_dir, ignore_errors=True)
+        raise DeepfleetError(problems=[Problem(what=line.removeprefix("error: ")) for line in reported])
     cause = last_exception_line(launch.log_file) or f"torchrun exited with code {code}"
     raise DeepfleetError(f"training failed: {cause}", where="train", exit_code=1,
                          fix=f"see the full log {launch.log_file}")
