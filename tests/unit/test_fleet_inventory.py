@@ -121,3 +121,28 @@ def test_non_utf8_hostfile_is_one_error(tmp_path):
     with pytest.raises(DeepfleetError) as info:
         resolve_fleet(hostfile=str(hostfile))
     assert [p.render() for p in info.value.problems] == [f"{hostfile}: hostfile is not UTF-8 text (byte 13) (fix: save it as UTF-8 text)"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "empty host name"),
+    ("a" * 300, "host name of 300 characters is longer than 253"),
+    ("gpu1:22", "the port does not go in the host name"),
+    ("gpü1", "characters not allowed in a host name: 'ü'"),
+    ("::::", "is not a host name or IP address"),
+])
+def test_host_name_problems_say_what_is_wrong(name, message):
+    from deepfleet.fleet.inventory import host_name_problem
+    assert message in host_name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["gpu-1.example.com", "10.0.0.1", "::1", "fe80::1%eth0"])
+def test_valid_host_names_pass(name):
+    from deepfleet.fleet.inventory import host_name_problem
+    assert host_name_problem(name) is None
+
+
+def test_out_of_range_slots_and_port_are_named():
+    assert problems(parse_hostfile, "gpu1 slots=99999999999999999999\n", "hf")[0].startswith("hf:1: slots=")
+    with pytest.raises(DeepfleetError) as info:
+        hosts_from_names("gpu1,gpu2", port=70000)
+    assert info.value.render() == "error: --port: port 70000 out of range (fix: use 1-65535)"

@@ -7,6 +7,7 @@ Every name and user is validated here, so nothing unchecked ever reaches a remot
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ DEFAULT_MASTER_PORT = 29500
 # Hostnames (RFC 1123 labels, plus "_" seen in the wild), IPv4 and bracket-free IPv6 literals.
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?$")
+MAX_SLOTS = 1024   # ranks on one host; far above any real machine, catches a typo
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
@@ -82,13 +84,28 @@ class Fleet:
 
 def host_name_problem(name: str) -> str | None:
     """Why `name` is not a safe host name or address, or None when it is."""
+    if not name:
+        return "empty host name"
     if name.startswith("-"):
         return f"host {name!r} starts with '-' (ssh would read it as an option)"
-    if _HOSTNAME.match(name) or (":" in name and _IPV6.match(name)):
+    if _HOSTNAME.match(name) or (":" in name and _IPV6.match(name) and _is_ip(name.split("%")[0])):
         return None
-    bad = sorted({c for c in name if not (c.isalnum() or c in "._-:")})
-    shown = "".join(bad) or name
-    return f"host {name!r} contains characters not allowed in a host name: {shown!r}"
+    if len(name) > 253:
+        return f"host name of {len(name)} characters is longer than 253"
+    if re.fullmatch(r"[A-Za-z0-9_.-]+:\d+", name):
+        return f"host {name!r}: the port does not go in the host name (use the port setting, e.g. --port)"
+    bad = sorted({c for c in name if not ((c.isascii() and c.isalnum()) or c in "._-:")})
+    if not bad:
+        return f"host {name!r} is not a host name or IP address"
+    return f"host {name!r} contains characters not allowed in a host name: {''.join(bad)!r}"
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def user_problem(user: str) -> str | None:
@@ -106,9 +123,10 @@ def validate_host(host: Host, where: str) -> list[Problem]:
             break
     if host.user is not None and (message := user_problem(host.user)):
         problems.append(Problem(what=message, where=where, fix="use the login name, e.g. user: ubuntu"))
-    if host.slots < 1:
+    if not 1 <= host.slots <= MAX_SLOTS:
         problems.append(Problem(what=f"slots={host.slots} for host {host.name!r}", where=where,
-                                fix="slots is the number of ranks on that host: 1 or more (remove the host to skip it)"))
+                                fix=f"slots is the number of ranks on that host: 1 to {MAX_SLOTS} "
+                                    "(remove the host to skip it)"))
     if host.port is not None and not 0 < host.port < 65536:
         problems.append(Problem(what=f"port {host.port} out of range", where=where, fix="use 1-65535"))
     if host.interface is not None and not _IFNAME.match(host.interface):
@@ -305,6 +323,8 @@ def with_hosts(fleet: Fleet, hosts: list[Host]) -> Fleet:
 
 def hosts_from_names(names: str, *, user: str | None = None, port: int | None = None) -> list[Host]:
     """`--hosts a,b,c` (each optionally user@host) as hosts, validated."""
+    if port is not None and not 0 < port < 65536:
+        raise DeepfleetError(f"port {port} out of range", where="--port", fix="use 1-65535")
     hosts, problems = [], []
     for item in [n.strip() for n in names.split(",") if n.strip()]:
         item_user, _, address = item.rpartition("@")
