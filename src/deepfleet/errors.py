@@ -45,6 +45,12 @@ class DeepfleetError(Exception):
         return self.render()
 
 
+def exception_summary(exc: BaseException) -> str:
+    """`Type: first line of the message`, for a library failure quoted inside a one-line error."""
+    text = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -1,6 +1,7 @@
 """Which checkpoints count, when saves are due, and what a resume may not change (no ranks needed)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -62,3 +63,19 @@ def test_output_dir_must_be_creatable_and_have_room_for_a_checkpoint(tmp_path):
     [problem] = output_dir_problems(tmp_path / "run", needed_bytes=2**60)
     assert "one checkpoint needs about" in problem.what and "GiB free" in problem.what
     assert checkpoint_bytes(total_params=10, trainable_params=2, precision_bytes=2) == 10 * 2 + 2 * 12
+
+
+def test_resume_from_a_marked_checkpoint_without_engine_dir_names_the_dir_before_deepspeed(tmp_path):
+    from deepfleet.train.checkpoint import load_checkpoint
+
+    class DeepSpeedEngine:  # what DeepSpeed does with a missing tag dir: an assertion without a message
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError
+
+    path = make_checkpoint(tmp_path, 6, complete=True)
+    shutil.rmtree(path / "engine")
+    with pytest.raises(DeepfleetError) as info:
+        load_checkpoint(DeepSpeedEngine(), path, rank=0)
+    text = info.value.render()
+    assert "checkpoint is damaged: it has no engine/ dir" in text and text.count("\n") == 0
+    assert info.value.problems[0].where == str(path) and "delete this step dir" in info.value.problems[0].fix

@@ -166,6 +166,7 @@ def save_checkpoint(engine, train_state: Any, output_dir: Path, *, rank: int, lo
 
 def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG; returns the saved train state fields."""
+    check_engine_dir(path)
     load_path, client_state = engine.load_checkpoint(str(path), tag=ENGINE_TAG)
     if load_path is None:
         raise DeepfleetError(f"DeepSpeed could not load checkpoint {path}", where=str(path),
@@ -174,6 +175,13 @@ def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:
     if rng_file.is_file():
         restore_rng_state(torch.load(rng_file, weights_only=False))
     return client_state["train_state"]
+
+
+def check_engine_dir(path: Path) -> None:
+    """DeepSpeed asserts (no useful message) when a marked checkpoint lost its shards dir."""
+    if not (path / ENGINE_TAG).is_dir():
+        raise DeepfleetError(f"checkpoint is damaged: it has no {ENGINE_TAG}/ dir", where=str(path),
+                             fix="delete this step dir so the previous complete one is used, or use --no-resume")
 
 
 def check_resumable(path: Path, fingerprint: dict[str, Any]) -> None:

@@ -36,6 +36,11 @@ def save_final_model(engine, tokenizer: PreTrainedTokenizerBase, output_dir: Pat
     return final if rank == 0 else None
 
 
+def is_model_dir(path: Path) -> bool:
+    """Whether `path` was written by `write_model_dir` (so replacing it loses nothing else)."""
+    return (path / RUN_INFO_FILE).is_file()
+
+
 def write_model_dir(module, tokenizer: PreTrainedTokenizerBase, target: Path, *, state_dict: dict | None,
                     is_lora: bool, base_model_name: str, save_base_weights: bool,
                     run_info: dict | None = None) -> Path:
@@ -43,14 +48,18 @@ def write_model_dir(module, tokenizer: PreTrainedTokenizerBase, target: Path, *,
     staging = target.with_name(f".{target.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    if is_lora:
-        _save_adapter(module, staging, state_dict=state_dict, base_model_name=base_model_name,
-                      save_base_weights=save_base_weights)
-    else:
-        module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / RUN_INFO_FILE).write_text(json.dumps({"base_model": base_model_name, "lora": is_lora,
-                                                      **(run_info or {})}, indent=2) + "\n")
+    try:
+        if is_lora:
+            _save_adapter(module, staging, state_dict=state_dict, base_model_name=base_model_name,
+                          save_base_weights=save_base_weights)
+        else:
+            module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / RUN_INFO_FILE).write_text(json.dumps({"base_model": base_model_name, "lora": is_lora,
+                                                          **(run_info or {})}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _replace_dir(staging, target)
     return target
 
