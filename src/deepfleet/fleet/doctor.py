@@ -7,7 +7,6 @@ the wall time stays near one host's even for many hosts.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import secrets
@@ -18,7 +17,7 @@ from typing import Any
 
 from deepfleet.fleet.checks import Collected, Finding, run_checks
 from deepfleet.fleet.facts import HostFacts, probe_hosts
-from deepfleet.fleet.inventory import Fleet, Host
+from deepfleet.fleet.inventory import Fleet, Host, is_ip_address
 from deepfleet.fleet.network import (BandwidthSink, source_address_towards, start_iperf3_servers,
                                      stop_iperf3_servers)
 from deepfleet.fleet.ssh import SshOptions, ssh_argv
@@ -91,20 +90,12 @@ def probe_params(fleet: Fleet, host: Host, options: DoctorOptions, ssh_options: 
         if host == fleet.master:
             params["listen"] = {"port": fleet.master_port, "expect": len(fleet.hosts),
                                 "seconds": network_phase_seconds(options, len(fleet.hosts)) + 1}
-            if _is_ip(fleet.master.address):   # listen where the hosts connect, as the rendezvous will
+            if is_ip_address(fleet.master.address):   # listen where the hosts connect, as the rendezvous will
                 params["listen"]["address"] = fleet.master.address
     if options.network and host.name in bandwidth:
         address, port, iperf3_port = bandwidth[host.name]
         params["bandwidth"] = [address, port, host.name, iperf3_port]
     return params
-
-
-def _is_ip(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 def write_share_token(output_dir: str | None) -> tuple[Path, tuple[str, str]] | None:

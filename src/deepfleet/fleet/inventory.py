@@ -88,7 +88,7 @@ def host_name_problem(name: str) -> str | None:
         return "empty host name"
     if name.startswith("-"):
         return f"host {name!r} starts with '-' (ssh would read it as an option)"
-    if _HOSTNAME.match(name) or (":" in name and _IPV6.match(name) and _is_ip(name.split("%")[0])):
+    if _HOSTNAME.match(name) or (":" in name and _IPV6.match(name) and is_ip_address(name.split("%")[0])):
         return None
     if len(name) > 253:
         return f"host name of {len(name)} characters is longer than 253"
@@ -100,7 +100,7 @@ def host_name_problem(name: str) -> str | None:
     return f"host {name!r} contains characters not allowed in a host name: {''.join(bad)!r}"
 
 
-def _is_ip(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
