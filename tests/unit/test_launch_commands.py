@@ -7,7 +7,7 @@ from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.network import InterfaceChoice
 from deepfleet.fleet.ssh import SshOptions
 from deepfleet.launch.environment import job_environment
-from deepfleet.masking import masked
+from deepfleet.env_vars import masked
 from deepfleet.launch.job import LaunchSettings, plan_launch
 
 TWO_HOSTS = Fleet(hosts=(Host(name="gpu1", address="10.0.0.1", slots=2), Host(name="gpu2", address="10.0.0.2", slots=2)),

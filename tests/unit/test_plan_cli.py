@@ -87,3 +87,34 @@ def test_plan_for_a_hostfile_needs_gpu_memory_then_uses_its_slots(mistral_recipe
     assert result.exit_code == 0, result.output
     fleet = json.loads(result.output)["fleet"]
     assert (fleet["nodes"], fleet["ranks_per_node"]) == (2, 4)
+
+
+def test_check_ds_config_that_is_not_utf8(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_bytes(b'{\n  "zero_optimization": {"stage": 2},\n  "note": "caf\xe9"\n}\n')
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert isinstance(result.exception, DeepfleetError)
+    [problem] = result.exception.problems
+    assert problem.where == f"{path}:3" and "not UTF-8 text" in problem.what
+
+
+def test_check_ds_config_refuses_a_zero_stage_deepspeed_would_only_reject_in_training(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 9}}))
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert isinstance(result.exception, DeepfleetError)
+    assert result.exception.problems[0].where == f"{path}:zero_optimization.stage"
+
+
+def test_plan_overrides_inside_shorthand_sections(mistral_recipe):
+    """The recipe writes `model: DIR` and `deepspeed: auto`; overrides still reach their keys."""
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--json",
+                                      "deepspeed.zero=3", "model.revision=main"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["choice"]["stage"] == 3
+
+
+def test_plan_blames_a_bad_override_on_the_command_line(mistral_recipe):
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "train.lr=abc"])
+    assert isinstance(result.exception, DeepfleetError)
+    assert result.exception.problems[0].where == "command line (train.lr=abc)"

@@ -32,7 +32,7 @@ def test_explicit_stage_keeps_recipe_settings_with_the_engines_call():
 
 
 def test_warmup_is_at_least_one_step():
-    config = run(recipe("train: {global_batch: 64, micro_batch: 4, warmup: 0}"))
+    config = run(parse_recipe("train: {global_batch: 64, micro_batch: 4, warmup: 0}"))
     assert config["scheduler"]["params"]["warmup_num_steps"] == 1
 
 

@@ -5,7 +5,7 @@ import types
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-from deepfleet.plan.deepspeed_schema import deepspeed_key_schema, find_unknown_keys
+from deepfleet.plan.deepspeed_schema import deepspeed_key_schema, find_non_objects, find_unknown_keys
 
 
 def test_deepspeed_itself_ignores_a_misspelled_section():
@@ -44,3 +44,9 @@ def test_unknown_keys_found_at_every_level_and_params_are_free_form():
               "steps_per_print": 10}
     unknown = {u.dotted for u in find_unknown_keys(config)}
     assert unknown == {"zero_optimization.overlap_com", "zero_optimization.offload_optimizer.pin_memroy"}
+
+
+def test_sections_that_must_be_objects():
+    config = {"zero_optimization": {"stage": 2, "offload_param": None, "offload_optimizer": "cpu"},
+              "bf16": [], "fp16": None, "optimizer": {"type": "AdamW", "params": 3}, "train_batch_size": 8}
+    assert set(find_non_objects(config)) == {("zero_optimization", "offload_optimizer"), ("bf16",), ("fp16",)}

@@ -142,3 +142,30 @@ def test_without_a_recipe_missing_batch_values_are_derived_like_deepspeed():
     assert checked.config["gradient_accumulation_steps"] == 2
     [line] = problems_of({"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, ctx)
     assert "world size 4" in line
+
+
+@pytest.mark.parametrize("config,where", [
+    ({"zero_optimization": {"stage": 9}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": "two"}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage"),
+    ({"zero_optimization": []}, "zero_optimization"),
+    ({"zero_optimization": None}, "zero_optimization"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}}, "zero_optimization.offload_optimizer"),
+    ({"bf16": {"enabled": "yes"}}, "bf16.enabled"),
+    ({"tensorboard": {"enabled": 1}}, "tensorboard.enabled"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}, "optimizer.params.lr"),
+    ({"optimizer": {"type": "AdamW", "params": [0.1]}}, "optimizer.params"),
+    ({"train_batch_size": -16}, "train_batch_size"),
+    ({"train_batch_size": "x", "train_micro_batch_size_per_gpu": 8}, "train_batch_size"),
+    ({"gradient_clipping": "auto-ish"}, "gradient_clipping"),
+])
+def test_wrong_types_and_ranges_name_the_json_key(config, where):
+    for ctx in (context(), replace(context(), recipe_given=False)):
+        [line] = problems_of(config, ctx)
+        assert line.startswith(f"ds.json:{where}: {where} must be "), line
+
+
+def test_nested_sections_may_be_null():
+    checked = check_user_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": None}},
+                                          context(), SOURCE)
+    assert checked.config["zero_optimization"]["stage"] == 2

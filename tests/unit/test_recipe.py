@@ -1,7 +1,7 @@
 import pytest
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.plan.recipe_io import parse_recipe
+from deepfleet.plan.recipe_io import load_recipe, parse_recipe
 
 
 def problems(text, overrides=()):
@@ -45,3 +45,87 @@ def test_deepspeed_shorthands():
 def test_invalid_yaml_reports_line():
     found = problems("model: [unclosed\ntrain: {}\n")
     assert found[0].startswith("r.yaml:")
+
+
+@pytest.mark.parametrize("key,value", [("lr", ".inf"), ("lr", ".nan"), ("epochs", ".inf"), ("warmup", "-.inf")])
+def test_infinite_and_nan_numbers_are_refused(key, value):
+    [in_file] = problems(f"train:\n  {key}: {value}\n")
+    assert in_file.startswith(f"r.yaml:2: train.{key}: Input should be a finite number")
+    [overridden] = problems("", [f"train.{key}={value}"])
+    assert overridden.startswith(f"command line (train.{key}={value}): train.{key}:")
+
+
+@pytest.mark.parametrize("item", ["train.lr=[", "x={a: [", "x=!!python/object:os.system", "x={a: 1, a: 2}"])
+def test_override_value_that_is_bad_yaml_is_one_line_error(item):
+    [found] = problems("", [item])
+    assert found.startswith(f"command line ({item}): value is not valid YAML")
+    assert found.endswith("(fix: quote the value or fix its YAML)") and "\n" not in found
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("model: builtin:tiny\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DeepfleetError) as info:
+        load_recipe(path)
+    [problem] = info.value.problems
+    assert problem.where == f"{path}:2" and "not UTF-8 text" in problem.what
+
+
+def test_overrides_reach_into_shorthand_sections():
+    recipe = parse_recipe("model: builtin:tiny\ndeepspeed: auto\n", "r.yaml",
+                          ["model.revision=main", "model.name=org/m", "deepspeed.zero=2"])
+    assert (recipe.model.name, recipe.model.revision, recipe.deepspeed.zero) == ("org/m", "main", 2)
+    recipe = parse_recipe("deepspeed: my_ds.json\n", "r.yaml", ["deepspeed.offload_optimizer=cpu"])
+    assert (recipe.deepspeed.config, recipe.deepspeed.offload_optimizer) == ("my_ds.json", "cpu")
+    assert parse_recipe("deepspeed: 3\n", "r.yaml", ["deepspeed.nvme_path=/n"]).deepspeed.zero == 3
+
+
+def test_errors_caused_by_overrides_name_the_command_line():
+    found = problems("train:\n  lr: 1\n  micro_batch: 0\n", ["train.lr=abc", "trian.lr=1"])
+    assert any(p.startswith("command line (train.lr=abc): train.lr:") for p in found)
+    assert any(p.startswith("command line (trian.lr=1): unknown key trian") and 'did you mean "train"' in p
+               for p in found)
+    assert any(p.startswith("r.yaml:3: train.micro_batch") for p in found)
+    [whole_section] = problems("", ["deepspeed=7"])
+    assert whole_section.startswith("command line (deepspeed=7): deepspeed.zero")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999])
+def test_seed_must_fit_in_32_bits(seed):
+    [found] = problems(f"train:\n  seed: {seed}\n")
+    assert found.startswith("r.yaml:2: train.seed:")
+    assert parse_recipe(f"train: {{seed: {2**32 - 1}}}").train.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("name", ["A=B", "BAD NAME", "1X", ""])
+def test_env_names_must_be_variable_names(name):
+    [found] = problems(f'env:\n  NCCL_DEBUG: WARN\n  "{name}": x\n')
+    assert found.startswith(f"r.yaml:3: env.{name}: not an environment variable name")
+    assert parse_recipe("env: {NCCL_DEBUG: WARN, _X1: y}").env == {"NCCL_DEBUG": "WARN", "_X1": "y"}
+
+
+@pytest.mark.parametrize("text,line,key", [("train:\n  lr: 1\n  lr: 2\n", 3, "lr"),
+                                           ("model: a\ntrain: {}\nmodel: b\n", 3, "model"),
+                                           ("env: {A: x, A: y}\n", 1, "A")])
+def test_duplicate_keys_are_errors_at_the_second(text, line, key):
+    [found] = problems(text)
+    assert found.startswith(f"r.yaml:{line}: duplicate key {key} (first on line")
+
+
+def test_yaml_merge_keys_may_be_overridden():
+    recipe = parse_recipe("train:\n  <<: {lr: 0.1, seed: 1}\n  lr: 0.2\n")
+    assert (recipe.train.lr, recipe.train.seed) == (0.2, 1)
+
+
+@pytest.mark.parametrize("text,key", [("deepspeed: true", "deepspeed.zero"), ("deepspeed: {zero: true}", "deepspeed.zero"),
+                                      ("train: {global_batch: true}", "train.global_batch"),
+                                      ("train: {lr: false}", "train.lr"), ("checkpoint: {keep: yes}", "checkpoint.keep")])
+def test_booleans_are_not_numbers(text, key):
+    [found] = problems(text)
+    assert found.startswith(f"r.yaml:1: {key}: ")
+    assert "is not a number" in found
+
+
+def test_booleans_still_fine_where_booleans_go():
+    recipe = parse_recipe("data: {packing: false}\nresume: false\nmodel: {trust_remote_code: true}")
+    assert (recipe.data.packing, recipe.resume, recipe.model.trust_remote_code) == (False, False, True)

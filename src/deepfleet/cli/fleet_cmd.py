@@ -19,7 +19,7 @@ from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
 from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile, resolve_fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.fleet.ssh_setup import HEAD, SetupOptions, SetupReport, run_ssh_setup
-from deepfleet.masking import masked
+from deepfleet.env_vars import masked
 
 FleetOpt = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, PBS, or this machine)")
 HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 from deepfleet.fleet.inventory import Host
 from deepfleet.fleet.ssh import RemoteResult, SshFailure, SshOptions, run_on_hosts
-from deepfleet.masking import masked
+from deepfleet.env_vars import masked
 
 # Exec the fleet's python when it exists there, else any python3, so a missing interpreter is
 # reported as a finding instead of hiding every other fact of that host.

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.fleet.inventory import (DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique,
                                        read_text, validate_host)
-from deepfleet.plan.recipe_io import KeyPath, key_lines
+from deepfleet.plan.recipe_io import KeyPath, key_lines, load_yaml, yaml_error
 
 
 class _Section(BaseModel):
@@ -113,13 +113,10 @@ def _host_from(entry: HostEntry, defaults: HostDefaults) -> Host:
 
 def parse_fleet_yaml(text: str, source: str) -> Fleet:
     try:
-        data = yaml.safe_load(text) if text.strip() else None
+        data = load_yaml(text) if text.strip() else None
         lines = key_lines(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                             where=f"{source}:{mark.line + 1}" if mark else source,
-                             fix="check indentation and quoting on that line") from None
+        raise yaml_error(exc, source) from None
     if not isinstance(data, dict):
         raise DeepfleetError("a fleet file must be a mapping with a hosts: list", where=source,
                              fix="start with `hosts:` followed by `- hostname` lines")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
+from deepfleet import env_vars
 from deepfleet.errors import DeepfleetError, Problem
 
 DEFAULT_MASTER_PORT = 29500
@@ -24,7 +25,6 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]+(%[A-Za-z0-9_.-]+)?$")
 MAX_SLOTS = 1024   # ranks on one host; far above any real machine, catches a typo
 _USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
@@ -133,7 +133,7 @@ def validate_host(host: Host, where: str) -> list[Problem]:
         problems.append(Problem(what=f"interface {host.interface!r} is not an interface name", where=where,
                                 fix="use a name from `ip -br addr`, e.g. eth0"))
     for name, _ in host.env:
-        if not _ENV_NAME.match(name):
+        if not env_vars.NAME.match(name):
             problems.append(Problem(what=f"env name {name!r} is not a valid variable name", where=where,
                                     fix="use letters, digits and '_'"))
     return problems

@@ -15,7 +15,7 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet, render_hostfile
 from deepfleet.launch.commands import torchrun_argv
 from deepfleet.launch.job import LaunchPlan
-from deepfleet.masking import is_secret, masked
+from deepfleet.env_vars import is_secret, masked
 
 
 @dataclass(frozen=True, kw_only=True)

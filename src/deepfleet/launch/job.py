@@ -12,7 +12,7 @@ from deepfleet.fleet.network import InterfaceChoice
 from deepfleet.fleet.ssh import SshOptions, host_argv
 from deepfleet.launch.commands import JobSpec, agent_argv, agent_env
 from deepfleet.launch.environment import job_environment
-from deepfleet.masking import masked
+from deepfleet.env_vars import masked
 from deepfleet.launch.supervisor import HostProcess
 
 

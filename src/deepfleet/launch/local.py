@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from deepfleet.errors import DeepfleetError, Problem
-from deepfleet.masking import masked
+from deepfleet.env_vars import masked
 
 # Shared with the rank program (train/preemption.py); launch/ does not import train/.
 EXIT_PREEMPTED = 75

@@ -185,3 +185,20 @@ def find_unknown_keys(config: Mapping[str, Any], schema: Optional[KeySchema] = N
         if sub is not None and isinstance(value, Mapping):
             unknown.extend(find_unknown_keys(value, sub, (*path, str(key))))
     return unknown
+
+
+def find_non_objects(config: Mapping[str, Any], schema: Optional[KeySchema] = None,
+                     path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of sections DeepSpeed reads as JSON objects that hold something else. Nested sections may be
+    null (DeepSpeed's models make them optional); DeepSpeed fails on a null or non-object top-level section."""
+    schema = deepspeed_key_schema() if schema is None else schema
+    found: list[tuple[str, ...]] = []
+    for key, value in config.items():
+        sub = schema.get(key)
+        if sub is None:
+            continue
+        if isinstance(value, Mapping):
+            found.extend(find_non_objects(value, sub, (*path, str(key))))
+        elif value is not None or not path:
+            found.append((*path, str(key)))
+    return found

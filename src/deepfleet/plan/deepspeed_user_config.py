@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
-from deepfleet.plan.deepspeed_schema import find_unknown_keys, removed_deepspeed_keys
+from deepfleet.plan.deepspeed_schema import find_non_objects, find_unknown_keys, removed_deepspeed_keys
 
 AUTO = "auto"
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -43,11 +44,15 @@ class ConfigContext:
 def read_deepspeed_json(path: str | Path) -> str:
     """The text of a user's DeepSpeed JSON (the one file read outside the recipe, at the edge)."""
     try:
-        return Path(path).expanduser().read_text()
+        return Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise DeepfleetError(f"cannot read DeepSpeed config: {exc.strerror}", where=str(path),
                              fix="check deepspeed.config in the recipe (relative paths are from the current directory)"
                              ) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise DeepfleetError(f"DeepSpeed config is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                             where=f"{path}:{line}", fix="save the file as UTF-8 (JSON must be UTF-8)") from None
 
 
 def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:
@@ -71,10 +76,39 @@ def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
-def _auto_paths(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _leaves(node: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     if isinstance(node, Mapping):
-        return [p for key, value in node.items() for p in _auto_paths(value, (*path, str(key)))]
-    return [path] if node == AUTO else []
+        return [leaf for key, value in node.items() for leaf in _leaves(value, (*path, str(key)))]
+    return [(path, node)]
+
+
+def _auto_paths(node: Any) -> list[tuple[str, ...]]:
+    return [path for path, value in _leaves(node) if value == AUTO]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _number_at_least_0(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+# Values DeepSpeed checks only when training starts (with a pydantic traceback), or never:
+# JSON key path -> (test, what the value must be). Every `enabled` key must be true or false.
+_VALUE_RULES: dict[tuple[str, ...], tuple[Callable[[Any], bool], str]] = {
+    ("zero_optimization", "stage"): (lambda value: _is_int(value) and 0 <= value <= 3, "an integer 0-3"),
+    **{(key,): (_positive_int, "a positive integer") for key in BATCH_KEYS},
+    ("gradient_clipping",): (_number_at_least_0, "a number >= 0"),
+    ("optimizer", "params", "lr"): (_number_at_least_0, "a number >= 0"),
+}
+_ENABLED_RULE = (lambda value: isinstance(value, bool), "true or false")
+# Free-form sections (the schema does not list their keys) that DeepSpeed still reads as objects.
+_FREE_FORM_OBJECTS = (("optimizer", "params"), ("scheduler", "params"))
 
 
 def _hidden_size_value(path: tuple[str, ...], hidden: Optional[int]) -> Optional[int]:
@@ -132,6 +166,33 @@ def _unknown_key_problems(config: Mapping[str, Any], source: str) -> list[Proble
     return problems
 
 
+def _rule(path: tuple[str, ...]) -> Optional[tuple[Callable[[Any], bool], str]]:
+    if path in _VALUE_RULES:
+        return _VALUE_RULES[path]
+    if path[-1:] == ("enabled",) and "params" not in path:
+        return _ENABLED_RULE
+    return None
+
+
+def _type_problem(path: tuple[str, ...], value: Any, what: str, source: str) -> Problem:
+    dotted = ".".join(path)
+    return Problem(what=f"{dotted} must be {what}, not {json.dumps(value)}", where=f"{source}:{dotted}",
+                   fix=f"set {dotted} to {what}")
+
+
+def _value_problems(config: Mapping[str, Any], source: str) -> list[Problem]:
+    """Wrong types and ranges, by JSON key path. Unfilled "auto" values are left to _fill_autos."""
+    objects = find_non_objects(config) + [p for p in _FREE_FORM_OBJECTS
+                                          if not isinstance(_get(config, p), (Mapping, type(None)))]
+    problems = [_type_problem(path, value, "a JSON object", source) for path in objects
+                if (value := _get(config, path)) != AUTO]
+    for path, value in _leaves(config):
+        rule = _rule(path)
+        if rule and value != AUTO and not rule[0](value):
+            problems.append(_type_problem(path, value, rule[1], source))
+    return problems
+
+
 def _derive_like_deepspeed(batch: Any, micro: Any, accum: Any, world: int) -> tuple[Any, Any, Any]:
     """The missing batch values as DeepSpeed derives them (DeepSpeedConfig._set_batch_related_parameters);
     None where DeepSpeed could not derive them either."""
@@ -158,6 +219,8 @@ def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> 
     """train_batch_size = micro x accumulation x world. Missing values come from the recipe when one was given
     (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit."""
     given = [config.get(key) for key in BATCH_KEYS]
+    if any(value is not None and not _positive_int(value) for value in given):
+        return [], []   # reported by _value_problems
     reference = [ctx.reference.get(key) for key in BATCH_KEYS]
     world = ctx.world_size
     where = f"{source}:train_batch_size"
@@ -234,7 +297,7 @@ def check_user_deepspeed_config(data: Mapping[str, Any], ctx: ConfigContext,
     config = copy.deepcopy(dict(data))
     problems = _unknown_key_problems(config, source)
     notes, auto_problems = _fill_autos(config, ctx, source)
-    problems += auto_problems
+    problems += auto_problems + _value_problems(config, source)
     batch_notes, batch_problems = _batch_problems(config, ctx, source)
     notes += batch_notes
     problems += batch_problems + _precision_problems(config, ctx, source)

@@ -7,16 +7,36 @@ pydantic's errors into one line each, with file:line, key path and a did-you-mea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
+
+from deepfleet import env_vars
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 BUILTIN_DATA = "builtin:tasks"
 
 
+def _takes_numbers(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return any(type(arg) is int for arg in get_args(annotation))
+    return any(_takes_numbers(arg) for arg in get_args(annotation))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite or NaN lr/epochs would train NaN or overflow later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1, so `global_batch: true` or `deepspeed: true` would quietly mean 1.
+        if isinstance(value, bool) and _takes_numbers(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a number")
+        return value
 
 
 class ModelSpec(Section):
@@ -62,12 +82,33 @@ class TrainSpec(Section):
     warmup: float = Field(0.03, ge=0)              # < 1: fraction of steps; >= 1: steps
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)        # 0 turns clipping off
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)         # numpy seeds must fit in 32 bits
     gradient_checkpointing: bool = False
 
 
+def _model_shorthand(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _deepspeed_shorthand(value: Any) -> Any:
+    # `deepspeed: auto` lets the planner choose; `deepspeed: 2` is a ZeRO stage; `deepspeed: ds.json` a user config.
+    if value == "auto" or isinstance(value, int):
+        return {"zero": value}
+    return {"config": value} if isinstance(value, str) else value
+
+
+# Sections a recipe may write as a scalar, and the mapping each scalar stands for.
+SECTION_SHORTHANDS: dict[str, Callable[[Any], Any]] = {"model": _model_shorthand, "deepspeed": _deepspeed_shorthand}
+
+
+def _env_name(name: str) -> str:
+    if not env_vars.NAME.match(name):
+        raise ValueError("not an environment variable name: use letters, digits and '_', not starting with a digit")
+    return name
+
+
 class DeepSpeedSpec(Section):
-    zero: Union[Literal["auto"], int] = 2
+    zero: Literal["auto", 0, 1, 2, 3] = 2
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
     offload_params: Literal["none", "cpu", "nvme"] = "none"
     nvme_path: Optional[str] = None
@@ -76,21 +117,7 @@ class DeepSpeedSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value):
-        # `deepspeed: auto` lets the planner choose; `deepspeed: ds.json` points at a user config.
-        if value == "auto":
-            return {"zero": "auto"}
-        if isinstance(value, int):
-            return {"zero": value}
-        if isinstance(value, str):
-            return {"config": value}
-        return value
-
-    @field_validator("zero")
-    @classmethod
-    def _stage(cls, value):
-        if value != "auto" and value not in (0, 1, 2, 3):
-            raise ValueError("ZeRO stage must be 0, 1, 2, 3 or auto")
-        return value
+        return _deepspeed_shorthand(value)
 
 
 class CheckpointSpec(Section):
@@ -119,12 +146,12 @@ class Recipe(Section):
     logging: LoggingSpec = LoggingSpec()
     output_dir: str = "runs/demo"
     resume: bool = True
-    env: dict[str, str] = {}          # extra environment for every rank
+    env: dict[Annotated[str, AfterValidator(_env_name)], str] = {}   # extra environment for every rank
 
     @field_validator("model", mode="before")
     @classmethod
     def _model_shorthand(cls, value):
-        return {"name": value} if isinstance(value, str) else value
+        return _model_shorthand(value)
 
     @property
     def output_path(self) -> Path:

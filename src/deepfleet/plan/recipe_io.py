@@ -9,9 +9,48 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
-from deepfleet.plan.recipe import Recipe
+from deepfleet.plan.recipe import SECTION_SHORTHANDS, Recipe
 
 KeyPath = tuple[str, ...]
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *defaults` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:   # an unhashable key: PyYAML reports it below
+                continue
+            if first is not None:
+                raise DuplicateKeyError(None, None, f"duplicate key {key} (first on line {first})",
+                                        key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a duplicate key is an error."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def yaml_error(exc: yaml.YAMLError, source: str) -> DeepfleetError:
+    """A YAML syntax error (or duplicate key) as one line at file:line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    if isinstance(exc, DuplicateKeyError):
+        return DeepfleetError(str(exc.problem), where=where, fix="keep only one of the two")
+    return DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
+                          fix="check indentation and quoting on that line")
 
 
 def key_lines(text: str) -> dict[KeyPath, int]:
@@ -35,24 +74,42 @@ def key_lines(text: str) -> dict[KeyPath, int]:
     return lines
 
 
+def _override_parts(item: str) -> tuple[KeyPath, str]:
+    """`a.b=value` -> (("a", "b"), "value")."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise DeepfleetError(f"override {item!r} is not key=value", where="command line",
+                             fix="write it like train.lr=1e-4")
+    return tuple(key.strip().split(".")), raw
+
+
+def _override_value(item: str, raw: str) -> Any:
+    if not raw.strip():
+        return ""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as exc:
+        raise DeepfleetError(f"value is not valid YAML: {getattr(exc, 'problem', exc)}",
+                             where=f"command line ({item})", fix="quote the value or fix its YAML") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
     result = yaml.safe_load(yaml.safe_dump(data)) or {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise DeepfleetError(f"override {item!r} is not key=value", where="command line",
-                                 fix="write it like train.lr=1e-4")
-        parts = key.strip().split(".")
+        parts, raw = _override_parts(item)
+        expand = SECTION_SHORTHANDS.get(parts[0])
+        if expand and len(parts) > 1 and parts[0] in result:   # `model: NAME` + model.revision=...
+            result[parts[0]] = expand(result[parts[0]])
         target = result
         for part in parts[:-1]:
             if not isinstance(target.get(part), dict):
                 target[part] = {} if target.get(part) is None else target[part]
             if not isinstance(target[part], dict):
-                raise DeepfleetError(f"override {item!r}: {part} is not a section", where="command line",
-                                     fix=f"override a key inside a section, e.g. train.lr=1e-4")
+                raise DeepfleetError(f"{part} is not a section", where=f"command line ({item})",
+                                     fix="override a key inside a section, e.g. train.lr=1e-4")
             target = target[part]
-        target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        target[parts[-1]] = _override_value(item, raw)
     return result
 
 
@@ -71,13 +128,28 @@ def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
+def _override_of(loc: KeyPath, overridden: dict[KeyPath, str], lines: dict[KeyPath, int]) -> str | None:
+    """The override that set the value at `loc`, or created the key `loc` that the file does not have."""
+    for path, item in reversed(overridden.items()):
+        if loc and (loc[:len(path)] == path or (path[:len(loc)] == loc and loc not in lines)):
+            return item
+    return None
+
+
+def _where(loc: KeyPath, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> str:
+    item = _override_of(loc, overridden, lines)
+    if item is not None:
+        return f"command line ({item})"
+    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+    return f"{source}:{line}" if line else source
+
+
+def _problem(error: dict, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> Problem:
     loc = tuple(str(part) for part in error["loc"])
     # Union/shorthand validators add type tags such as "function-before[...]" to loc: drop them.
     loc = tuple(part for part in loc if not part.startswith(("function-", "union[", "literal[")) and "[" not in part)
     key_path = ".".join(loc) or "(top level)"
-    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
-    where = f"{source}:{line}" if line else source
+    where = _where(loc, source, lines, overridden)
     if error["type"] == "extra_forbidden":
         hint = did_you_mean(loc[-1], _fields_at(Recipe, loc[:-1]))
         allowed = ", ".join(_fields_at(Recipe, loc[:-1]))
@@ -90,22 +162,20 @@ def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        data = load_yaml(text) if text.strip() else {}
         lines = key_lines(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
-                             fix="check indentation and quoting on that line") from None
+        raise yaml_error(exc, source) from None
     if not isinstance(data, dict):
         raise DeepfleetError("a recipe must be a YAML mapping of sections", where=source,
                              fix="start with keys such as model:, data:, train:")
     overrides = list(overrides)
     data = apply_overrides(data, overrides)
+    overridden = {_override_parts(item)[0]: item for item in overrides}
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(e, source, lines) for e in exc.errors()]
+        problems = [_problem(e, source, lines, overridden) for e in exc.errors()]
         raise DeepfleetError(problems=problems) from None
 
 
@@ -115,8 +185,12 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
         return parse_recipe("", "<defaults>", overrides)
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise DeepfleetError(f"cannot read recipe: {exc.strerror}", where=str(path),
                              fix="check the path, or run without a recipe for the built-in demo") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise DeepfleetError(f"recipe is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                             where=f"{path}:{line}", fix="save the file as UTF-8") from None
     return parse_recipe(text, str(path), overrides)

@@ -1,10 +1,12 @@
-"""Which variables hold secrets, and copies of environments safe to print, log or record (pure)."""
+"""Environment variable names: which are valid, which hold secrets, and copies of environments safe
+to print, log or record (pure)."""
 
 from __future__ import annotations
 
 import re
 from typing import Mapping
 
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 MASK = "****"
 
