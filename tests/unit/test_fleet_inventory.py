@@ -89,6 +89,8 @@ def test_fleet_yaml_defaults_and_overrides():
     ("hosts:\n  - {address: a, user: 'root;id'}\n", "fleet.yaml:2: user 'root;id' is not a valid login name"),
     ("hosts:\n  - {address: a, slots: 0}\n", "fleet.yaml:2: slots=0"),
     ("hosts: [a\n", "fleet.yaml:2: not valid YAML"),
+    ("hosts:\n  - {address: 10.0.0.1, name: a}\n  - {address: 10.0.0.2, name: a}\n",
+     "fleet.yaml:3: host name 'a' used twice (first at fleet.yaml:2)"),
     ("master_port: 29500\nhosts: [a]\nmaster_port: 29600\n", "fleet.yaml:3: duplicate key master_port (first on line 1)"),
 ])
 def test_fleet_yaml_errors_have_line_and_fix(text, expected):

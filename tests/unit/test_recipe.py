@@ -129,3 +129,9 @@ def test_booleans_are_not_numbers(text, key):
 def test_booleans_still_fine_where_booleans_go():
     recipe = parse_recipe("data: {packing: false}\nresume: false\nmodel: {trust_remote_code: true}")
     assert (recipe.data.packing, recipe.resume, recipe.model.trust_remote_code) == (False, False, True)
+
+
+def test_empty_output_dir_is_refused():
+    with pytest.raises(DeepfleetError) as info:
+        parse_recipe("", overrides=["output_dir="])
+    assert info.value.render().startswith("error: command line (output_dir=): output_dir:")

@@ -142,14 +142,19 @@ def validate_host(host: Host, where: str) -> list[Problem]:
 def check_unique(hosts: list[tuple[Host, str]]) -> list[Problem]:
     """Duplicate host addresses (with their user and port) are an error: one rank set per host."""
     seen: dict[tuple[str, int | None, str | None], str] = {}
+    names: dict[str, str] = {}
     problems = []
     for host, where in hosts:
         key = (host.address.lower(), host.port, host.user)
         if key in seen:
             problems.append(Problem(what=f"host {host.address!r} listed twice (first at {seen[key]})", where=where,
                                     fix="list each host once and put its rank count in slots"))
+        elif host.name.lower() in names:   # logs, heartbeats and messages are per name
+            problems.append(Problem(what=f"host name {host.name!r} used twice (first at {names[host.name.lower()]})",
+                                    where=where, fix="give every host its own name"))
         else:
             seen[key] = where
+            names[host.name.lower()] = where
     return problems
 
 

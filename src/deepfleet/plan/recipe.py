@@ -144,7 +144,7 @@ class Recipe(Section):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     logging: LoggingSpec = LoggingSpec()
-    output_dir: str = "runs/demo"
+    output_dir: str = Field("runs/demo", min_length=1)
     resume: bool = True
     env: dict[Annotated[str, AfterValidator(_env_name)], str] = {}   # extra environment for every rank
 
