@@ -187,3 +187,85 @@ def test_record_leaves_secret_values_out():
     record = with_env.to_record()
     assert record["host"]["env"] == [["HF_TOKEN", "****"], ["NCCL_DEBUG", "INFO"]]
     assert "hf_live_1" not in json.dumps(record)
+
+
+def test_output_dir_seen_by_the_heads_own_host_only_is_not_shared():
+    """Doctor run on node 0: that host always sees the head's token; that alone is not sharing."""
+    def unshared_elsewhere(records):
+        records[1]["data"]["share_token_seen"] = False
+    found = [f for f in run_checks(collected(unshared_elsewhere, head_hosts=frozenset({"gpu1"})))
+             if f.check == "output-dir"]
+    assert [(f.severity, "NOT shared" in f.message) for f in found] == [("warn", True)]
+
+
+def test_a_bridge_every_host_has_is_never_the_proposed_interface():
+    def with_virbr0(records):
+        for r in records:
+            r["data"]["interfaces"].append({"name": "virbr0", "address": "192.168.122.1", "prefix": 24, "up": True})
+    text = " | ".join(f.message for f in run_checks(collected(with_virbr0)) if f.check == "interface")
+    assert "NCCL_SOCKET_IFNAME=eth0" in text and "virbr0" not in text
+
+
+def test_equal_subnets_tie_break_on_the_addresses_the_fleet_uses():
+    from deepfleet.fleet.network import select_shared_interface
+
+    def host(octet):
+        return [{"name": "eth0", "address": f"10.0.0.{octet}", "prefix": 16, "up": True},
+                {"name": "docker0", "address": f"172.17.0.{octet}", "prefix": 16, "up": True}]
+    choice = select_shared_interface({"a": host(1), "b": host(2)}, fleet_addresses={"a": "10.0.0.1", "b": "10.0.0.2"})
+    assert choice.per_host == {"a": "eth0", "b": "eth0"}
+
+
+def test_gpu_host_whose_torch_cannot_use_them_fails():
+    def cpu_torch(records):
+        for r in records:
+            r["data"]["accelerators"] = {"count": 8, "models": ["NVIDIA H100"] * 8, "cuda": None, "nccl": None,
+                                         "torch_sees": 0}
+        records[0]["data"]["accelerators"].update(cuda="12.4", nccl="2.21.5", torch_sees=8)
+    found = [f for f in failures(collected(cpu_torch)) if f.check == "accelerators"]
+    assert [(f.host, "CPU-only build" in f.message) for f in found] == [("gpu2", True)]
+
+
+def test_gpu_host_without_nvidia_smi_is_still_a_gpu_host():
+    def no_smi(records):
+        for r in records:
+            r["data"]["accelerators"] = {"count": 8, "models": [], "cuda": "12.4", "nccl": "2.21.5", "torch_sees": 8}
+        records[0]["data"]["accelerators"]["models"] = ["NVIDIA H100"] * 8
+    assert not [f for f in failures(collected(no_smi)) if f.check == "accelerators"]
+
+
+def test_infiniband_on_some_hosts_only_fails_and_says_disable_it_everywhere():
+    def one_hca(records):
+        records[0]["data"]["infiniband"] = [{"device": "mlx5_0", "port": "1", "state": "4: ACTIVE",
+                                             "link_layer": "InfiniBand"},
+                                            {"device": "mlx5_1", "port": "1", "state": "1: DOWN",
+                                             "link_layer": "InfiniBand"}]
+    found = [f for f in run_checks(collected(one_hca)) if f.check == "infiniband"]
+    assert [(f.host, f.severity) for f in found] == [("gpu2", "fail"), ("(fleet)", "ok")]
+    assert "NCCL_IB_DISABLE=1 on every host" in found[0].fix
+    assert "mlx5_1" not in found[-1].message   # a DOWN port beside an ACTIVE one is not proposed, nor warned
+
+
+def test_python_patch_difference_is_a_warning_minor_difference_fails():
+    def patch(records):
+        records[1]["data"]["python"]["version"] = "3.11.9"
+    def minor(records):
+        records[1]["data"]["python"]["version"] = "3.12.1"
+    assert [f.severity for f in run_checks(collected(patch)) if f.check == "python"] == ["warn"]
+    assert [f.severity for f in run_checks(collected(minor)) if f.check == "python"] == ["fail"]
+
+
+def test_editable_install_is_not_reported_as_shadowed():
+    def editable(records):
+        records[1]["data"]["packages"]["peft"].update(origin="/src/peft/src/peft/__init__.py", editable=True)
+    def shadowed(records):
+        records[1]["data"]["packages"]["peft"].update(origin="/work/main/.venv/lib/python3.11/site-packages2/peft.py")
+    assert not [f for f in run_checks(collected(editable)) if "loads" in f.message]
+    assert [f.host for f in run_checks(collected(shadowed)) if "loads" in f.message] == ["gpu2"]
+
+
+def test_host_whose_addresses_could_not_be_listed_is_a_warning_not_a_missing_subnet():
+    def no_ip(records):
+        records[1]["data"]["interfaces"] = None
+    found = [f for f in run_checks(collected(no_ip)) if f.check == "interface"]
+    assert [(f.host, f.severity) for f in found] == [("gpu2", "warn")]

@@ -143,3 +143,24 @@ def test_master_port_listener_binds_the_address_hosts_connect_to(address, bound)
     fleet = Fleet(hosts=(Host(name="m", address=address), Host(name="w", address="10.0.0.2")), source="t")
     params = probe_params(fleet, fleet.hosts[0], DoctorOptions(), SshOptions(), share_token=None, bandwidth={})
     assert params["master"][0] == address and params["listen"].get("address") == bound
+
+
+def test_probe_reads_link_state_editable_installs_and_versionless_egg_info(tmp_path, monkeypatch):
+    assert remote_probe._link_up({"flags": ["BROADCAST", "UP", "LOWER_UP"], "operstate": "UP"})
+    assert not remote_probe._link_up({"flags": ["NO-CARRIER", "BROADCAST", "UP"], "operstate": "DOWN"})
+    assert remote_probe._is_editable('{"url": "file:///src/x", "dir_info": {"editable": true}}')
+    assert not remote_probe._is_editable('{"url": "https://x", "archive_info": {}}')
+    (tmp_path / "mypkg.egg-info").mkdir()                      # `setup.py develop`: no version in the name
+    (tmp_path / "otherpkg-1.2.dist-info").mkdir()
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(remote_probe, "_LISTINGS", {})
+    assert remote_probe._installed_version("mypkg") == (None, None, None)
+    assert remote_probe._installed_version("otherpkg")[:2] == ("1.2", str(tmp_path))
+
+
+def test_is_this_machine():
+    from deepfleet.fleet.network import is_this_machine
+    assert is_this_machine("127.0.0.1") and is_this_machine("localhost")
+    assert not is_this_machine("192.0.2.1")              # TEST-NET-1: never an address of this machine
+    own = source_address_towards("192.0.2.1")
+    assert own is None or is_this_machine(own)

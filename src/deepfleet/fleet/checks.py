@@ -38,15 +38,21 @@ class Collected:
     matrix: bool = True                           # whether host->host ssh was probed
     checksum_paths: tuple[str, ...] = ()
     ssh_options: SshOptions = field(default_factory=SshOptions)
+    head_hosts: frozenset[str] = frozenset()      # fleet hosts that are the machine doctor ran on
 
     @property
     def reachable(self) -> list[HostFacts]:
         return [f for f in self.facts if f.ok]
 
+    @property
+    def interfaces_unknown(self) -> list[str]:
+        """Hosts whose probe could not list addresses (no iproute2 `ip -j`)."""
+        return [f.host.name for f in self.reachable if f.get("interfaces") is None]
+
     def interface_choice(self) -> InterfaceChoice:
         preferred = {h.name: h.interface for h in self.fleet.hosts if h.interface}
-        return select_shared_interface({f.host.name: f.get("interfaces", default=[]) for f in self.reachable},
-                                       preferred)
+        known = {f.host.name: f.get("interfaces") for f in self.reachable if f.get("interfaces") is not None}
+        return select_shared_interface(known, preferred, {h.name: h.address for h in self.fleet.hosts})
 
 
 def _differs(values: dict[str, Any]) -> tuple[Any, list[str]] | None:
@@ -115,9 +121,11 @@ def check_python(c: Collected) -> list[Finding]:
         else:
             versions[f.host.name] = f.get("python", "version")
     if (diff := _differs(versions)):
-        found += [Finding(check="python", host=h, severity="fail",
+        minor = _differs({h: ".".join(str(v).split(".")[:2]) for h, v in versions.items()})
+        found += [Finding(check="python", host=h, severity="fail" if minor else "warn",
                           message=f"python {versions[h]} here, {diff[0]} on the others",
-                          fix=f"install python {diff[0]} in the environment on {h}") for h in diff[1]]
+                          fix=f"install python {diff[0]} in the environment on {h}" if minor
+                          else "patch releases work together; align them when convenient") for h in diff[1]]
     elif versions:
         found.append(Finding(check="python", host=FLEET, severity="ok",
                              message=f"python {next(iter(versions.values()))} at the same path on all hosts"))
@@ -133,7 +141,8 @@ def check_packages(c: Collected) -> list[Finding]:
             continue
         for f in hosts:
             origin, dist = f.get("packages", package, "origin"), f.get("packages", package, "dist_path")
-            if origin and dist and not os.path.abspath(origin).startswith(os.path.abspath(dist)):
+            editable = f.get("packages", package, "editable")
+            if origin and dist and not editable and not _inside(origin, dist):
                 found.append(Finding(check="versions", host=f.host.name, severity="warn",
                                      message=f"`import {package}` loads {origin}, not the installed {versions[f.host.name]}",
                                      fix="remove the shadowing copy from PYTHONPATH or the working dir"))
@@ -158,6 +167,11 @@ def check_packages(c: Collected) -> list[Finding]:
     return found
 
 
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.abspath(path), os.path.abspath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
 def check_accelerators(c: Collected) -> list[Finding]:
     found, models = [], {}
     for f in c.reachable:
@@ -174,7 +188,11 @@ def check_accelerators(c: Collected) -> list[Finding]:
             found.append(Finding(check="accelerators", host=f.host.name, severity=severity,
                                  message=f"{count} GPU(s), slots={slots}",
                                  fix=f"set slots={count} to use every GPU" if slots < count else ""))
-        models[f.host.name] = ",".join(sorted(set(f.get("accelerators", "models", default=[])))) or "cpu"
+        if count and (problem := _torch_gpu_problem(f)):
+            found.append(Finding(check="accelerators", host=f.host.name, severity="fail", message=problem,
+                                 fix="install a CUDA build of torch in this host's environment (same as the others)"))
+        gpu_models = sorted(set(f.get("accelerators", "models", default=[])))
+        models[f.host.name] = (",".join(gpu_models) or "GPU (model unknown)") if count else "cpu"
     kinds = {v == "cpu" for v in models.values()}
     if len(kinds) > 1:
         found.append(Finding(check="accelerators", host=FLEET, severity="fail",
@@ -185,6 +203,19 @@ def check_accelerators(c: Collected) -> list[Finding]:
                           message=f"GPU model {models[h]}, others have {diff[0]}",
                           fix="mixed GPUs run at the speed of the slowest; expect that") for h in diff[1]]
     return found
+
+
+def _torch_gpu_problem(f: HostFacts) -> str | None:
+    """Why torch on a GPU host cannot run NCCL ranks, or None."""
+    count = f.get("accelerators", "count", default=0)
+    if f.get("accelerators", "torch_error"):
+        return f"{count} GPU(s), but importing torch failed: {f.get('accelerators', 'torch_error')}"
+    if f.get("accelerators", "cuda") is None:
+        return f"{count} GPU(s), but torch here is a CPU-only build"
+    sees = f.get("accelerators", "torch_sees")
+    if sees == 0:
+        return f"{count} GPU(s), but torch sees none (CUDA_VISIBLE_DEVICES, driver, or container runtime)"
+    return None
 
 
 def check_workdir(c: Collected) -> list[Finding]:
@@ -209,8 +240,10 @@ def check_output_dir(c: Collected) -> list[Finding]:
     missing = [f.host.name for f in hosts if not f.get("output_dir", "exists") or not f.get("output_dir", "writable")]
     found = [Finding(check="output-dir", host=h, severity="fail", message=f"{path} missing or not writable",
                      fix=f"mkdir -p {path} (writable by the training user) on {h}") for h in missing]
-    seen = {f.host.name: f.get("share_token_seen") for f in hosts if f.host.name not in missing}
-    if any(v is None for v in seen.values()) or len(seen) < 2:
+    # The head's own host always sees the head's token: only the other hosts say whether it is shared.
+    seen = {f.host.name: f.get("share_token_seen") for f in hosts
+            if f.host.name not in missing and f.host.name not in c.head_hosts}
+    if any(v is None for v in seen.values()) or not seen:
         return found
     if all(seen.values()):
         found.append(Finding(check="output-dir", host=FLEET, severity="ok",
@@ -268,14 +301,19 @@ def check_clock_skew(c: Collected, limit_seconds: float = 1.0) -> list[Finding]:
 def check_interface(c: Collected) -> list[Finding]:
     if len(c.reachable) < 2:
         return []
+    found = [Finding(check="interface", host=h, severity="warn", message="could not list this host's addresses",
+                     fix="install iproute2 (`ip -j addr`), or set interface: for this host in fleet.yaml")
+             for h in c.interfaces_unknown]
+    if len(c.reachable) - len(found) < 2:
+        return found
     choice = c.interface_choice()
     if choice.network is None:
-        return [Finding(check="interface", host=FLEET, severity="fail", message="no subnet is shared by the hosts",
-                        fix="put all hosts on one private network (NCCL/gloo need direct TCP between hosts)")]
-    found = [Finding(check="interface", host=h, severity="fail",
-                     message=f"no address in {choice.network}, the subnet the other hosts share",
-                     fix=f"give {h} an address in {choice.network}, or remove it from the fleet")
-             for h in choice.outside]
+        return found + [Finding(check="interface", host=FLEET, severity="fail", message="no subnet is shared by the hosts",
+                                fix="put all hosts on one private network (NCCL/gloo need direct TCP between hosts)")]
+    found += [Finding(check="interface", host=h, severity="fail",
+                      message=f"no address in {choice.network}, the subnet the other hosts share",
+                      fix=f"give {h} an address in {choice.network}, or remove it from the fleet")
+              for h in choice.outside]
     names = sorted(set(choice.per_host.values()))
     proposal = (f"NCCL_SOCKET_IFNAME={names[0]} GLOO_SOCKET_IFNAME={names[0]}" if len(names) == 1
                 else "per host: " + ", ".join(f"{h}={i}" for h, i in choice.per_host.items()))
@@ -290,19 +328,19 @@ def check_infiniband(c: Collected) -> list[Finding]:
     if not with_ib:
         return [Finding(check="infiniband", host=FLEET, severity="ok",
                         message="no InfiniBand devices: NCCL uses TCP sockets (NCCL_IB_DISABLE=1 skips the IB probe)")]
-    found = []
-    for h in sorted(set(devices) - set(with_ib)):
-        found.append(Finding(check="infiniband", host=h, severity="warn", message="no InfiniBand device, others have one",
-                             fix="NCCL falls back to TCP for the whole job; fix the HCA or drop this host"))
-    for h in with_ib:
-        inactive = [f"{d['device']}/{d['port']}" for d in devices[h] if "ACTIVE" not in str(d.get("state"))]
-        if inactive:
-            found.append(Finding(check="infiniband", host=h, severity="warn", message=f"ports not ACTIVE: {inactive}",
-                                 fix="check the cable and subnet manager (`ibstat`)"))
-    hcas = sorted({d["device"] for h in with_ib for d in devices[h]})
+    # Ranks that pick IB and ranks that pick sockets hang in NCCL init (NVIDIA/nccl#234): all or none.
+    mixed_fix = "fix the HCA, or set NCCL_IB_DISABLE=1 on every host (in the fleet's env, not on one host)"
+    active = {h: [d for d in devices[h] if "ACTIVE" in str(d.get("state"))] for h in with_ib}
+    found = [Finding(check="infiniband", host=h, severity="fail", message="no InfiniBand device, others have one",
+                     fix=mixed_fix) for h in sorted(set(devices) - set(with_ib))]
+    found += [Finding(check="infiniband", host=h, severity="fail",
+                      message=f"no InfiniBand port is ACTIVE ({', '.join(d['device'] + '/' + str(d['port']) for d in devices[h])})",
+                      fix="check the cable and subnet manager (`ibstat`); " + mixed_fix) for h in with_ib if not active[h]]
+    hcas = sorted({d["device"] for h in with_ib for d in active[h]})
     roce = any(d.get("link_layer") == "Ethernet" for h in with_ib for d in devices[h])
     env = f"NCCL_IB_HCA={','.join(hcas)}" + (" NCCL_IB_GID_INDEX=3" if roce else "")
-    found.append(Finding(check="infiniband", host=FLEET, severity="ok", message=f"InfiniBand found: set {env}"))
+    if hcas:
+        found.append(Finding(check="infiniband", host=FLEET, severity="ok", message=f"InfiniBand found: set {env}"))
     return found
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from deepfleet.fleet.checks import Collected, Finding, run_checks
 from deepfleet.fleet.facts import HostFacts, probe_hosts
 from deepfleet.fleet.inventory import Fleet, Host, is_ip_address
-from deepfleet.fleet.network import (BandwidthSink, source_address_towards, start_iperf3_servers,
-                                     stop_iperf3_servers)
+from deepfleet.fleet.network import (BandwidthSink, is_this_machine, source_address_towards,
+                                     start_iperf3_servers, stop_iperf3_servers)
 from deepfleet.fleet.ssh import SshOptions, ssh_argv
 
 
@@ -119,8 +119,16 @@ async def head_addresses(fleet: Fleet, *, timeout: float) -> dict[str, str | Non
     return {h.name: (a if isinstance(a, str) else None) for h, a in zip(remote, found)}
 
 
+async def head_host_names(fleet: Fleet, *, timeout: float) -> frozenset[str]:
+    """The fleet hosts that are the machine doctor runs on (usually node 0, listed by its address)."""
+    checks = [asyncio.wait_for(asyncio.to_thread(is_this_machine, h.address), timeout) for h in fleet.hosts]
+    found = await asyncio.gather(*checks, return_exceptions=True)
+    return frozenset(h.name for h, mine in zip(fleet.hosts, found) if h.local or mine is True)
+
+
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
+    head_hosts = await head_host_names(fleet, timeout=ssh_options.connect_timeout)
     token = write_share_token(output_dir)
     phase = network_phase_seconds(options, len(fleet.hosts))
     barrier = ssh_options.connect_timeout + phase + 5                  # first host ready -> last host ready
@@ -150,7 +158,7 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
         if token:
             token[0].unlink(missing_ok=True)
     return Collected(fleet=fleet, facts=facts, listener=listened, matrix=options.matrix,
-                     checksum_paths=options.checksum_paths, ssh_options=ssh_options)
+                     checksum_paths=options.checksum_paths, ssh_options=ssh_options, head_hosts=head_hosts)
 
 
 def run_doctor(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> DoctorReport:

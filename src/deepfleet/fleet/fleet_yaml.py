@@ -10,7 +10,7 @@ output_dir: /shared/runs
 ssh: {config_file: ~/.ssh/config, identity_file: ~/.ssh/id_ed25519, connect_timeout: 5}
 hosts:
   - gpu1                          # shorthand: address only
-  - {address: 10.0.0.12, name: gpu2, slots: 4, interface: ens5, env: {NCCL_IB_DISABLE: "1"}}
+  - {address: 10.0.0.12, name: gpu2, slots: 4, interface: ens5, env: {NCCL_DEBUG: INFO}}
 ```
 """
 

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from deepfleet.fleet.inventory import is_ip_address
+
 Interface = Mapping[str, object]   # one probe entry: {"name", "address", "prefix", "up"}
 
 
@@ -51,18 +53,24 @@ def _networks(interfaces: Iterable[Interface]) -> dict[ipaddress.IPv4Network, tu
 
 
 def select_shared_interface(interfaces_by_host: Mapping[str, Sequence[Interface]],
-                            preferred: Mapping[str, str] | None = None) -> InterfaceChoice:
+                            preferred: Mapping[str, str] | None = None,
+                            fleet_addresses: Mapping[str, str] | None = None) -> InterfaceChoice:
     """The subnet the most hosts share (all, ideally), and each host's interface on it.
 
-    Ties go to the subnet holding the addresses the fleet uses (so ssh and NCCL take the same
-    path), then to the smaller subnet. `preferred` maps host -> interface forced by the fleet file.
+    A subnet where two hosts have the same address is host-local (docker0 172.17.0.1, virbr0
+    192.168.122.1 on every host) and never chosen. Ties go to the subnet holding the addresses the
+    fleet uses (so ssh and NCCL take the same path), then to the smaller subnet. `preferred` maps
+    host -> interface forced by the fleet file; `fleet_addresses` host -> the address ssh uses.
     """
     preferred = preferred or {}
     per_host = {host: _networks(entries) for host, entries in interfaces_by_host.items()}
-    counts = Counter(net for nets in per_host.values() for net in nets)
+    addresses_in = {net: [nets[net][1] for nets in per_host.values() if net in nets]
+                    for nets in per_host.values() for net in nets}
+    counts = Counter({net: len(found) for net, found in addresses_in.items() if len(set(found)) == len(found)})
     if not counts:
         return InterfaceChoice(network=None, per_host={}, addresses={}, outside=sorted(per_host))
-    best = max(counts, key=lambda net: (counts[net], -net.num_addresses, str(net)))
+    used = [ipaddress.ip_address(a) for a in (fleet_addresses or {}).values() if is_ip_address(a)]
+    best = max(counts, key=lambda net: (counts[net], sum(a in net for a in used), -net.num_addresses, str(net)))
     if counts[best] < 2 and len(per_host) > 1:
         return InterfaceChoice(network=None, per_host={}, addresses={}, outside=sorted(per_host))
     chosen, addresses, outside = {}, {}, []
@@ -73,6 +81,15 @@ def select_shared_interface(interfaces_by_host: Mapping[str, Sequence[Interface]
         else:
             outside.append(host)
     return InterfaceChoice(network=str(best), per_host=chosen, addresses=addresses, outside=outside)
+
+
+def is_this_machine(address: str) -> bool:
+    """Whether `address` reaches the machine asking (the kernel would send from that very address)."""
+    try:
+        resolved = socket.gethostbyname(address)
+    except OSError:
+        return False
+    return ipaddress.ip_address(resolved).is_loopback or source_address_towards(resolved) == resolved
 
 
 def source_address_towards(address: str, port: int = 9) -> str | None:

@@ -25,7 +25,7 @@ _LISTINGS = {}
 
 
 def _installed_version(name):
-    """(version, path entry) from a `<name>-<version>.dist-info` dir on sys.path, in import order.
+    """(version, path entry, info dir) from a `<name>-<version>.dist-info` dir on sys.path, in import order.
 
     Reading the dir name costs a fraction of importlib.metadata (which parses METADATA with the
     email parser), and the probe's CPU time is what doctor's wall time scales with.
@@ -40,21 +40,37 @@ def _installed_version(name):
         for item in _LISTINGS[entry]:
             if item.endswith((".dist-info", ".egg-info")):
                 dist, _, version = item.rsplit(".", 1)[0].partition("-")
-                if re.sub(r"[-_.]+", "_", dist).lower() == wanted:
-                    return version.split("-py")[0], os.path.abspath(entry or ".")
-    return None, None
+                # A `setup.py develop` egg-info has no version in its name: leave it to importlib.metadata.
+                if version and re.sub(r"[-_.]+", "_", dist).lower() == wanted:
+                    return version.split("-py")[0], os.path.abspath(entry or "."), os.path.join(entry or ".", item)
+    return None, None, None
+
+
+def _is_editable(direct_url_json):
+    """PEP 610: an editable install's code lives outside site-packages by design."""
+    try:
+        return bool(json.loads(direct_url_json or "{}").get("dir_info", {}).get("editable"))
+    except ValueError:
+        return False
 
 
 def package_facts(name):
     """Installed version (no import) and where `import name` would load it from."""
     import importlib.util
-    fact = {"version": None, "origin": None, "dist_path": None}
-    fact["version"], fact["dist_path"] = _installed_version(name)
+    fact = {"version": None, "origin": None, "dist_path": None, "editable": False}
+    fact["version"], fact["dist_path"], info_dir = _installed_version(name)
+    if info_dir:
+        try:
+            with open(os.path.join(info_dir, "direct_url.json")) as handle:
+                fact["editable"] = _is_editable(handle.read())
+        except OSError:
+            pass
     if fact["version"] is None:
         try:
             import importlib.metadata as metadata
             dist = metadata.distribution(name)
             fact["version"], fact["dist_path"] = dist.version, str(dist.locate_file(""))
+            fact["editable"] = _is_editable(dist.read_text("direct_url.json"))
         except Exception:
             pass
     try:
@@ -90,16 +106,22 @@ def accelerator_facts():
 def interface_facts():
     try:
         out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=5).stdout
-        entries = json.loads(out or "[]")
+        entries = json.loads(out)
     except Exception:
-        return []
+        return None   # unknown (no iproute2, or one without -j), not "no addresses"
     interfaces = []
     for entry in entries:
         for addr in entry.get("addr_info", []):
             if addr.get("family") == "inet":
                 interfaces.append({"name": entry.get("ifname"), "address": addr.get("local"),
-                                   "prefix": addr.get("prefixlen"), "up": "UP" in entry.get("flags", [])})
+                                   "prefix": addr.get("prefixlen"), "up": _link_up(entry)})
     return interfaces
+
+
+def _link_up(entry):
+    """A bridge with nothing attached (docker0, virbr0) has the UP flag but no carrier."""
+    flags = entry.get("flags", [])
+    return "UP" in flags and "NO-CARRIER" not in flags and entry.get("operstate") != "DOWN"
 
 
 def infiniband_facts():

@@ -36,7 +36,8 @@ async def detect_interface(fleet: Fleet, options: SshOptions, *, timeout: float 
         raise DeepfleetError(f"cannot reach {'; '.join(problems)}", where=fleet.source,
                              fix="run `deepfleet doctor` for the full diagnosis")
     preferred = {host.name: host.interface for host in fleet.hosts if host.interface}
-    return select_shared_interface({f.host.name: f.get("interfaces", default=[]) for f in facts}, preferred)
+    known = {f.host.name: f.get("interfaces") for f in facts if f.get("interfaces") is not None}
+    return select_shared_interface(known, preferred, {host.name: host.address for host in fleet.hosts})
 
 
 @dataclass(frozen=True, kw_only=True)
