@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -164,3 +165,19 @@ def test_is_this_machine():
     assert not is_this_machine("192.0.2.1")              # TEST-NET-1: never an address of this machine
     own = source_address_towards("192.0.2.1")
     assert own is None or is_this_machine(own)
+
+
+def test_master_port_is_reached_while_slow_facts_are_still_being_collected(monkeypatch):
+    """The master's listener opens when its probe starts; a host slow to collect (nvidia-smi, torch)
+    must still connect inside that window."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    report = {"ready": True, "peers": []}
+    accepting = threading.Thread(target=remote_probe.accept_peers, args=(server, report, 1, 1.0), daemon=True)
+    accepting.start()
+    monkeypatch.setattr(remote_probe, "accelerator_facts", lambda: time.sleep(1.5) or {"count": 0})
+    result = remote_probe.facts({"master": ["127.0.0.1", port], "network_seconds": 1.0})
+    accepting.join(3)
+    assert result["network"]["master"]["ok"] and report["peers"] == ["127.0.0.1"]

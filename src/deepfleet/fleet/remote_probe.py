@@ -266,23 +266,32 @@ def send_bandwidth(address, port, name, seconds, max_bytes, go_timeout, iperf3_p
         return {"error": getattr(exc, "strerror", None) or str(exc)}
 
 
-def network_facts(params):
+def in_thread(results, key, function, *args):
+    """Start function(*args) in a daemon thread that stores its return value in results[key]."""
+    def run():
+        results[key] = function(*args)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def start_master_connect(params, results):
+    """The master port connect, in a thread; [] when there is no master to reach."""
+    if not params.get("master"):
+        return []
+    deadline = time.monotonic() + params.get("network_seconds", 6)
+    return [in_thread(results, "master", connect_master, params["master"][0], params["master"][1], deadline)]
+
+
+def network_facts(params, early=None):
     """ssh to peers and the master port at once; then the bandwidth test, which waits for the
-    head's go so that every host's window is the same and overlaps no other work."""
-    results, threads = {}, []
-
-    def task(key, function, *args):
-        def run():
-            results[key] = function(*args)
-        thread = threading.Thread(target=run, daemon=True)
-        threads.append(thread)
-        thread.start()
-
+    head's go so that every host's window is the same and overlaps no other work. `early` is
+    (results, threads) of a master connect that facts() started before collecting."""
+    results, threads = early or ({}, [])
+    threads = threads if early else start_master_connect(params, results)
     hop_timeout, network_seconds = params.get("hop_timeout", 8), params.get("network_seconds", 6)
     if params.get("hops"):
-        task("hops", run_hops, params["hops"], hop_timeout, params.get("hop_parallel", 8))
-    if params.get("master"):
-        task("master", connect_master, params["master"][0], params["master"][1], time.monotonic() + network_seconds)
+        threads.append(in_thread(results, "hops", run_hops, params["hops"], hop_timeout, params.get("hop_parallel", 8)))
     waves = -(-len(params.get("hops", {})) // params.get("hop_parallel", 8))
     joined_by = time.monotonic() + max(hop_timeout * max(1, waves), network_seconds) + 2
     for thread in threads:
@@ -296,6 +305,10 @@ def network_facts(params):
 
 def facts(params):
     started = time.time()
+    # Connect to the master port now, beside the slow facts (nvidia-smi, torch, checksums): the
+    # master's listener opens when its own probe starts and closes network_seconds later.
+    early_results = {}
+    early = (early_results, start_master_connect(params, early_results))
     listener, accepting, stop = None, None, threading.Event()
     if params.get("listen"):   # this host is the master: its port is open while the others probe
         server, listener = open_master_port(params["listen"])
@@ -324,7 +337,7 @@ def facts(params):
                 result["share_token_seen"] = handle.read().strip() == token[1]
         except OSError:
             result["share_token_seen"] = False
-    result["network"] = network_facts(params)
+    result["network"] = network_facts(params, early)
     if accepting:
         # Past the bandwidth barrier every other host has finished its connect attempts.
         if params.get("bandwidth") and "error" not in (result["network"]["bandwidth"] or {}):
