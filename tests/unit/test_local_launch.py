@@ -19,7 +19,7 @@ def test_command_runs_the_rank_program_under_torchrun_bound_to_loopback():
     argv, env = local_torchrun_command(launch())
     assert " ".join(argv) == (
         "/venv/bin/python -m deepfleet.launch.bound_torchrun --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
-        "--master-port=0 --nproc-per-node=2 --no-python "
+        "--master-port=0 --nproc-per-node=2 --shutdown-timeout=60 --no-python "
         "/venv/bin/python -m deepfleet.train --recipe /runs/demo-1/recipe.json")
     assert env == {"DEEPFLEET_RUN_DIR": "/runs/demo-1", "OMP_NUM_THREADS": "1"}
 

@@ -134,6 +134,8 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
     child_env = {**os.environ, **env, JOB_ENV: job_id, HEARTBEAT_ENV: str(heartbeat_dir)}
     lifeline = Lifeline()
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
+    # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(lifeline, "request", "term"))
     try:
         child = subprocess.Popen(command, env=child_env, cwd=cwd, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -146,17 +148,19 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
     reason, next_beat = "", 0.0
     while child.poll() is None:
         now = time.monotonic()
-        if lifeline.request == "term":
-            reason = "stopped by the head (graceful)"
-            # Only the ranks get SIGTERM: they checkpoint and exit, and torchrun then ends by itself.
-            # torchrun would otherwise SIGKILL its workers after its own 30 s, mid-save.
-            stop_job(job_id, grace, spare=child.pid)
-        elif lifeline.request == "kill" or lifeline.closed:
-            reason = "stopped by the head"
+        if lifeline.request == "kill" or lifeline.closed:
+            reason = reason or "stopped by the head"
             stop_job(job_id, KILL_GRACE_SECONDS)
         elif now - lifeline.last_ping > lifeline_timeout:
             reason = f"no word from the head for {lifeline_timeout:.0f}s (link or head lost)"
             stop_job(job_id, KILL_GRACE_SECONDS)
+        elif lifeline.request == "term":
+            reason = "stopped gracefully"
+            # Only the ranks get SIGTERM: they checkpoint and exit, and torchrun then ends by itself.
+            # torchrun would otherwise SIGKILL its workers after its own 30 s, mid-save. Before any
+            # rank exists (torchrun still in rendezvous) torchrun itself is what must stop.
+            ranks_exist = any(pid != child.pid for pid in job_pids(job_id))
+            stop_job(job_id, grace, spare=child.pid if ranks_exist else None)
         if now >= next_beat:
             emit("heartbeat", ranks=heartbeats(heartbeat_dir), stopped=stopped_ranks(job_id))
             next_beat = now + heartbeat_seconds
@@ -186,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no command given after --")
     header = sys.stdin.readline()
     env = json.loads(header).get("env", {}) if header.strip() else {}
-    signal.signal(signal.SIGTERM, lambda *_: stop_job(args.job_id, KILL_GRACE_SECONDS) or sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: stop_job(args.job_id, KILL_GRACE_SECONDS) or sys.exit(129))
     return run(args.job_id, command, env=env, cwd=args.cwd, lifeline_timeout=args.lifeline_timeout, grace=args.grace,
                heartbeat_seconds=args.heartbeat_seconds)

@@ -33,6 +33,7 @@ RECIPE_FILE = "recipe.json"
 LOG_FILE = "torchrun.log"
 ERRORS_SUBDIR = "errors"
 DEFAULT_CPU_RANKS = 2
+STOP_GRACE_SECONDS = 60   # Ctrl-C/SIGTERM -> SIGKILL: time for the ranks to finish the step and checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +70,9 @@ def rank_command(python: str, recipe_file: Path) -> list[str]:
 def local_torchrun_command(launch: LocalLaunch) -> tuple[list[str], dict[str, str]]:
     """(argv, env additions) for one torchrun on this machine, its rendezvous on a free loopback port."""
     argv = [launch.python, "-m", "deepfleet.launch.bound_torchrun", "--nnodes=1", "--node-rank=0",
-            "--master-addr=127.0.0.1", "--master-port=0", f"--nproc-per-node={launch.nproc}", "--no-python", *rank_command(launch.python, launch.recipe_file)]
+            "--master-addr=127.0.0.1", "--master-port=0", f"--nproc-per-node={launch.nproc}",
+            # torchrun SIGKILLs its workers 30 s after it is signalled unless told otherwise.
+            f"--shutdown-timeout={STOP_GRACE_SECONDS}", "--no-python", *rank_command(launch.python, launch.recipe_file)]
     env = {"DEEPFLEET_RUN_DIR": str(launch.run_dir),
            **({"OMP_NUM_THREADS": str(launch.cpu_threads)} if launch.cpu_threads else {}),
            **launch.extra_env}
@@ -167,7 +170,7 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop(process: subprocess.Popen, grace: float = 60.0) -> int:
+def _stop(process: subprocess.Popen, grace: float = STOP_GRACE_SECONDS + 5) -> int:
     """Ctrl-C or SIGTERM: SIGTERM to torchrun and its ranks (they checkpoint); SIGKILL after `grace`."""
     try:
         os.killpg(process.pid, signal.SIGTERM)

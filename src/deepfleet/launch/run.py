@@ -71,7 +71,8 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
                                                               all_logs=options.all_logs), write=write)
         outcome = asyncio.run(supervisor.run())
         write(render_summary(outcome))
-        if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.preempted or outcome.failure is None:
+        if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.preempted or outcome.failure is None \
+                or outcome.bad_input:   # the same input fails the same way on every restart
             return outcome.exit_code
         failed_first.append(outcome.failure.host)
         recent = failed_first[-SAME_HOST_FAILURE_LIMIT:]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from deepfleet.errors import EXIT_BAD_INPUT
 from deepfleet.launch.host_agent import EVENT_PREFIX
 from deepfleet.train.preemption import EXIT_PREEMPTED
 
@@ -30,6 +31,9 @@ SSH_FAILED = 255
 RANK_LINE = re.compile(r"^\[(\d+)\]:")
 # What a rank of the training program prints after its preemption checkpoint is complete.
 PREEMPTED_LINE = re.compile(r"^\[\d+\]:preempted: ")
+# What a rank of the training program prints for bad input (a DeepfleetError): exit 2, no restart.
+RANK_ERROR_LINE = re.compile(r"^\[(\d+)\]:(error: .*)$")
+OUTPUT_LINE_LIMIT = 1 << 20   # longer lines (tqdm's \r updates on one line) lose their start, not the log
 # torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
 ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
 
@@ -63,6 +67,7 @@ class HostState:
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     exit_code: int | None = None
     exit_reason: str = ""
+    rank_errors: list[str] = field(default_factory=list)                # a rank's bad-input lines
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +86,7 @@ class JobOutcome:
     host_exit_codes: dict[str, int | None]
     stopped_by_signal: bool = False
     preempted: bool = False
+    bad_input: list[str] = field(default_factory=list)   # the ranks' own error lines: exit 2, not worth a restart
 
 
 class Supervisor:
@@ -120,8 +126,10 @@ class Supervisor:
             return JobOutcome(exit_code=0, failure=None, teardown_seconds=None, host_exit_codes=codes)
         failed_code = codes.get(self.failure.host) if self.failure else None
         first_code = failed_code or next((c for c in codes.values() if c not in (0, None)), 1)
-        return JobOutcome(exit_code=first_code, failure=self.failure, teardown_seconds=teardown,
-                          host_exit_codes=codes, stopped_by_signal=self.stop_requested)
+        bad_input = list(dict.fromkeys(line for h in self.hosts for line in h.rank_errors))
+        return JobOutcome(exit_code=EXIT_BAD_INPUT if bad_input else shell_exit_code(first_code), failure=self.failure,
+                          teardown_seconds=teardown, host_exit_codes=codes, stopped_by_signal=self.stop_requested,
+                          bad_input=bad_input)
 
     def _request_stop(self) -> None:
         self.stop_requested = True
@@ -129,7 +137,7 @@ class Supervisor:
     async def _start(self, host: HostState) -> None:
         host.proc = await asyncio.create_subprocess_exec(
             *host.spec.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=OUTPUT_LINE_LIMIT)
         await self._send(host, json.dumps({"env": host.spec.env}))
 
     async def _send(self, host: HostState, line: str) -> None:
@@ -149,7 +157,7 @@ class Supervisor:
         assert host.proc and host.proc.stdout
         log_path = self.options.log_dir / f"{_file_safe(host.spec.label)}.log"
         with log_path.open("a", encoding="utf-8", errors="replace") as log:
-            async for raw in host.proc.stdout:
+            async for raw in _lines(host.proc.stdout):
                 host.last_event = time.monotonic()
                 line = raw.decode(errors="replace").rstrip("\n")
                 if line.startswith(EVENT_PREFIX):
@@ -159,6 +167,8 @@ class Supervisor:
                 log.flush()
                 host.tail.append(line)
                 host.preempted = host.preempted or bool(PREEMPTED_LINE.match(line))
+                if error := RANK_ERROR_LINE.match(line):
+                    host.rank_errors.append(error.group(2))
                 rank = RANK_LINE.match(line)
                 if self.options.all_logs or (rank and rank.group(1) == "0"):
                     self.write(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
@@ -250,6 +260,24 @@ def _file_safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
 
+async def _lines(stream: asyncio.StreamReader):
+    """The stream's lines; one longer than the reader's limit is cut (readline drops what it buffered)."""
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:
+            yield b"[deepfleet: the start of a line over 1 MiB was dropped]\n"
+            continue
+        if not raw:
+            return
+        yield raw
+
+
+def shell_exit_code(code: int) -> int:
+    """A process killed by signal N reports -N; shells and typer expect 128+N."""
+    return 128 - code if code < 0 else code
+
+
 def render_summary(outcome: JobOutcome) -> str:
     if outcome.preempted:
         return (f"job preempted: every rank wrote its checkpoint and stopped (exit {EXIT_PREEMPTED}); "
@@ -258,7 +286,7 @@ def render_summary(outcome: JobOutcome) -> str:
         return "job stopped by signal" if outcome.stopped_by_signal else "job finished on every host"
     f = outcome.failure
     where = f"{f.host}" + (f" rank {f.rank}" if f.rank else "")
-    lines = [f"job failed: first failure on {where}: {f.why}"]
+    lines = [f"job failed: first failure on {where}: {f.why}", *outcome.bad_input]
     if outcome.teardown_seconds is not None:
         lines.append(f"torn down on every host {outcome.teardown_seconds:.1f}s after detection")
     if f.last_lines:

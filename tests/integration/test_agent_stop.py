@@ -1,0 +1,93 @@
+"""Host agent stops and supervisor output handling, with stand-in processes instead of torchrun (fast)."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from deepfleet.launch.commands import new_job_id
+from deepfleet.launch.host_agent import job_pids
+from deepfleet.launch.supervisor import HostProcess, Supervisor, SupervisorOptions, shell_exit_code
+
+pytestmark = pytest.mark.integration
+
+# Stands in for torchrun: starts one "rank" (unless RANKS=0) and waits for it. The rank takes
+# SAVE_SECONDS to "checkpoint" after SIGTERM, then writes `saved`.
+LAUNCHER = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    if os.environ.get("RANKS") == "0":
+        time.sleep(600)                       # still in rendezvous: no rank yet
+    rank = subprocess.Popen([sys.executable, "-c", '''
+    import os, signal, sys, time
+    def save(*_):
+        time.sleep(float(os.environ["SAVE_SECONDS"])); open("saved", "w").close(); sys.exit(0)
+    signal.signal(signal.SIGTERM, save)
+    open("rank-up", "w").close()
+    time.sleep(600)
+    '''], start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(rank.wait())
+""")
+
+
+def start_agent(tmp_path, env, grace=30):
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    job_id = new_job_id() + ".0"
+    agent = subprocess.Popen([sys.executable, "-m", "deepfleet.launch.host_agent", f"--job-id={job_id}",
+                              f"--cwd={tmp_path}", f"--grace={grace}", "--lifeline-timeout=60", "--",
+                              sys.executable, str(tmp_path / "launcher.py")],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    agent.stdin.write('{"env": %s}\n' % str(env).replace("'", '"'))
+    agent.stdin.flush()
+    return agent, job_id
+
+
+def wait_for(predicate, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_term_before_any_rank_exists_stops_the_launcher_itself(tmp_path):
+    agent, job_id = start_agent(tmp_path, {"RANKS": "0", "SAVE_SECONDS": "0"})
+    assert wait_for(lambda: job_pids(job_id), 10)
+    agent.stdin.write("term\n")
+    agent.stdin.flush()
+    agent.wait(timeout=20)
+    assert job_pids(job_id) == [], "the launcher must not outlive its agent"
+
+
+def test_sigterm_to_the_agent_gives_the_ranks_their_grace_to_checkpoint(tmp_path):
+    agent, job_id = start_agent(tmp_path, {"RANKS": "1", "SAVE_SECONDS": "5"})
+    assert wait_for(lambda: (tmp_path / "rank-up").exists(), 20)
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=40)
+    assert (tmp_path / "saved").exists(), "the rank was killed mid-save"
+    assert job_pids(job_id) == []
+
+
+def supervise(tmp_path, script: str):
+    host = HostProcess(label="node0", argv=[sys.executable, "-c", script], env={})
+    supervisor = Supervisor([host], SupervisorOptions(log_dir=tmp_path / "logs"), write=lambda line: None)
+    return asyncio.run(supervisor.run())
+
+
+def test_a_line_over_the_reader_limit_does_not_stop_the_log(tmp_path):
+    outcome = supervise(tmp_path, "print('x' * (3 << 20)); print('[0]:after the long line')")
+    assert outcome.exit_code == 0 and outcome.failure is None
+    assert "[0]:after the long line" in (tmp_path / "logs" / "node0.log").read_text()
+
+
+def test_rank_bad_input_lines_make_the_job_exit_2(tmp_path):
+    outcome = supervise(tmp_path, "import sys; print('[1]:error: train.lr: not a number (fix: use 1e-4)'); sys.exit(1)")
+    assert outcome.exit_code == 2 and outcome.bad_input == ["error: train.lr: not a number (fix: use 1e-4)"]
+
+
+def test_killed_by_signal_is_reported_as_128_plus_the_signal():
+    assert shell_exit_code(-signal.SIGKILL) == 137 and shell_exit_code(3) == 3
