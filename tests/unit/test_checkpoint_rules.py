@@ -79,3 +79,20 @@ def test_resume_from_a_marked_checkpoint_without_engine_dir_names_the_dir_before
     text = info.value.render()
     assert "checkpoint is damaged: it has no engine/ dir" in text and text.count("\n") == 0
     assert info.value.problems[0].where == str(path) and "delete this step dir" in info.value.problems[0].fix
+
+
+@pytest.mark.parametrize("steps_by_rank, expected", [
+    ([("a", [100, 200]), ("a", [100, 200]), ("b", [100, 200])], 200),
+    ([("a", [100, 200]), ("b", [100])], 100),          # b stopped before marking 200: both still have 100
+    ([("a", []), ("b", [])], -1),                      # a fresh run
+])
+def test_resume_step_is_the_newest_every_rank_has(tmp_path, steps_by_rank, expected):
+    from deepfleet.train.checkpoint import common_resume_step
+    assert common_resume_step(steps_by_rank, tmp_path) == expected
+
+
+def test_a_host_without_the_others_checkpoints_is_an_error_not_a_silent_restart(tmp_path):
+    from deepfleet.train.checkpoint import common_resume_step
+    with pytest.raises(DeepfleetError) as info:
+        common_resume_step([("gpu1", [100, 200]), ("gpu2", [])], tmp_path)
+    assert "newest per host: gpu1: 200; gpu2: none" in str(info.value) and "resume: false" in str(info.value)

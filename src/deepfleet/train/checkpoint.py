@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -158,10 +158,32 @@ def save_checkpoint(engine, train_state: Any, output_dir: Path, *, rank: int, lo
     _barrier()
     if local_rank == 0:
         _write_marker(path, {"step": train_state.step, "saved_at": time.time(), "fingerprint": fingerprint})
+    _barrier()
+    # Only once every host has marked this step: a host stopped before its marker must still find
+    # the previous step everywhere.
+    if local_rank == 0:
         for _, old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
     return path
+
+
+def common_resume_step(steps_by_rank: Sequence[tuple[str, Sequence[int]]], output_dir: Path) -> int:
+    """The newest step complete for every rank ((host, steps) each), or -1 when no rank has one.
+
+    Some ranks with checkpoints and none shared by all is an error: starting everyone over would
+    silently drop the progress, and would rewrite old step dirs that still carry a COMPLETE marker.
+    """
+    sets = [set(steps) for _, steps in steps_by_rank]
+    common = set.intersection(*sets) if sets else set()
+    if common:
+        return max(common)
+    if not any(sets):
+        return -1
+    held = sorted({f"{host}: {max(steps) if steps else 'none'}" for host, steps in steps_by_rank})
+    raise DeepfleetError(f"no checkpoint is complete on every host (newest per host: {'; '.join(held)})",
+                         where=str(checkpoints_root(output_dir)),
+                         fix="restore the missing host's checkpoints, or set resume: false to start over "
+                             "(the old checkpoints are moved aside)")
 
 
 def load_checkpoint(engine, path: Path, *, rank: int) -> dict[str, Any]:

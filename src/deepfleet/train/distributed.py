@@ -85,11 +85,13 @@ def gather_across_ranks(values: list[float], device: torch.device) -> list[list[
     return [t.tolist() for t in everyone]
 
 
-def min_across_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor.item()
+def objects_across_ranks(value: object) -> list[object]:
+    """Every rank's picklable `value`, in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def barrier() -> None:

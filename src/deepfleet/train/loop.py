@@ -7,7 +7,9 @@ resume needs follows from `TrainState.step` (see `data_order.py`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,16 +23,16 @@ from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
 from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
-                                         min_across_ranks, seed_rank, sum_across_ranks, synchronize)
+                                         objects_across_ranks, seed_rank, sum_across_ranks, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
                                      plot_loss)
 from deepfleet.train.model import BuiltModel, build_model
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
-from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints_root, complete_checkpoints,
-                                        load_checkpoint, output_dir_shared_by_all_ranks, remove_incomplete,
-                                        run_fingerprint, save_checkpoint, step_dir)
+from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints_root, common_resume_step,
+                                        complete_checkpoints, load_checkpoint, output_dir_shared_by_all_ranks,
+                                        remove_incomplete, run_fingerprint, save_checkpoint, step_dir)
 from deepfleet.train.preemption import Preempted, StopRequest
 
 
@@ -263,13 +265,14 @@ def resume_or_start(run: TrainingRun, console: TrainingConsole) -> TrainState:
             console.say(f"removed incomplete checkpoint {path}")
         if not recipe.resume and complete_checkpoints(output_dir):
             aside = output_dir / f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}"
-            checkpoints_root(output_dir).rename(aside)
-            console.say(f"resume is off: starting over; previous checkpoints moved to {aside}")
+            with contextlib.suppress(FileNotFoundError):   # shared storage: another host moved it first
+                checkpoints_root(output_dir).rename(aside)
+                console.say(f"resume is off: starting over; previous checkpoints moved to {aside}")
     barrier()
     if not recipe.resume:
         return TrainState()
-    newest = complete_checkpoints(output_dir)
-    step = int(min_across_ranks(float(newest[-1][0] if newest else -1), run.device.device))
+    mine = (socket.gethostname(), [step for step, _ in complete_checkpoints(output_dir)])
+    step = common_resume_step(objects_across_ranks(mine), output_dir)
     if step < 0:
         return TrainState()
     path = step_dir(output_dir, step)
