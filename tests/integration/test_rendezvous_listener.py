@@ -1,6 +1,7 @@
 """bound_torchrun: the rendezvous store listens on the master address only, on the port it was given
 or, for --master-port=0, on a free one that every rank is told."""
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -43,3 +44,12 @@ def test_stock_torchrun_listens_on_every_interface(tmp_path):
     done = run_torchrun("torch.distributed.run", tmp_path, 29731)
     assert done.returncode == 0, done.stderr
     assert "0100007F" not in done.stdout and "listening 000000" in done.stdout
+
+
+def test_a_busy_master_port_is_one_error_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        done = run_torchrun("deepfleet.launch.bound_torchrun", tmp_path, busy.getsockname()[1])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error: 127.0.0.1:") and "cannot listen for the rendezvous" in done.stderr

@@ -70,7 +70,11 @@ def main(argv: list[str]) -> None:
     if target is None:
         torchrun_main(argv)
         return
-    listener = bind_listener(*target)
+    try:
+        listener = bind_listener(*target)
+    except OSError as exc:
+        sys.exit(f"error: {target[0]}:{target[1]}: cannot listen for the rendezvous: {exc.strerror} "
+                 "(fix: free the port or choose another master_port)")
     port = listener.getsockname()[1]
     # Held for the life of torchrun; torchrun's static rendezvous reuses it by port.
     store = TCPStore(target[0], port, is_master=True, wait_for_workers=False, multi_tenant=True,  # noqa: F841
