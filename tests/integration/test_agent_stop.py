@@ -91,3 +91,13 @@ def test_rank_bad_input_lines_make_the_job_exit_2(tmp_path):
 
 def test_killed_by_signal_is_reported_as_128_plus_the_signal():
     assert shell_exit_code(-signal.SIGKILL) == 137 and shell_exit_code(3) == 3
+
+
+def test_a_blocked_console_does_not_fail_the_job(tmp_path):
+    """Writing to the console must not stall the event loop (Ctrl-S, a stalled terminal)."""
+    script = "import time\nfor i in range(8):\n    print(f'[0]:step {i}', flush=True); time.sleep(0.5)"
+    host = HostProcess(label="node0", argv=[sys.executable, "-c", script], env={})
+    supervisor = Supervisor([host], SupervisorOptions(log_dir=tmp_path / "logs", link_timeout=2),
+                            write=lambda line: time.sleep(4))
+    outcome = asyncio.run(supervisor.run())
+    assert outcome.exit_code == 0 and outcome.failure is None

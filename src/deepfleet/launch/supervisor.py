@@ -13,7 +13,9 @@ on stdin, reads its output and events, and stops the whole job on the first of:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import re
 import signal
 import threading
@@ -89,12 +91,45 @@ class JobOutcome:
     bad_input: list[str] = field(default_factory=list)   # the ranks' own error lines: exit 2, not worth a restart
 
 
+class ConsoleWriter:
+    """Streams lines to `write` from a thread: a console that blocks (Ctrl-S, a stalled terminal)
+    must not stop the event loop, whose pings keep the agents from tearing the job down. Lines
+    beyond the queue's size are dropped (and counted); the host logs keep everything."""
+
+    def __init__(self, write: Callable[[str], None], size: int = 10_000) -> None:
+        self.write = write
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=size)
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, line: str) -> None:
+        try:
+            self.lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what is queued (bounded in time: the console may still be blocked)."""
+        with contextlib.suppress(queue.Full):
+            self.lines.put(None, timeout=timeout)
+        self.thread.join(timeout)
+        if self.dropped:
+            self.write(f"[{self.dropped} console lines dropped while the console was blocked; the host logs have them]")
+
+    def _drain(self) -> None:
+        while (line := self.lines.get()) is not None:
+            self.write(line)
+
+
 class Supervisor:
     def __init__(self, hosts: list[HostProcess], options: SupervisorOptions,
                  write: Callable[[str], None] = print) -> None:
         self.hosts = [HostState(spec=h) for h in hosts]
         self.options = options
-        self.write = write
+        self.console = ConsoleWriter(write)
         self.failure: Failure | None = None
         self.stop_requested = False
         self.detected_at: float | None = None
@@ -106,6 +141,7 @@ class Supervisor:
         signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
         for sig in signals:
             loop.add_signal_handler(sig, self._request_stop)
+        self.console.start()
         try:
             await asyncio.gather(*(self._start(h) for h in self.hosts))
             tasks = [asyncio.create_task(self._follow(h)) for h in self.hosts]
@@ -117,6 +153,7 @@ class Supervisor:
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
+            self.console.close()
         codes = {h.spec.label: h.exit_code for h in self.hosts}
         preempted = self.failure is None and any(h.preempted for h in self.hosts)
         if preempted:
@@ -171,7 +208,7 @@ class Supervisor:
                     host.rank_errors.append(error.group(2))
                 rank = RANK_LINE.match(line)
                 if self.options.all_logs or (rank and rank.group(1) == "0"):
-                    self.write(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
+                    self.console.put(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
         host.exit_code = await host.proc.wait()
         # A preempted host is not a failure: every rank stops at the same step, so the other hosts
         # are writing the same checkpoint and must not be torn down mid-save.
