@@ -6,7 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 
-from deepfleet.fleet.checks import Collected, run_checks
+from deepfleet.fleet.checks import run_checks
+from deepfleet.fleet.findings import Collected
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import SshFailure

@@ -7,61 +7,14 @@ such as "output dir not shared" or "deepspeed differs on gpu3", is unit-tested o
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Callable
 
 from deepfleet.fleet.facts import HostFacts
-from deepfleet.fleet.inventory import Fleet
-from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
-from deepfleet.fleet.ssh import SshOptions, diagnose
+from deepfleet.fleet.findings import FLEET, Collected, Finding, Severity, differs
+from deepfleet.fleet.network_checks import check_bandwidth, check_infiniband, check_interface, check_master_port
+from deepfleet.fleet.ssh import diagnose
 
-Severity = Literal["ok", "warn", "fail"]
-FLEET = "(fleet)"
 GIB = 1 << 30
-
-
-@dataclass(frozen=True, kw_only=True)
-class Finding:
-    check: str
-    host: str
-    severity: Severity
-    message: str
-    fix: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Collected:
-    fleet: Fleet
-    facts: list[HostFacts]
-    listener: dict[str, Any] | None = None        # the master port listener's report
-    matrix: bool = True                           # whether host->host ssh was probed
-    checksum_paths: tuple[str, ...] = ()
-    ssh_options: SshOptions = field(default_factory=SshOptions)
-    head_hosts: frozenset[str] = frozenset()      # fleet hosts that are the machine doctor ran on
-
-    @property
-    def reachable(self) -> list[HostFacts]:
-        return [f for f in self.facts if f.ok]
-
-    @property
-    def interfaces_unknown(self) -> list[str]:
-        """Hosts whose probe could not list addresses (no iproute2 `ip -j`)."""
-        return [f.host.name for f in self.reachable if f.get("interfaces") is None]
-
-    def interface_choice(self) -> InterfaceChoice:
-        preferred = {h.name: h.interface for h in self.fleet.hosts if h.interface}
-        known = {f.host.name: f.get("interfaces") for f in self.reachable if f.get("interfaces") is not None}
-        return select_shared_interface(known, preferred, {h.name: h.address for h in self.fleet.hosts})
-
-
-def _differs(values: dict[str, Any]) -> tuple[Any, list[str]] | None:
-    """(majority value, hosts that differ from it), or None when all agree."""
-    counts = Counter(values.values())
-    if len(counts) <= 1:
-        return None
-    majority = counts.most_common(1)[0][0]
-    return majority, sorted(h for h, v in values.items() if v != majority)
 
 
 def check_ssh(c: Collected) -> list[Finding]:
@@ -120,8 +73,8 @@ def check_python(c: Collected) -> list[Finding]:
                                  fix=f"create the same environment at {wanted} on this host, or set python: in fleet.yaml"))
         else:
             versions[f.host.name] = f.get("python", "version")
-    if (diff := _differs(versions)):
-        minor = _differs({h: ".".join(str(v).split(".")[:2]) for h, v in versions.items()})
+    if (diff := differs(versions)):
+        minor = differs({h: ".".join(str(v).split(".")[:2]) for h, v in versions.items()})
         found += [Finding(check="python", host=h, severity="fail" if minor else "warn",
                           message=f"python {versions[h]} here, {diff[0]} on the others",
                           fix=f"install python {diff[0]} in the environment on {h}" if minor
@@ -146,7 +99,7 @@ def check_packages(c: Collected) -> list[Finding]:
                 found.append(Finding(check="versions", host=f.host.name, severity="warn",
                                      message=f"`import {package}` loads {origin}, not the installed {versions[f.host.name]}",
                                      fix="remove the shadowing copy from PYTHONPATH or the working dir"))
-        diff = _differs(versions)
+        diff = differs(versions)
         if diff:
             majority = diff[0]
             for h in diff[1]:
@@ -160,7 +113,7 @@ def check_packages(c: Collected) -> list[Finding]:
                                  message=f"{package} {next(iter(versions.values()))} everywhere"))
     for key in ("cuda", "nccl"):
         values = {f.host.name: f.get("accelerators", key) for f in hosts if f.get("accelerators", "count")}
-        if (diff := _differs(values)):
+        if (diff := differs(values)):
             found += [Finding(check="versions", host=h, severity="fail",
                               message=f"torch built with {key.upper()} {values[h]} here, {diff[0]} on the others",
                               fix="install the same torch build (same CUDA) on every host") for h in diff[1]]
@@ -198,7 +151,7 @@ def check_accelerators(c: Collected) -> list[Finding]:
         found.append(Finding(check="accelerators", host=FLEET, severity="fail",
                              message="some hosts have GPUs and some do not",
                              fix="use only GPU hosts in one job (NCCL needs a GPU per rank)"))
-    elif (diff := _differs(models)):
+    elif (diff := differs(models)):
         found += [Finding(check="accelerators", host=h, severity="warn",
                           message=f"GPU model {models[h]}, others have {diff[0]}",
                           fix="mixed GPUs run at the speed of the slowest; expect that") for h in diff[1]]
@@ -298,98 +251,11 @@ def check_clock_skew(c: Collected, limit_seconds: float = 1.0) -> list[Finding]:
     return found
 
 
-def check_interface(c: Collected) -> list[Finding]:
-    if len(c.reachable) < 2:
-        return []
-    found = [Finding(check="interface", host=h, severity="warn", message="could not list this host's addresses",
-                     fix="install iproute2 (`ip -j addr`), or set interface: for this host in fleet.yaml")
-             for h in c.interfaces_unknown]
-    if len(c.reachable) - len(found) < 2:
-        return found
-    choice = c.interface_choice()
-    if choice.network is None:
-        return found + [Finding(check="interface", host=FLEET, severity="fail", message="no subnet is shared by the hosts",
-                                fix="put all hosts on one private network (NCCL/gloo need direct TCP between hosts)")]
-    found += [Finding(check="interface", host=h, severity="fail",
-                      message=f"no address in {choice.network}, the subnet the other hosts share",
-                      fix=f"give {h} an address in {choice.network}, or remove it from the fleet")
-              for h in choice.outside]
-    names = sorted(set(choice.per_host.values()))
-    proposal = (f"NCCL_SOCKET_IFNAME={names[0]} GLOO_SOCKET_IFNAME={names[0]}" if len(names) == 1
-                else "per host: " + ", ".join(f"{h}={i}" for h, i in choice.per_host.items()))
-    found.append(Finding(check="interface", host=FLEET, severity="ok",
-                         message=f"shared subnet {choice.network}: {proposal}"))
-    return found
-
-
-def check_infiniband(c: Collected) -> list[Finding]:
-    devices = {f.host.name: f.get("infiniband", default=[]) for f in c.reachable}
-    with_ib = sorted(h for h, d in devices.items() if d)
-    if not with_ib:
-        return [Finding(check="infiniband", host=FLEET, severity="ok",
-                        message="no InfiniBand devices: NCCL uses TCP sockets (NCCL_IB_DISABLE=1 skips the IB probe)")]
-    # Ranks that pick IB and ranks that pick sockets hang in NCCL init (NVIDIA/nccl#234): all or none.
-    mixed_fix = "fix the HCA, or set NCCL_IB_DISABLE=1 on every host (in the fleet's env, not on one host)"
-    active = {h: [d for d in devices[h] if "ACTIVE" in str(d.get("state"))] for h in with_ib}
-    found = [Finding(check="infiniband", host=h, severity="fail", message="no InfiniBand device, others have one",
-                     fix=mixed_fix) for h in sorted(set(devices) - set(with_ib))]
-    found += [Finding(check="infiniband", host=h, severity="fail",
-                      message=f"no InfiniBand port is ACTIVE ({', '.join(d['device'] + '/' + str(d['port']) for d in devices[h])})",
-                      fix="check the cable and subnet manager (`ibstat`); " + mixed_fix) for h in with_ib if not active[h]]
-    hcas = sorted({d["device"] for h in with_ib for d in active[h]})
-    roce = any(d.get("link_layer") == "Ethernet" for h in with_ib for d in devices[h])
-    env = f"NCCL_IB_HCA={','.join(hcas)}" + (" NCCL_IB_GID_INDEX=3" if roce else "")
-    if hcas:
-        found.append(Finding(check="infiniband", host=FLEET, severity="ok", message=f"InfiniBand found: set {env}"))
-    return found
-
-
-def check_master_port(c: Collected) -> list[Finding]:
-    if c.listener is None or len(c.fleet.hosts) < 2:
-        return []
-    port, master = c.fleet.master_port, c.fleet.master.name
-    if not c.listener.get("ready"):
-        return [Finding(check="master-port", host=master, severity="fail",
-                        message=f"cannot listen on port {port}: {c.listener.get('error', 'listener did not start')}",
-                        fix=f"stop what uses port {port} on {master} (`ss -ltnp`), or set master_port: in fleet.yaml")]
-    found = []
-    for f in c.reachable:
-        result = f.get("network", "master") or {}
-        if not result.get("ok"):
-            found.append(Finding(check="master-port", host=f.host.name, severity="fail",
-                                 message=f"cannot connect to {master}:{port}: {result.get('error', 'no result')}",
-                                 fix=f"open TCP {port} on {master} for the cluster subnet "
-                                     f"(e.g. `sudo ufw allow from <subnet> to any port {port} proto tcp`)"))
-    if not found:
-        found.append(Finding(check="master-port", host=FLEET, severity="ok",
-                             message=f"every host reaches {master}:{port}"))
-    return found
-
-
-def check_bandwidth(c: Collected, warn_gbit: float = 1.0) -> list[Finding]:
-    found = []
-    for f in c.reachable:
-        result = f.get("network", "bandwidth")
-        if not result:
-            continue
-        if "error" in result:
-            found.append(Finding(check="bandwidth", host=f.host.name, severity="warn",
-                                 message=f"host -> head bandwidth test failed: {result['error']}",
-                                 fix="check firewalls between head and host (ephemeral TCP ports)"))
-            continue
-        rate = result["gbit_s"]
-        found.append(Finding(check="bandwidth", host=f.host.name, severity="warn" if rate < warn_gbit else "ok",
-                             message=f"host -> head {rate:.2f} Gbit/s ({result.get('tool', 'builtin')}, "
-                                     f"{result['bytes'] >> 20} MiB in {result['seconds']:.2f}s, all hosts at once)",
-                             fix="use a faster link (NCCL_SOCKET_IFNAME on the fast interface)" if rate < warn_gbit else ""))
-    return found
-
-
 def check_checksums(c: Collected) -> list[Finding]:
     found = []
     for path in c.checksum_paths:
         sums = {f.host.name: (f.get("checksums", path, default={}) or {}).get("sha256") for f in c.reachable}
-        if (diff := _differs(sums)):
+        if (diff := differs(sums)):
             found += [Finding(check="data", host=h, severity="fail",
                               message=f"{path} differs ({'missing' if sums[h] is None else sums[h][:12]})",
                               fix=f"copy {path} from a host with sha256 {str(diff[0])[:12]}…") for h in diff[1]]

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deepfleet.fleet.checks import Collected, Finding, run_checks
+from deepfleet.fleet.checks import run_checks
+from deepfleet.fleet.findings import Collected, Finding
 from deepfleet.fleet.facts import HostFacts, probe_hosts
 from deepfleet.fleet.inventory import Fleet, Host, is_ip_address
 from deepfleet.fleet.network import (BandwidthSink, is_this_machine, source_address_towards,

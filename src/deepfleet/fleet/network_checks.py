@@ -1,0 +1,92 @@
+"""Doctor's network checks: the shared interface, InfiniBand, the master port and bandwidth."""
+
+from __future__ import annotations
+
+from deepfleet.fleet.findings import FLEET, Collected, Finding
+
+
+def check_interface(c: Collected) -> list[Finding]:
+    if len(c.reachable) < 2:
+        return []
+    found = [Finding(check="interface", host=h, severity="warn", message="could not list this host's addresses",
+                     fix="install iproute2 (`ip -j addr`), or set interface: for this host in fleet.yaml")
+             for h in c.interfaces_unknown]
+    if len(c.reachable) - len(found) < 2:
+        return found
+    choice = c.interface_choice()
+    if choice.network is None:
+        return found + [Finding(check="interface", host=FLEET, severity="fail", message="no subnet is shared by the hosts",
+                                fix="put all hosts on one private network (NCCL/gloo need direct TCP between hosts)")]
+    found += [Finding(check="interface", host=h, severity="fail",
+                      message=f"no address in {choice.network}, the subnet the other hosts share",
+                      fix=f"give {h} an address in {choice.network}, or remove it from the fleet")
+              for h in choice.outside]
+    names = sorted(set(choice.per_host.values()))
+    proposal = (f"NCCL_SOCKET_IFNAME={names[0]} GLOO_SOCKET_IFNAME={names[0]}" if len(names) == 1
+                else "per host: " + ", ".join(f"{h}={i}" for h, i in choice.per_host.items()))
+    found.append(Finding(check="interface", host=FLEET, severity="ok",
+                         message=f"shared subnet {choice.network}: {proposal}"))
+    return found
+
+
+def check_infiniband(c: Collected) -> list[Finding]:
+    devices = {f.host.name: f.get("infiniband", default=[]) for f in c.reachable}
+    with_ib = sorted(h for h, d in devices.items() if d)
+    if not with_ib:
+        return [Finding(check="infiniband", host=FLEET, severity="ok",
+                        message="no InfiniBand devices: NCCL uses TCP sockets (NCCL_IB_DISABLE=1 skips the IB probe)")]
+    # Ranks that pick IB and ranks that pick sockets hang in NCCL init (NVIDIA/nccl#234): all or none.
+    mixed_fix = "fix the HCA, or set NCCL_IB_DISABLE=1 on every host (in the fleet's env, not on one host)"
+    active = {h: [d for d in devices[h] if "ACTIVE" in str(d.get("state"))] for h in with_ib}
+    found = [Finding(check="infiniband", host=h, severity="fail", message="no InfiniBand device, others have one",
+                     fix=mixed_fix) for h in sorted(set(devices) - set(with_ib))]
+    found += [Finding(check="infiniband", host=h, severity="fail",
+                      message=f"no InfiniBand port is ACTIVE ({', '.join(d['device'] + '/' + str(d['port']) for d in devices[h])})",
+                      fix="check the cable and subnet manager (`ibstat`); " + mixed_fix) for h in with_ib if not active[h]]
+    hcas = sorted({d["device"] for h in with_ib for d in active[h]})
+    roce = any(d.get("link_layer") == "Ethernet" for h in with_ib for d in devices[h])
+    env = f"NCCL_IB_HCA={','.join(hcas)}" + (" NCCL_IB_GID_INDEX=3" if roce else "")
+    if hcas:
+        found.append(Finding(check="infiniband", host=FLEET, severity="ok", message=f"InfiniBand found: set {env}"))
+    return found
+
+
+def check_master_port(c: Collected) -> list[Finding]:
+    if c.listener is None or len(c.fleet.hosts) < 2:
+        return []
+    port, master = c.fleet.master_port, c.fleet.master.name
+    if not c.listener.get("ready"):
+        return [Finding(check="master-port", host=master, severity="fail",
+                        message=f"cannot listen on port {port}: {c.listener.get('error', 'listener did not start')}",
+                        fix=f"stop what uses port {port} on {master} (`ss -ltnp`), or set master_port: in fleet.yaml")]
+    found = []
+    for f in c.reachable:
+        result = f.get("network", "master") or {}
+        if not result.get("ok"):
+            found.append(Finding(check="master-port", host=f.host.name, severity="fail",
+                                 message=f"cannot connect to {master}:{port}: {result.get('error', 'no result')}",
+                                 fix=f"open TCP {port} on {master} for the cluster subnet "
+                                     f"(e.g. `sudo ufw allow from <subnet> to any port {port} proto tcp`)"))
+    if not found:
+        found.append(Finding(check="master-port", host=FLEET, severity="ok",
+                             message=f"every host reaches {master}:{port}"))
+    return found
+
+
+def check_bandwidth(c: Collected, warn_gbit: float = 1.0) -> list[Finding]:
+    found = []
+    for f in c.reachable:
+        result = f.get("network", "bandwidth")
+        if not result:
+            continue
+        if "error" in result:
+            found.append(Finding(check="bandwidth", host=f.host.name, severity="warn",
+                                 message=f"host -> head bandwidth test failed: {result['error']}",
+                                 fix="check firewalls between head and host (ephemeral TCP ports)"))
+            continue
+        rate = result["gbit_s"]
+        found.append(Finding(check="bandwidth", host=f.host.name, severity="warn" if rate < warn_gbit else "ok",
+                             message=f"host -> head {rate:.2f} Gbit/s ({result.get('tool', 'builtin')}, "
+                                     f"{result['bytes'] >> 20} MiB in {result['seconds']:.2f}s, all hosts at once)",
+                             fix="use a faster link (NCCL_SOCKET_IFNAME on the fast interface)" if rate < warn_gbit else ""))
+    return found
