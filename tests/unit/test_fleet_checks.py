@@ -270,3 +270,15 @@ def test_host_whose_addresses_could_not_be_listed_is_a_warning_not_a_missing_sub
         records[1]["data"]["interfaces"] = None
     found = [f for f in run_checks(collected(no_ip)) if f.check == "interface"]
     assert [(f.host, f.severity) for f in found] == [("gpu2", "warn")]
+
+
+def test_clock_skew_bounds_use_each_hosts_own_ssh_start():
+    """A host whose ssh started 0.9 s after the first must not look 0.9 s ahead."""
+    from deepfleet.fleet.facts import facts_from_result
+    from deepfleet.fleet.inventory import Host
+    from deepfleet.fleet.ssh import RemoteResult
+    probe = json.dumps({"time_start": 1000.95, "time_end": 1001.05})
+    result = RemoteResult(host=Host(name="late", address="10.0.0.9"), argv=[], returncode=0, stdout=probe, stderr="",
+                          seconds=0.2, started_at=1000.9)
+    low, high = facts_from_result(result).skew_bounds()
+    assert low <= 0 <= high

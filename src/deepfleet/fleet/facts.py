@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Sequence
@@ -76,7 +75,10 @@ class HostFacts:
                    sent_at=record["sent_at"], received_at=record["received_at"], seconds=record["seconds"])
 
 
-def facts_from_result(result: RemoteResult, sent_at: float) -> HostFacts:
+def facts_from_result(result: RemoteResult) -> HostFacts:
+    # Per host: the fleet's ssh processes start one after another, and a shared start time would
+    # make the skew's lower bound (time_end - received_at) too high.
+    sent_at = result.started_at
     received_at = sent_at + result.seconds
     common = dict(host=result.host, sent_at=sent_at, received_at=received_at, seconds=result.seconds)
     if result.failure:
@@ -95,7 +97,6 @@ def facts_from_result(result: RemoteResult, sent_at: float) -> HostFacts:
 async def probe_hosts(hosts: Sequence[Host], *, python_for: Callable[[Host], str],
                       params_for: Callable[[Host], dict[str, Any]], options: SshOptions,
                       timeout: float, on_done: Callable[[RemoteResult], None] | None = None) -> list[HostFacts]:
-    sent_at = time.time()
     results = await run_on_hosts(hosts, lambda h: probe_argv(python_for(h)), options=options, timeout=timeout,
                                  stdin=lambda h: probe_stdin(params_for(h)), on_done=on_done)
-    return [facts_from_result(result, sent_at) for result in results]
+    return [facts_from_result(result) for result in results]

@@ -167,6 +167,7 @@ class RemoteResult:
     seconds: float
     timed_out: bool = False
     failure: SshFailure | None = None
+    started_at: float = 0.0          # head wall clock when this host's ssh started
 
     @property
     def ok(self) -> bool:
@@ -203,11 +204,12 @@ async def run_on_host(host: Host, remote_argv: Sequence[str], *, options: SshOpt
     argv = host_argv(host, remote_argv, options=options)
     if options.control_dir and not host.local:
         Path(options.control_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     code, out, err, timed_out = await run_argv(argv, stdin=stdin, timeout=timeout)
     failure = None if host.local else diagnose(host, code, err, timed_out=timed_out, options=options)
     return RemoteResult(host=host, argv=argv, returncode=code, stdout=out, stderr=err,
-                        seconds=time.monotonic() - started, timed_out=timed_out, failure=failure)
+                        seconds=time.monotonic() - started, timed_out=timed_out, failure=failure,
+                        started_at=started_at)
 
 
 async def run_on_hosts(hosts: Sequence[Host], remote_argv: Callable[[Host], Sequence[str]] | Sequence[str], *,
