@@ -326,6 +326,8 @@ def render_summary(outcome: JobOutcome) -> str:
     lines = [f"job failed: first failure on {where}: {f.why}", *outcome.bad_input]
     if outcome.teardown_seconds is not None:
         lines.append(f"torn down on every host {outcome.teardown_seconds:.1f}s after detection")
+    else:
+        lines.append("every other host had already stopped by itself")
     if f.last_lines:
         lines.append(f"last lines from {f.host}:")
         lines.extend("  " + line for line in f.last_lines[-10:])
