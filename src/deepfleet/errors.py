@@ -45,6 +45,13 @@ class DeepfleetError(Exception):
         return self.render()
 
 
+def not_utf8(path: object, exc: UnicodeDecodeError, what: str, fix: str) -> DeepfleetError:
+    """A text file with a byte that is not UTF-8, at path:line of that byte."""
+    line = exc.object[:exc.start].count(b"\n") + 1
+    return DeepfleetError(f"{what} is not UTF-8 text (byte {exc.object[exc.start]:#04x})", where=f"{path}:{line}",
+                          fix=fix)
+
+
 def exception_summary(exc: BaseException) -> str:
     """`Type: first line of the message`, for a library failure quoted inside a one-line error."""
     text = (str(exc).splitlines() or [""])[0]

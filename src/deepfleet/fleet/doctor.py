@@ -19,8 +19,8 @@ from deepfleet.fleet.checks import run_checks
 from deepfleet.fleet.findings import Collected, Finding
 from deepfleet.fleet.facts import HostFacts, probe_hosts
 from deepfleet.fleet.inventory import Fleet, Host, is_ip_address
-from deepfleet.fleet.network import (BandwidthSink, is_this_machine, source_address_towards,
-                                     start_iperf3_servers, stop_iperf3_servers)
+from deepfleet.fleet.network import (BandwidthSink, Route, is_own_route, route_towards, start_iperf3_servers,
+                                     stop_iperf3_servers)
 from deepfleet.fleet.ssh import SshOptions, ssh_argv
 
 
@@ -112,24 +112,18 @@ def write_share_token(output_dir: str | None) -> tuple[Path, tuple[str, str]] | 
     return path, (name, value)
 
 
-async def head_addresses(fleet: Fleet, *, timeout: float) -> dict[str, str | None]:
-    """The head's address towards each remote host (name lookups run at once, bounded in time)."""
-    remote = [h for h in fleet.hosts if not h.local]
-    lookups = [asyncio.wait_for(asyncio.to_thread(source_address_towards, h.address), timeout) for h in remote]
+async def head_routes(fleet: Fleet, *, timeout: float) -> dict[str, Route | None]:
+    """How the head reaches each host (name lookups run at once, bounded in time)."""
+    lookups = [asyncio.wait_for(asyncio.to_thread(route_towards, h.address), timeout) for h in fleet.hosts]
     found = await asyncio.gather(*lookups, return_exceptions=True)
-    return {h.name: (a if isinstance(a, str) else None) for h, a in zip(remote, found)}
-
-
-async def head_host_names(fleet: Fleet, *, timeout: float) -> frozenset[str]:
-    """The fleet hosts that are the machine doctor runs on (usually node 0, listed by its address)."""
-    checks = [asyncio.wait_for(asyncio.to_thread(is_this_machine, h.address), timeout) for h in fleet.hosts]
-    found = await asyncio.gather(*checks, return_exceptions=True)
-    return frozenset(h.name for h, mine in zip(fleet.hosts, found) if h.local or mine is True)
+    return {h.name: (r if isinstance(r, tuple) else None) for h, r in zip(fleet.hosts, found)}
 
 
 async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions) -> Collected:
     output_dir = options.output_dir or fleet.output_dir
-    head_hosts = await head_host_names(fleet, timeout=ssh_options.connect_timeout)
+    routes = await head_routes(fleet, timeout=ssh_options.connect_timeout)
+    # The fleet hosts that are the machine doctor runs on (usually node 0, listed by its address).
+    head_hosts = frozenset(h.name for h in fleet.hosts if h.local or is_own_route(routes[h.name]))
     token = write_share_token(output_dir)
     phase = network_phase_seconds(options, len(fleet.hosts))
     barrier = ssh_options.connect_timeout + phase + 5                  # first host ready -> last host ready
@@ -138,9 +132,8 @@ async def collect(fleet: Fleet, options: DoctorOptions, ssh_options: SshOptions)
     try:
         bandwidth: dict[str, tuple[str, int, int | None]] = {}
         if options.network:
-            sources = await head_addresses(fleet, timeout=ssh_options.connect_timeout)
-            ports = await sink.start(a for a in sources.values() if a)
-            reachable = {name: addr for name, addr in sources.items() if addr}
+            reachable = {h.name: routes[h.name][1] for h in fleet.hosts if not h.local and routes[h.name]}
+            ports = await sink.start(reachable.values())
             iperf3 = start_iperf3_servers(reachable) if options.iperf3 else {}
             bandwidth = {name: (addr, ports[addr], iperf3.get(name, (None,))[0]) for name, addr in reachable.items()}
             sink.expected = set(bandwidth)

@@ -83,23 +83,33 @@ def select_shared_interface(interfaces_by_host: Mapping[str, Sequence[Interface]
     return InterfaceChoice(network=str(best), per_host=chosen, addresses=addresses, outside=outside)
 
 
-def is_this_machine(address: str) -> bool:
-    """Whether `address` reaches the machine asking (the kernel would send from that very address)."""
+Route = tuple[str, str]   # (the address a name resolves to, the local address the kernel sends from)
+
+
+def route_towards(address: str, port: int = 9) -> Route | None:
+    """How this machine would reach `address` (no packet is sent), or None when it cannot."""
     try:
         resolved = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((resolved, port))
+            return resolved, probe.getsockname()[0]
     except OSError:
-        return False
-    return ipaddress.ip_address(resolved).is_loopback or source_address_towards(resolved) == resolved
+        return None
+
+
+def is_own_route(route: Route | None) -> bool:
+    """Whether the route leads back to this machine (it would send from the very address it reaches)."""
+    return route is not None and (ipaddress.ip_address(route[0]).is_loopback or route[0] == route[1])
+
+
+def is_this_machine(address: str) -> bool:
+    return is_own_route(route_towards(address))
 
 
 def source_address_towards(address: str, port: int = 9) -> str | None:
-    """The local address the kernel would use to reach `address` (no packet is sent)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((socket.gethostbyname(address), port))
-            return probe.getsockname()[0]
-    except OSError:
-        return None
+    """The local address the kernel would use to reach `address`."""
+    route = route_towards(address, port)
+    return route[1] if route else None
 
 
 @dataclass

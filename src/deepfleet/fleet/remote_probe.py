@@ -283,12 +283,9 @@ def start_master_connect(params, results):
     return [in_thread(results, "master", connect_master, params["master"][0], params["master"][1], deadline)]
 
 
-def network_facts(params, early=None):
-    """ssh to peers and the master port at once; then the bandwidth test, which waits for the
-    head's go so that every host's window is the same and overlaps no other work. `early` is
-    (results, threads) of a master connect that facts() started before collecting."""
-    results, threads = early or ({}, [])
-    threads = threads if early else start_master_connect(params, results)
+def network_facts(params, results, threads):
+    """ssh to peers (beside the master connect already in `threads`); then the bandwidth test, which
+    waits for the head's go so that every host's window is the same and overlaps no other work."""
     hop_timeout, network_seconds = params.get("hop_timeout", 8), params.get("network_seconds", 6)
     if params.get("hops"):
         threads.append(in_thread(results, "hops", run_hops, params["hops"], hop_timeout, params.get("hop_parallel", 8)))
@@ -307,8 +304,8 @@ def facts(params):
     started = time.time()
     # Connect to the master port now, beside the slow facts (nvidia-smi, torch, checksums): the
     # master's listener opens when its own probe starts and closes network_seconds later.
-    early_results = {}
-    early = (early_results, start_master_connect(params, early_results))
+    network = {}
+    network_threads = start_master_connect(params, network)
     listener, accepting, stop = None, None, threading.Event()
     if params.get("listen"):   # this host is the master: its port is open while the others probe
         server, listener = open_master_port(params["listen"])
@@ -337,7 +334,7 @@ def facts(params):
                 result["share_token_seen"] = handle.read().strip() == token[1]
         except OSError:
             result["share_token_seen"] = False
-    result["network"] = network_facts(params, early)
+    result["network"] = network_facts(params, network, network_threads)
     if accepting:
         # Past the bandwidth barrier every other host has finished its connect attempts.
         if params.get("bandwidth") and "error" not in (result["network"]["bandwidth"] or {}):
@@ -390,6 +387,7 @@ def main(params):
     if params.get("mode") == "listen":
         listen(params)
     elif params.get("mode") == "hops":
-        print(json.dumps(network_facts(params)), flush=True)
+        results = {}
+        print(json.dumps(network_facts(params, results, start_master_connect(params, results))), flush=True)
     else:
         print(json.dumps(facts(params)), flush=True)

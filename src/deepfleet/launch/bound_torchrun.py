@@ -24,6 +24,8 @@ from torch.distributed import TCPStore
 from torch.distributed.run import get_args_parser
 from torch.distributed.run import main as torchrun_main
 
+from deepfleet.fleet.inventory import is_ip_address
+
 LISTEN_BACKLOG = 1024
 
 
@@ -43,11 +45,7 @@ def hosts_rendezvous(argv: list[str]) -> tuple[str, int] | None:
     than on the other hosts, and binding there would shut them out.
     """
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0:
-        return None
-    try:
-        ipaddress.ip_address(args.master_addr)
-    except ValueError:
+    if args.standalone or args.rdzv_backend != "static" or args.node_rank != 0 or not is_ip_address(args.master_addr):
         return None
     return args.master_addr, args.master_port
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
 from deepfleet.plan.deepspeed_schema import find_non_objects, find_unknown_keys, removed_deepspeed_keys
 
 AUTO = "auto"
@@ -50,9 +50,7 @@ def read_deepspeed_json(path: str | Path) -> str:
                              fix="check deepspeed.config in the recipe (relative paths are from the current directory)"
                              ) from None
     except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise DeepfleetError(f"DeepSpeed config is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
-                             where=f"{path}:{line}", fix="save the file as UTF-8 (JSON must be UTF-8)") from None
+        raise not_utf8(path, exc, "DeepSpeed config", fix="save the file as UTF-8 (JSON must be UTF-8)") from None
 
 
 def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
 from deepfleet.plan.recipe import SECTION_SHORTHANDS, Recipe
 
 KeyPath = tuple[str, ...]
@@ -190,7 +190,5 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
         raise DeepfleetError(f"cannot read recipe: {exc.strerror}", where=str(path),
                              fix="check the path, or run without a recipe for the built-in demo") from None
     except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise DeepfleetError(f"recipe is not UTF-8 text (byte {exc.object[exc.start]:#04x})",
-                             where=f"{path}:{line}", fix="save the file as UTF-8") from None
+        raise not_utf8(path, exc, "recipe", fix="save the file as UTF-8") from None
     return parse_recipe(text, str(path), overrides)
