@@ -48,12 +48,11 @@ def resolved_export_target(to: Path, run_dir: Path) -> Path:
 def _target_problem(target: Path, run_dir: Path) -> str:
     if not target.name:
         return "--to is the filesystem root"
-    if target == run_dir or target in run_dir.parents:
+    if run_dir.is_relative_to(target):
         return "--to is or contains the run dir, which the export would replace"
-    checkpoints = run_dir / CHECKPOINTS_DIR
-    if target == checkpoints or checkpoints in target.parents:
+    if target.is_relative_to(run_dir / CHECKPOINTS_DIR):
         return f"--to is inside the run's {CHECKPOINTS_DIR}/ dir, which must stay untouched"
-    if target == Path.cwd() or target in Path.cwd().parents:
+    if Path.cwd().is_relative_to(target):
         return "--to is or contains the current directory, which the export would replace under your shell"
     if target.exists() and not target.is_dir():
         return "--to exists and is not a directory"
