@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from deepfleet.plan.recipe import DataSpec, ModelSpec
 from deepfleet.train.batches import collate, plan_rows
 from deepfleet.train.dataset import build_datasets
-from deepfleet.train.packed_attention import PACKED_SDPA
+from deepfleet.train.packed_attention import PER_SEQUENCE
 from deepfleet.train.tokenizer import load_tokenizer
 
 
@@ -43,10 +43,10 @@ def main() -> None:
     batches = [collate(rows[i:i + 4], train, pad_id=tokenizer.pad_token_id, max_length=args.row_length, packing=True)
                for i in range(0, 4 * (args.batches + 1), 4)]
     models = {name: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=name)
-              for name in ("sdpa", PACKED_SDPA)}
+              for name in ("sdpa", PER_SEQUENCE)}
     with torch.no_grad():
         logits = {name: m(**batches[0], use_cache=False).logits for name, m in models.items()}
-    print(f"max |logit difference|: {(logits['sdpa'] - logits[PACKED_SDPA]).abs().max().item():.2e}")
+    print(f"max |logit difference|: {(logits['sdpa'] - logits[PER_SEQUENCE]).abs().max().item():.2e}")
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for round_index in range(args.rounds + 1):
         for name, model in models.items():
@@ -58,7 +58,7 @@ def main() -> None:
     tokens = sum(int(b["input_ids"].numel()) for b in batches[1:])
     for name, values in seconds.items():
         print(f"{name:22} " + " ".join(f"{tokens / v:7.0f}" for v in values) + " tok/s (fwd+bwd, 1 thread)")
-    ratios = [a / b for a, b in zip(seconds["sdpa"], seconds[PACKED_SDPA])]
+    ratios = [a / b for a, b in zip(seconds["sdpa"], seconds[PER_SEQUENCE])]
     print("per-sequence / sdpa speed: " + " ".join(f"{r:.2f}x" for r in ratios)
           + f"; median {statistics.median(ratios):.2f}x")
 

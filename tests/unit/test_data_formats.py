@@ -69,7 +69,7 @@ def test_messages_train_only_on_assistant_turns(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS])
     train, validation, report = build(tokenizer, [path])
     assert (report.format, report.n_train, validation) == ("messages", 3, [])
-    assert trained_segments(tokenizer, train[0]) == ["ABC<|im_end|>\n"]
+    assert trained_segments(tokenizer, train[0]) == ["ABC<|im_end|>"]
     assert tokenizer.decode(train[0].input_ids).startswith("<|im_start|>user\nupper abc")
 
 
@@ -91,7 +91,7 @@ def test_alpaca_input_and_system_are_used(tmp_path, tokenizer):
     train, _, _ = build(tokenizer, [write_jsonl(tmp_path / "a.jsonl", [record])], format="alpaca")
     text = tokenizer.decode(train[0].input_ids)
     assert "<|im_start|>system\nbe brief" in text and "translate\n\nhola" in text
-    assert trained_segments(tokenizer, train[0]) == ["hello<|im_end|>\n"]
+    assert trained_segments(tokenizer, train[0]) == ["hello<|im_end|>"]
 
 
 def test_text_trains_on_every_token_but_the_first(tmp_path, tokenizer):
@@ -107,13 +107,14 @@ def test_multi_turn_masks_every_user_turn(tokenizer):
                 {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
                 {"role": "assistant", "content": "a2"}]
     example = tokenize_conversation(tokenizer, messages)
-    assert trained_segments(tokenizer, example) == ["a1<|im_end|>\n", "a2<|im_end|>\n"]
+    assert trained_segments(tokenizer, example) == ["a1<|im_end|>", "a2<|im_end|>"]
 
 
 @pytest.mark.parametrize("template, expected", [
-    (LLAMA3_STYLE_TEMPLATE, ["a1<|eot_id|>", "a2<|eot_id|>"]),
-    (QWEN25_STYLE_TEMPLATE, ["a1<|im_end|>\n", "a2<|im_end|>\n"]),
-    (END_MARKER_TEMPLATE, ["a1", "a2</t><END>"]),  # the last turn keeps the template's end marker
+    # <|eot_id|> is plain characters for this tokenizer, so the answer is closed with its eos.
+    (LLAMA3_STYLE_TEMPLATE, ["a1<|eot_id|>", "a2<|eot_id|><|im_end|>"]),
+    (QWEN25_STYLE_TEMPLATE, ["a1<|im_end|>", "a2<|im_end|>"]),
+    (END_MARKER_TEMPLATE, ["a1", "a2</t><END><|im_end|>"]),  # the last turn keeps the template's end marker
 ])
 def test_answer_labels_follow_other_chat_templates(tokenizer, template, expected):
     tokenizer.chat_template = template
@@ -127,7 +128,7 @@ def test_conversation_opening_with_assistant_turn_under_default_system_prompt(to
     messages = [{"role": "assistant", "content": "hi there"}, {"role": "user", "content": "q"},
                 {"role": "assistant", "content": "a"}]
     example = tokenize_conversation(tokenizer, messages)
-    assert trained_segments(tokenizer, example) == ["hi there<|im_end|>", "a<|im_end|>\n"]
+    assert trained_segments(tokenizer, example) == ["hi there<|im_end|>", "a<|im_end|>"]
 
 
 def test_json_parquet_and_saved_dataset_dirs_read_the_same(tmp_path, tokenizer):
@@ -167,7 +168,7 @@ def test_validation_files(tmp_path, tokenizer):
     train_path = write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in CONVERSATIONS])
     held_path = write_jsonl(tmp_path / "held.jsonl", [{"messages": CONVERSATIONS[0]}])
     _, validation, report = build(tokenizer, [train_path], validation=ValidationSpec(files=[held_path]))
-    assert report.n_validation == 1 and trained_segments(tokenizer, validation[0]) == ["ABC<|im_end|>\n"]
+    assert report.n_validation == 1 and trained_segments(tokenizer, validation[0]) == ["ABC<|im_end|>"]
 
 
 def test_builtin_tasks_with_builtin_heldout_validation(tokenizer):

@@ -41,7 +41,7 @@ def test_subword_tokens_match_plain_tokenization_and_labels_cover_answers(bpe_to
     example = tokenize_conversation(bpe_tokenizer, MESSAGES)
     text = bpe_tokenizer.apply_chat_template(MESSAGES, tokenize=False)
     assert example.input_ids == bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert trained_text(bpe_tokenizer, example) == "Paris is the capital of France.<|im_end|>\nRome.<|im_end|>\n"
+    assert trained_text(bpe_tokenizer, example) == "Paris is the capital of France.<|im_end|>Rome.<|im_end|>"
     assert "What" not in trained_text(bpe_tokenizer, example)
 
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from deepfleet.train.batches import collate, pack_first_fit, plan_rows
 from deepfleet.train.dataset import IGNORE_INDEX, TokenizedExample
-from deepfleet.train.packed_attention import PACKED_SDPA, sequence_bounds
+from deepfleet.train.packed_attention import PER_SEQUENCE, sequence_bounds
 
 
 def tiny_model(attn_implementation: str, config_class: type = LlamaConfig) -> torch.nn.Module:
@@ -29,7 +29,7 @@ def make_examples(lengths: list[int]) -> list[TokenizedExample]:
 
 
 @pytest.mark.parametrize("config_class", [LlamaConfig, Qwen2Config])
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", PACKED_SDPA])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", PER_SEQUENCE])
 def test_packed_logits_match_unpacked(attn_implementation, config_class):
     model = tiny_model(attn_implementation, config_class)
     examples = make_examples([7, 12, 5, 9, 3, 11])
@@ -54,19 +54,19 @@ def test_per_sequence_attention_gives_sdpa_gradients():
     examples = make_examples([7, 12, 5, 9, 3, 11])
     batch = collate([[0, 1, 2], [3, 4, 5], [2, 4]], examples, pad_id=0, max_length=32, packing=True)
     grads = {}
-    for name in ("sdpa", PACKED_SDPA):
+    for name in ("sdpa", PER_SEQUENCE):
         model = tiny_model(name).train()
         model(**batch, use_cache=False).loss.backward()
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads["sdpa"].abs().max() > 0
-    assert (grads["sdpa"] - grads[PACKED_SDPA]).abs().max().item() < 1e-5
+    assert (grads["sdpa"] - grads[PER_SEQUENCE]).abs().max().item() < 1e-5
 
 
 def test_per_sequence_attention_falls_back_to_sdpa_with_a_kv_cache():
     # generate() calls with one query token and a cache: the stock sdpa path, same tokens.
     prompt = torch.tensor([[5, 9, 3, 17, 2]])
     outputs = [tiny_model(name).generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-               for name in ("sdpa", PACKED_SDPA)]
+               for name in ("sdpa", PER_SEQUENCE)]
     assert outputs[0].tolist() == outputs[1].tolist()
 
 

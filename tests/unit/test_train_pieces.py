@@ -8,8 +8,7 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
 from deepfleet.train.distributed import RankEnv
 from deepfleet.train.metrics import Heartbeat, MetricsWriter, StepMetrics, mfu, plot_loss, read_metrics
-from deepfleet.train.model import attention_implementation, check_method_supported, check_model_source
-from deepfleet.train.packed_attention import PACKED_SDPA
+from deepfleet.train.model import check_method_supported, check_model_source
 
 
 def test_qlora_needs_cuda_then_bitsandbytes(monkeypatch):
@@ -32,14 +31,6 @@ def test_model_source_checks_local_dirs_but_not_hub_ids(tmp_path):
         check_model_source(parse_recipe(f"model: {tmp_path}\n"))
     (tmp_path / "config.json").write_text("{}")
     check_model_source(parse_recipe(f"model: {tmp_path}\n"))
-
-
-def test_attention_auto_is_sdpa():
-    assert attention_implementation("auto") == "sdpa"
-    assert attention_implementation("auto", packed_rows=True, device_type="cpu") == PACKED_SDPA
-    assert attention_implementation("auto", packed_rows=True, device_type="cuda") == "sdpa"
-    assert attention_implementation("sdpa", packed_rows=True) == "sdpa"
-    assert attention_implementation("eager") == "eager"
 
 
 def test_mfu_is_six_n_tokens_over_peak_of_all_ranks():

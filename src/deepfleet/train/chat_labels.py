@@ -1,17 +1,24 @@
 """Answer-only labels for any HF chat template.
 
-Each assistant turn's character span is found by rendering the conversation up to that turn with
-the tokenizer's own template (the prefix with the generation prompt, then the prefix including the
-turn); the tokens whose characters fall inside a span are trained, all others get IGNORE_INDEX.
-When a template renders a prefix differently from the whole conversation (some templates drop
-earlier reasoning, or close the conversation with a marker), the turn is located by its content.
+A template with `{% generation %}` markers says itself which characters are the assistant's. For
+any other template, each assistant turn's character span is found by rendering the conversation up
+to that turn (the prefix with the generation prompt, then the prefix including the turn). When a
+template renders a prefix differently from the whole conversation (some templates drop earlier
+reasoning, or close the conversation with a marker), the turn is located by its content.
+
+The tokens whose characters fall inside a span are trained, all others get IGNORE_INDEX. A trained
+run stops at the token that ends the turn (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, eos):
+what a template writes after it (a newline) is not the answer. A conversation whose template does
+not close the last answer gets the eos appended, so every sequence teaches the model to stop.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 IGNORE_INDEX = -100
 Conversation = list[dict[str, str]]
@@ -64,8 +71,27 @@ def _spans(text: str, messages: Conversation, before: dict[int, str], through: d
     return spans
 
 
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+TURN_PROBE = "deepfleet-turn-probe"
+
+
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(GENERATION_MARKER.search(tokenizer.get_chat_template()))
+
+
+def _marked_spans(tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation]) -> list[RenderedChat]:
+    texts, spans = render_jinja_template(conversations=conversations, chat_template=tokenizer.get_chat_template(),
+                                         return_assistant_tokens_mask=True, **tokenizer.special_tokens_map)
+    return [RenderedChat(text=text, spans=[tuple(span) for span in chat_spans])
+            for text, chat_spans in zip(texts, spans)]
+
+
 def render_with_spans(tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation]) -> list[RenderedChat]:
     """Each conversation's text and assistant spans, with all prefixes rendered in two batched calls."""
+    if not conversations:
+        return []
+    if has_generation_markers(tokenizer):
+        return _marked_spans(tokenizer, conversations)
     texts = render_chats(tokenizer, conversations, generation_prompt=False)
     before_keys: list[tuple[int, int]] = []
     through_keys: list[tuple[int, int]] = []
@@ -116,11 +142,61 @@ def _tokenize_by_pieces(tokenizer: PreTrainedTokenizerBase, chat: RenderedChat) 
     return ids, labels
 
 
+def turn_end_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template writes right after an assistant's answer, if any."""
+    try:
+        text, = render_chats(tokenizer, [[{"role": "user", "content": "ping"},
+                                          {"role": "assistant", "content": TURN_PROBE}]], generation_prompt=False)
+    except Exception:   # a template that needs other roles: no probe, eos still counts
+        return None
+    after = text.rfind(TURN_PROBE)
+    ids = tokenizer(text[after + len(TURN_PROBE):], add_special_tokens=False)["input_ids"] if after >= 0 else []
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end an answer: eos and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id, turn_end_token_id(tokenizer)]
+    return list(dict.fromkeys(token for token in ids if token is not None))
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer itself starts every encoding with its bos token (Llama, Gemma, OPT...)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _end_answers(ids: list[int], labels: list[int], *, stops: set[int], eos: int | None) -> tuple[list[int], list[int]]:
+    """Cut each trained run after its first stop token; close an unclosed final answer with eos."""
+    labels = list(labels)
+    stopped = False
+    for position, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            stopped = False
+        elif stopped:
+            labels[position] = IGNORE_INDEX
+        elif ids[position] in stops:
+            stopped = True
+    if eos is not None and labels and labels[-1] != IGNORE_INDEX and ids[-1] not in stops:
+        ids, labels = [*ids, eos], [*labels, eos]
+    return ids, labels
+
+
 def tokenize_chats(tokenizer: PreTrainedTokenizerBase, chats: list[RenderedChat]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) for each rendered chat; the template already holds any bos/eos tokens."""
+    """(input_ids, labels) for each rendered chat: exactly one bos where the tokenizer uses one (the
+    template's own, else the tokenizer's), answers ending at their stop token."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
     if backend is None:
-        return [_tokenize_by_pieces(tokenizer, chat) for chat in chats]
-    encodings = backend.encode_batch([chat.text for chat in chats], add_special_tokens=False)
-    return [(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, chat.spans))
-            for encoding, chat in zip(encodings, chats)]
+        pairs = [_tokenize_by_pieces(tokenizer, chat) for chat in chats]
+    else:
+        encodings = backend.encode_batch([chat.text for chat in chats], add_special_tokens=False)
+        pairs = [(list(encoding.ids), labels_from_offsets(encoding.ids, encoding.offsets, chat.spans))
+                 for encoding, chat in zip(encodings, chats)]
+    stops, bos = set(stop_token_ids(tokenizer)), tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    finished = []
+    for ids, labels in pairs:
+        ids, labels = _end_answers(ids, labels, stops=stops, eos=tokenizer.eos_token_id)
+        if bos is not None and ids[:1] != [bos]:
+            ids, labels = [bos, *ids], [IGNORE_INDEX, *labels]
+        finished.append((ids, labels))
+    return finished

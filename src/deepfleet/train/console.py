@@ -42,7 +42,9 @@ class TrainingConsole:
         if metrics.step % self.line_every == 0 or metrics.step == self.total_steps:
             self.progress.console.print(
                 f"step {metrics.step}/{self.total_steps}  loss {metrics.loss:.4f}  lr {metrics.lr:.2e}  "
-                f"grad_norm {metrics.grad_norm:.3f}  {metrics.tokens_per_second:,.0f} tok/s  "
+                f"grad_norm {metrics.grad_norm:.3f}  "
+                + (f"router_aux {metrics.router_aux_loss:.4f}  " if metrics.router_aux_loss is not None else "")
+                + f"{metrics.tokens_per_second:,.0f} tok/s  "
                 f"mfu {metrics.mfu:.1%}  step {metrics.step_seconds:.2f}s")
 
     def stop(self) -> None:

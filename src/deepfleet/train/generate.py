@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from deepfleet.errors import DeepfleetError, exception_summary
+from deepfleet.train.chat_labels import adds_bos, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -95,9 +96,22 @@ def _load_external_base(base_name: str, path: Path) -> torch.nn.Module:
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """The prompt as training saw it: the chat template with the generation prompt, and the bos the
+    tokenizer uses when the template does not write it."""
     if not tokenizer.chat_template:
-        return "\n".join(message["content"] for message in messages)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = "\n".join(message["content"] for message in messages)
+    else:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token):
+        prompt = tokenizer.bos_token + prompt
+    return prompt
+
+
+def generation_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """eos, the template's end-of-turn token, and the model's own generation_config eos ids."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys([*stop_token_ids(tokenizer), *(token for token in configured if token is not None)]))
 
 
 @torch.no_grad()
@@ -108,13 +122,14 @@ def generate_answers(model: torch.nn.Module | PreTrainedModel, tokenizer: PreTra
     answers: list[str] = []
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    stop_ids = generation_stop_ids(model, tokenizer)
     try:
         for start in range(0, len(conversations), batch_size):
             prompts = [chat_prompt(tokenizer, messages) for messages in conversations[start:start + batch_size]]
             encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
             encoded = {key: value.to(model.device) for key, value in encoded.items()}
             output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
             new_tokens = output[:, encoded["input_ids"].shape[1]:]
             answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:

@@ -26,7 +26,8 @@ from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across
                                          objects_across_ranks, seed_rank, sum_across_ranks, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
                                      plot_loss)
-from deepfleet.train.model import BuiltModel, build_model
+from deepfleet.train.model import BuiltModel, build_model, torch_dtype_for
+from deepfleet.train.packed_attention import model_inputs
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
@@ -57,6 +58,7 @@ class TrainingRun:
     built: BuiltModel
     engine: Any
     peak_flops: float
+    precision: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,11 +106,19 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
             else measure_peak_flops(device.device))
     return TrainingRun(recipe=recipe, rank_env=rank_env, device=device, tokenizer=tokenizer, report=report,
                        order=order, validation=validation, total_steps=total_steps, ds_config=ds_config,
-                       built=built, engine=engine, peak_flops=peak)
+                       built=built, engine=engine, peak_flops=peak, precision=precision)
 
 
-def _to_device(batch: MicroBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.tensors.items()}
+def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool):
+    """The engine's output for one micro batch, in the form the model's attention needs.
+
+    MoE models add their router load-balancing loss (with the model's own coefficient) in training."""
+    tensors = {key: value.to(run.device.device, non_blocking=True) for key, value in batch.tensors.items()}
+    attention = run.built.attention
+    tensors = model_inputs(tensors, block_mask=attention.block_mask, flatten_rows=attention.flatten_rows,
+                           mask_dtype=torch_dtype_for(run.precision))
+    extra = {"output_router_logits": training} if run.built.family.is_moe else {}
+    return run.engine(**tensors, use_cache=False, **extra)
 
 
 def _local_grad_norm(engine) -> float:
@@ -129,26 +139,29 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     synchronize(device)
     started = time.perf_counter()
     lr = engine.get_lr()[0]
-    loss_sum, real_tokens = 0.0, 0
+    loss_sum, aux_sum, real_tokens = 0.0, 0.0, 0
     norm_before_step = None
     for batch in run.order.micro_batches(state.step):
-        output = engine(**_to_device(batch, device), use_cache=False)
+        output = _forward(run, batch, training=True)
         engine.backward(output.loss)
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 \
                 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
             norm_before_step = _local_grad_norm(engine)
         engine.step()
         loss_sum += output.loss.detach().float().item()
+        if getattr(output, "aux_loss", None) is not None:
+            aux_sum += float(output.aux_loss)
         real_tokens += batch.real_tokens
     synchronize(device)
     seconds = time.perf_counter() - started
     grad_norm = engine.get_global_grad_norm()
     grad_norm = norm_before_step if grad_norm is None else float(grad_norm)
     world = run.rank_env.world_size
-    per_rank = gather_across_ranks([loss_sum / run.order.grad_accum, float(real_tokens), float(stop_requested),
+    accum = run.order.grad_accum
+    per_rank = gather_across_ranks([loss_sum / accum, float(real_tokens), float(stop_requested), aux_sum / accum,
                                     seconds], device)
-    loss_total, tokens, stop_votes = (sum(values[i] for values in per_rank) for i in range(3))
-    rank_seconds = [values[3] for values in per_rank]
+    loss_total, tokens, stop_votes, aux_total = (sum(values[i] for values in per_rank) for i in range(4))
+    rank_seconds = [values[4] for values in per_rank]
     step_seconds = max(rank_seconds)
     tokens_per_second = tokens / max(step_seconds, 1e-9)
     state.tokens_seen += int(tokens)
@@ -159,7 +172,8 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
                        step_seconds=step_seconds, tokens_per_second=tokens_per_second,
                        mfu=mfu(n_params=run.built.n_params, tokens_per_second=tokens_per_second,
                                peak_flops_per_rank=run.peak_flops, world_size=world),
-                       rank_step_seconds=rank_seconds)
+                       rank_step_seconds=rank_seconds,
+                       router_aux_loss=aux_total / world if run.built.family.is_moe else None)
     return metrics, stop_votes > 0
 
 
@@ -172,9 +186,8 @@ def validation_loss(run: TrainingRun) -> float | None:
     engine.eval()
     weighted, count = 0.0, 0.0
     for batch in validation_batches(run.validation):
-        tensors = _to_device(batch, run.device.device)
-        n_targets = float((tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
-        output = engine(**tensors, use_cache=False)
+        n_targets = float((batch.tensors["labels"][:, 1:] != IGNORE_INDEX).sum())
+        output = _forward(run, batch, training=False)
         weighted += output.loss.float().item() * n_targets
         count += n_targets
     engine.train()
@@ -305,7 +318,10 @@ def _startup_line(run: TrainingRun) -> str:
     recipe, report = run.recipe, run.report
     stage = run.ds_config["zero_optimization"]["stage"]
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "
-            f"{run.device.accelerator} | {run.built.n_params:,} params ({run.built.n_trainable:,} trainable) | "
+            f"{run.device.accelerator} | {run.built.family.label}, attention {run.built.attention.describe()}"
+            + (f", router aux loss x {run.built.model.config.router_aux_loss_coef:g}" if run.built.family.is_moe else "")
+            + " | "
+            f"{run.built.n_params:,} params ({run.built.n_trainable:,} trainable) | "
             f"{report.n_train} train / {report.n_validation} validation examples ({report.format}) | "
             f"{run.total_steps} steps of {recipe.train.global_batch} rows"
             + (f" | warning: {report.n_truncated} sequences truncated to data.max_length {report.max_length}"

@@ -33,6 +33,7 @@ class StepMetrics:
     tokens_per_second: float
     mfu: float
     rank_step_seconds: list[float]
+    router_aux_loss: float | None = None   # MoE load-balancing loss before its coefficient (already in `loss`)
 
 
 def model_flops_per_second(*, n_params: int, tokens_per_second: float) -> float:

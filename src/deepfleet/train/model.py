@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
-from deepfleet.errors import DeepfleetError
+from deepfleet.errors import DeepfleetError, exception_summary
 from deepfleet.plan.recipe import LoraSpec, Recipe
 from deepfleet.train.builtin import TINY_MODEL_NAME, builtin_model_config
+from deepfleet.train.tokenizer import load_tokenizer
+from deepfleet.train import packed_attention  # noqa: F401  (registers the per-sequence attention)
+from deepfleet.train.families import AttentionChoice, Family, check_packing, choose_attention, family_of
 
 
 @dataclass(kw_only=True)
@@ -24,6 +28,8 @@ class BuiltModel:
     model: torch.nn.Module
     n_params: int              # all parameters, for MFU (ZeRO-3: counted from the partitions' full sizes)
     n_trainable: int
+    family: Family
+    attention: AttentionChoice
     zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
 
 
@@ -56,15 +62,49 @@ def check_model_source(recipe: Recipe) -> None:
                              fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
 
 
-def attention_implementation(requested: str, *, packed_rows: bool = False, device_type: str = "cpu") -> str:
-    """auto: per-sequence sdpa for packed training rows on CPU, else sdpa. On GPUs, where it is not
-    measured, packed rows keep sdpa's block-diagonal mask (or ask for flash_attention_2)."""
-    if requested != "auto":
-        return requested
-    if packed_rows and device_type == "cpu":
-        from deepfleet.train.packed_attention import PACKED_SDPA
-        return PACKED_SDPA
-    return "sdpa"
+def flash_attention_available(device_type: str) -> bool:
+    return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def load_model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The model's HF config (the built-in one needs its tokenizer for the vocabulary)."""
+    spec = recipe.model
+    if spec.name == TINY_MODEL_NAME:
+        return builtin_model_config(tokenizer or load_tokenizer(spec))
+    try:
+        return AutoConfig.from_pretrained(_local_or_hub(spec.name), revision=spec.revision,
+                                          trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise DeepfleetError(f"cannot load the config of model {spec.name!r}: {exception_summary(exc)}",
+                             where="model.name",
+                             fix="check the Hub id / local dir, network access and HF_TOKEN for gated models") from None
+
+
+def model_family(recipe: Recipe, config: PretrainedConfig) -> Family:
+    """The model's family, checked against the recipe: packing and LoRA targets (one line each)."""
+    family = family_of(config, model_name=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    check_packing(family, packing=recipe.data.packing)
+    if recipe.method != "full" and recipe.lora.target_modules != "all-linear":
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        check_lora_targets(skeleton, recipe.lora.target_modules, family=family)
+    return family
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of the Linear layers LoRA can target, without the output head."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output})
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str], *, family: Family) -> None:
+    names = linear_layer_names(model)
+    missing = [target for target in targets if target not in names]
+    if missing:
+        raise DeepfleetError(f"LoRA target modules {missing} are not Linear layers of this {family.label} model",
+                             where="lora.target_modules",
+                             fix=f'use "all-linear", or names from this model: {", ".join(names)}')
 
 
 def torch_dtype_for(precision: str) -> torch.dtype:
@@ -79,32 +119,50 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
     never generation, so packed rows may use their own attention implementation."""
     check_method_supported(recipe)
     check_model_source(recipe)
+    config = load_model_config(recipe, tokenizer)
+    family = model_family(recipe, config)
     zero3_config = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
         zero3_config = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(recipe.train.seed)  # same initial weights on every rank
-    attn = attention_implementation(recipe.model.attn_implementation, device_type=device.type,
-                                    packed_rows=for_training and recipe.data.packing)
-    model = _load_base(recipe, tokenizer, attn=attn, precision=precision, device=device)
+    attention = choose_attention(family, requested=recipe.model.attn_implementation, device_type=device.type,
+                                 packed_rows=for_training and recipe.data.packing,
+                                 flash_available=flash_attention_available(device.type))
+    model = _load_base(recipe, config, attn=attention.implementation, precision=precision, device=device)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if recipe.method in ("lora", "qlora"):
         model = _with_lora(model, recipe.lora, quantized=recipe.method == "qlora",
                            gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if zero3_config is not None and family.is_moe:
+        _register_moe_leaves(model, family)
     return BuiltModel(model=model, n_params=count_parameters(model), zero3_config=zero3_config,
-                      n_trainable=count_parameters(model, trainable_only=True))
+                      n_trainable=count_parameters(model, trainable_only=True), family=family, attention=attention)
 
 
-def _load_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, attn: str, precision: str,
+def _register_moe_leaves(model: torch.nn.Module, family: Family) -> None:
+    """ZeRO-3 gathers a leaf module's parameters as one unit: ranks routing tokens to different
+    experts then still fetch the same parameters in the same order, instead of hanging."""
+    from deepspeed.utils import set_z3_leaf_modules
+    classes = list({type(module) for module in model.modules() if type(module).__name__ == family.moe_block})
+    if not classes:
+        raise DeepfleetError(f"this {family.label} model has no {family.moe_block} module to register for ZeRO-3",
+                             where="model.name", fix="use deepspeed.zero: 2 for this model")
+    set_z3_leaf_modules(model, classes)
+
+
+def _local_or_hub(name: str) -> str:
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def _load_base(recipe: Recipe, config: PretrainedConfig, *, attn: str, precision: str,
                device: torch.device) -> PreTrainedModel:
     spec = recipe.model
     dtype = torch_dtype_for(precision)
     if spec.name == TINY_MODEL_NAME:
-        return AutoModelForCausalLM.from_config(builtin_model_config(tokenizer), attn_implementation=attn,
-                                                dtype=dtype)
-    name = str(Path(spec.name).expanduser()) if Path(spec.name).expanduser().is_dir() else spec.name
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code,
                               "attn_implementation": attn, "dtype": dtype}
     if recipe.method == "qlora":
@@ -114,7 +172,7 @@ def _load_base(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, attn: str,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
         kwargs["device_map"] = {"": device}
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(_local_or_hub(spec.name), **kwargs)
     except OSError as exc:
         raise DeepfleetError(f"cannot load model {spec.name!r}: {str(exc).splitlines()[0]}", where="model.name",
                              fix="check the Hub id / local dir, network access and HF_TOKEN for gated models") from None
@@ -133,7 +191,8 @@ def _with_lora(model: PreTrainedModel, spec: LoraSpec, *, quantized: bool,
     except ValueError as exc:
         raise DeepfleetError(f"LoRA target modules do not match this model: {str(exc).splitlines()[0]}",
                              where="lora.target_modules",
-                             fix='use "all-linear" or names of Linear layers such as [q_proj, v_proj]') from None
+                             fix=f'use "all-linear" or names of its Linear layers: {", ".join(linear_layer_names(model))}'
+                             ) from None
 
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:

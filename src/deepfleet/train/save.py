@@ -15,6 +15,8 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
+from deepfleet.train.chat_labels import stop_token_ids
+
 FINAL_DIR = "final"
 BASE_SUBDIR = "base"           # built-in base weights next to a LoRA adapter (they exist nowhere else)
 RUN_INFO_FILE = "deepfleet.json"
@@ -49,6 +51,7 @@ def write_model_dir(module, tokenizer: PreTrainedTokenizerBase, target: Path, *,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        stop_generation_at_turn_end(module, tokenizer)
         if is_lora:
             _save_adapter(module, staging, state_dict=state_dict, base_model_name=base_model_name,
                           save_base_weights=save_base_weights)
@@ -62,6 +65,17 @@ def write_model_dir(module, tokenizer: PreTrainedTokenizerBase, target: Path, *,
         raise
     _replace_dir(staging, target)
     return target
+
+
+def stop_generation_at_turn_end(module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the saved generation_config stop where training taught answers to end, so a plain
+    `model.generate` stops at `<|eot_id|>` / `<|im_end|>` too, not only `deepfleet generate`."""
+    config = getattr(module, "generation_config", None)
+    if config is None:
+        return
+    configured = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    stops = list(dict.fromkeys(token for token in [*configured, *stop_token_ids(tokenizer)] if token is not None))
+    config.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 
 def _save_adapter(module, staging: Path, *, state_dict: dict | None, base_model_name: str,
