@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # pytest's prepend mode does this too; explicit for clarity
+if str(Path(__file__).parent) not in sys.path:  # pytest's prepend import mode adds it too
+    sys.path.insert(0, str(Path(__file__).parent))
 
 from family_models import FamilyModel, build_all, cache_root  # noqa: E402
 

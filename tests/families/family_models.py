@@ -90,15 +90,15 @@ def _rope(theta: float, **extra) -> dict:
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: digits one by one
-_LLAMA_SP = ("<unk>", "<s>", "</s>")
-_MISTRAL_SP = dict(style=SENTENCEPIECE, bos="<s>", eos="</s>", unk="<unk>", leading=(*_LLAMA_SP, "[INST]", "[/INST]"),
-                   adds_bos=True, template_bos=True)
-_QWEN_SP = dict(style=BYTE_LEVEL, eos="<|im_end|>", pad="<|endoftext|>",
-                trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), vocab_multiple=64,
-                split_regex=_QWEN_SPLIT)
-_GEMMA_SP = dict(style=SENTENCEPIECE, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", end_of_turn="<end_of_turn>",
-                 leading=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
-                 adds_bos=True, template_bos=True)
+_LLAMA2_SPECIALS = ("<unk>", "<s>", "</s>")
+_MISTRAL_TOKENS = dict(style=SENTENCEPIECE, bos="<s>", eos="</s>", unk="<unk>",
+                       leading=(*_LLAMA2_SPECIALS, "[INST]", "[/INST]"), adds_bos=True, template_bos=True)
+_QWEN_TOKENS = dict(style=BYTE_LEVEL, eos="<|im_end|>", pad="<|endoftext|>",
+                    trailing=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), vocab_multiple=64,
+                    split_regex=_QWEN_SPLIT)
+_GEMMA_TOKENS = dict(style=SENTENCEPIECE, bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>",
+                     end_of_turn="<end_of_turn>", adds_bos=True, template_bos=True,
+                     leading=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"))
 _INSTRUCTION = dict(style=BYTE_LEVEL, template=T.INSTRUCTION)
 _FALCON_SPECIALS = (">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<", ">>ANSWER<<",
                     ">>QUESTION<<", ">>DOMAIN<<", ">>PREFIX<<", ">>SUFFIX<<", ">>MIDDLE<<", "<|endoftext|>")
@@ -110,30 +110,31 @@ SPECS: dict[str, _Spec] = {
         trailing=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
         adds_bos=True, template_bos=True, vocab_multiple=16, split_regex=_LLAMA3_SPLIT),
     "mistral": _Spec(config=_cfg(transformers.MistralConfig, **_GQA, sliding_window=16),
-                     template=T.MISTRAL, **_MISTRAL_SP),
+                     template=T.MISTRAL, **_MISTRAL_TOKENS),
     "mixtral": _Spec(config=_cfg(transformers.MixtralConfig, **_GQA, num_local_experts=4, num_experts_per_tok=2,
                                  router_aux_loss_coef=0.02, sliding_window=None),
-                     template=T.MIXTRAL, markers=True, **_MISTRAL_SP),
+                     template=T.MIXTRAL, markers=True, **_MISTRAL_TOKENS),
     "qwen2": _Spec(config=_cfg(transformers.Qwen2Config, **_GQA, tie_word_embeddings=True, rope_parameters=_rope(1e6)),
-                   template=T.QWEN2, **_QWEN_SP),
+                   template=T.QWEN2, **_QWEN_TOKENS),
     "qwen2_moe": _Spec(config=_cfg(transformers.Qwen2MoeConfig, **_GQA, num_experts=4, num_experts_per_tok=2,
                                    moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                    router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[]),
-                       template=T.QWEN2_MOE, markers=True, **_QWEN_SP),
+                       template=T.QWEN2_MOE, markers=True, **_QWEN_TOKENS),
     "qwen3": _Spec(config=_cfg(transformers.Qwen3Config, **dict(_GQA, hidden_size=32), head_dim=16,
                                tie_word_embeddings=True, rope_parameters=_rope(1e6)),
-                   template=T.QWEN3, **_QWEN_SP),
-    "gemma": _Spec(config=_cfg(transformers.GemmaConfig, **_GEMMA, num_key_value_heads=1), template=T.GEMMA, **_GEMMA_SP),
+                   template=T.QWEN3, **_QWEN_TOKENS),
+    "gemma": _Spec(config=_cfg(transformers.GemmaConfig, **_GEMMA, num_key_value_heads=1),
+                   template=T.GEMMA, **_GEMMA_TOKENS),
     "gemma2": _Spec(config=_cfg(transformers.Gemma2Config, **_GEMMA, num_key_value_heads=2, sliding_window=16,
                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                                 layer_types=["sliding_attention", "full_attention"]),
-                    template=T.GEMMA, **_GEMMA_SP),
+                    template=T.GEMMA, **_GEMMA_TOKENS),
     "gemma3_text": _Spec(config=_cfg(transformers.Gemma3TextConfig, **_GEMMA, num_key_value_heads=2, sliding_window=16,
                                      layer_types=["sliding_attention", "full_attention"]),
-                         template=T.GEMMA3, markers=True, vocab_multiple=64, **_GEMMA_SP),
+                         template=T.GEMMA3, markers=True, vocab_multiple=64, **_GEMMA_TOKENS),
     "phi3": _Spec(config=_cfg(transformers.Phi3Config, **_GQA, original_max_position_embeddings=MAX_POSITIONS),
                   style=SENTENCEPIECE, template=T.PHI3, bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", unk="<unk>",
-                  end_of_turn="<|end|>", leading=_LLAMA_SP,
+                  end_of_turn="<|end|>", leading=_LLAMA2_SPECIALS,
                   trailing=("<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"),
                   adds_bos=True, template_bos=True, vocab_multiple=64),
     "falcon": _Spec(config=_cfg(transformers.FalconConfig, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -305,6 +306,7 @@ def build_family_model(family: str, root: Path) -> FamilyModel:
         return result
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is readable like any other
     try:
         tokenizer = build_tokenizer(family)
         build_model(family, tokenizer).save_pretrained(tmp, safe_serialization=True)

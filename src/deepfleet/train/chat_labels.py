@@ -117,13 +117,16 @@ def render_with_spans(tokenizer: PreTrainedTokenizerBase, conversations: list[Co
 
 
 def labels_from_offsets(ids: list[int], offsets: list[Span], spans: list[Span]) -> list[int]:
-    """ids where a token starts inside a span, IGNORE_INDEX elsewhere (spans and offsets ascending)."""
+    """ids where a token holds characters of a span, IGNORE_INDEX elsewhere (spans and offsets ascending).
+
+    A token that starts before the answer but holds its first characters (" Paris" after a prompt
+    ending in "Falcon:") is trained, like transformers' own assistant masks do."""
     labels = [IGNORE_INDEX] * len(ids)
     span_index = 0
     for position, (start, end) in enumerate(offsets):
         while span_index < len(spans) and start >= spans[span_index][1]:
             span_index += 1
-        if span_index < len(spans) and spans[span_index][0] <= start and end > start:
+        if span_index < len(spans) and end > spans[span_index][0] and end > start:
             labels[position] = ids[position]
     return labels
 
