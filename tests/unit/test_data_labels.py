@@ -40,7 +40,8 @@ def trained_text(tokenizer, example) -> str:
 def test_subword_tokens_match_plain_tokenization_and_labels_cover_answers(bpe_tokenizer):
     example = tokenize_conversation(bpe_tokenizer, MESSAGES)
     text = bpe_tokenizer.apply_chat_template(MESSAGES, tokenize=False)
-    assert example.input_ids == bpe_tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The template's newline after the last <|im_end|> carries no loss and is dropped.
+    assert example.input_ids == bpe_tokenizer(text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
     assert trained_text(bpe_tokenizer, example) == "Paris is the capital of France.<|im_end|>Rome.<|im_end|>"
     assert "What" not in trained_text(bpe_tokenizer, example)
 

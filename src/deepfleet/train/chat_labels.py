@@ -154,7 +154,13 @@ def turn_end_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         return None
     after = text.rfind(TURN_PROBE)
     ids = tokenizer(text[after + len(TURN_PROBE):], add_special_tokens=False)["input_ids"] if after >= 0 else []
-    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None
+    return ids[0] if ids and is_special_token(tokenizer, ids[0]) else None
+
+
+def is_special_token(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    """A named special token, or an added token marked special (`<|eot_id|>` is only the latter)."""
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -170,7 +176,8 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _end_answers(ids: list[int], labels: list[int], *, stops: set[int], eos: int | None) -> tuple[list[int], list[int]]:
-    """Cut each trained run after its first stop token; close an unclosed final answer with eos."""
+    """Cut each trained run after its first stop token and the sequence after its last trained token
+    (what follows carries no loss); close an unclosed final answer with eos."""
     labels = list(labels)
     stopped = False
     for position, label in enumerate(labels):
@@ -180,7 +187,11 @@ def _end_answers(ids: list[int], labels: list[int], *, stops: set[int], eos: int
             labels[position] = IGNORE_INDEX
         elif ids[position] in stops:
             stopped = True
-    if eos is not None and labels and labels[-1] != IGNORE_INDEX and ids[-1] not in stops:
+    trained = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        return ids, labels
+    ids, labels = ids[:trained[-1] + 1], labels[:trained[-1] + 1]
+    if eos is not None and ids[-1] not in stops:
         ids, labels = [*ids, eos], [*labels, eos]
     return ids, labels
 
