@@ -38,29 +38,9 @@ def parse_memory_size(text: str, option: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def load_model_config(spec: ModelSpec):
-    """The model's config without its weights: built-in, a local HF dir, or a Hub id (config.json only)."""
-    from deepfleet.train.tokenizer import load_tokenizer
-
-    if spec.name == "builtin:tiny":
-        from deepfleet.train.builtin import builtin_model_config
-
-        return builtin_model_config(load_tokenizer(spec))
-    from transformers import AutoConfig
-
-    path = os.path.expanduser(spec.name)
-    if spec.name.startswith((".", "/", "~")) and not os.path.isdir(path):
-        raise DeepfleetError(f"model path {path!r} does not exist or is not a directory", where="model.name",
-                             fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
-    try:
-        return AutoConfig.from_pretrained(os.path.expanduser(spec.name), revision=spec.revision,
-                                          trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise DeepfleetError(f"cannot load the model config of {spec.name!r}: {str(exc).splitlines()[0]}",
-                             where="model.name", fix="point model.name at a local HF model dir or a Hub id") from None
-
-
 def shape_for(recipe: Recipe) -> ModelShape:
+    from deepfleet.train.model import load_model_config
+
     return model_shape_from_config(load_model_config(recipe.model), method=recipe.method, lora_rank=recipe.lora.r,
                                    lora_targets=recipe.lora.target_modules)
 
@@ -251,6 +231,8 @@ def check_ds_config(
     if bf16 is None:  # without a GPU here, a cuda check assumes GPUs with bf16 (pass --no-bf16 for older ones)
         bf16 = accelerator == "cuda" and (not local_gpus or torch.cuda.is_bf16_supported())
     node_count, ranks, _ = _fleet_layout(fleet, nodes, gpus_per_node, local_gpus)
+    from deepfleet.train.model import load_model_config
+
     hidden = load_model_config(loaded.model).hidden_size if recipe else None
     checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded,
                                    world_size=node_count * ranks, accelerator=accelerator, bf16_supported=bf16,

@@ -100,7 +100,7 @@ class AttentionChoice:
     flatten_rows: bool = False          # a micro batch goes in as one row (flash-attn varlen needs batch 1)
 
     def describe(self) -> str:
-        name = "per-sequence sdpa" if self.implementation == PER_SEQUENCE else self.implementation
+        name = "per-sequence (deepfleet)" if self.implementation == PER_SEQUENCE else self.implementation
         if self.block_mask:
             name += " + block mask"
         return name + (" (rows flattened)" if self.flatten_rows else "")

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.pytorch_utils import Conv1D
 
 from deepfleet.errors import DeepfleetError, exception_summary
-from deepfleet.plan.recipe import LoraSpec, Recipe
+from deepfleet.plan.recipe import LoraSpec, ModelSpec, Recipe
 from deepfleet.train.builtin import TINY_MODEL_NAME, builtin_model_config
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train import packed_attention  # noqa: F401  (registers the per-sequence attention)
@@ -66,11 +66,15 @@ def flash_attention_available(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
-def load_model_config(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
-    """The model's HF config (the built-in one needs its tokenizer for the vocabulary)."""
-    spec = recipe.model
+def load_model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The model's config without its weights: built-in (its vocabulary from the tokenizer), a local
+    HF dir, or a Hub id (config.json only)."""
     if spec.name == TINY_MODEL_NAME:
         return builtin_model_config(tokenizer or load_tokenizer(spec))
+    path = Path(spec.name).expanduser()
+    if spec.name.startswith((".", "/", "~")) and not path.is_dir():
+        raise DeepfleetError(f"model path {str(path)!r} does not exist or is not a directory", where="model.name",
+                             fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
     try:
         return AutoConfig.from_pretrained(_local_or_hub(spec.name), revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code)
@@ -119,7 +123,7 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
     never generation, so packed rows may use their own attention implementation."""
     check_method_supported(recipe)
     check_model_source(recipe)
-    config = load_model_config(recipe, tokenizer)
+    config = load_model_config(recipe.model, tokenizer)
     family = model_family(recipe, config)
     zero3_config = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:

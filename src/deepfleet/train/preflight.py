@@ -13,7 +13,7 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.checkpoint import check_resumable, complete_checkpoints, run_fingerprint
-from deepfleet.train.model import check_method_supported, check_model_source
+from deepfleet.train.model import check_method_supported, check_model_source, load_model_config, model_family
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -34,6 +34,19 @@ def data_problems(recipe: Recipe) -> list[Problem]:
             problems.append(Problem(what=f"data file {name!r} is not readable", where=key,
                                     fix=f"chmod +r {name}"))
     return problems
+
+
+def model_family_problems(recipe: Recipe) -> list[Problem]:
+    """The model's family must be one deepfleet trains correctly, with this recipe's packing and LoRA
+    targets. Local dirs and the built-in model are checked here; Hub ids when the ranks load them."""
+    name = recipe.model.name
+    if not name.startswith(BUILTIN_PREFIX) and not (Path(name).expanduser() / "config.json").is_file():
+        return []
+    try:
+        model_family(recipe, load_model_config(recipe.model))
+    except DeepfleetError as exc:
+        return exc.problems
+    return []
 
 
 def checkpoint_bytes(*, total_params: int, trainable_params: int, precision_bytes: int) -> int:
@@ -89,6 +102,8 @@ def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cu
             check()
         except DeepfleetError as exc:
             problems += exc.problems
+    if not problems:
+        problems += model_family_problems(recipe)
     problems += data_problems(recipe)
     problems += output_dir_problems(recipe.output_path, needed_bytes=checkpoint_size)
     problems += resume_problems(recipe, world_size=world_size)
