@@ -31,7 +31,7 @@ class TrainingRun:
 
 # Every family trains once with LoRA under ZeRO-3, and once in full: half under ZeRO-2, half under
 # ZeRO-3 (MoE families under ZeRO-3, where uneven expert routing across ranks matters).
-_FULL_UNDER_ZERO3 = {"mixtral", "qwen2_moe", "qwen3", "gemma2", "phi3", "opt", "gpt2"}
+_FULL_UNDER_ZERO3 = {"mixtral", "qwen2_moe", "qwen3_moe", "qwen3", "gemma2", "phi3", "opt", "gpt2"}
 TRAINING_RUNS: tuple[TrainingRun, ...] = tuple(
     run for family in FAMILIES
     for run in (TrainingRun(family, 3, "lora"), TrainingRun(family, 3 if family in _FULL_UNDER_ZERO3 else 2, "full")))

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 import chat_templates as T
 
-FAMILIES: tuple[str, ...] = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2",
-                             "gemma3_text", "phi3", "falcon", "opt", "bloom", "gpt_neox", "gpt2")
+FAMILIES: tuple[str, ...] = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                             "gemma2", "gemma3_text", "phi3", "falcon", "opt", "bloom", "gpt_neox", "gpt2")
 
 BYTE_LEVEL, SENTENCEPIECE = "byte-level", "sentencepiece"
 MAX_POSITIONS = 1024
@@ -123,6 +123,11 @@ SPECS: dict[str, _Spec] = {
     "qwen3": _Spec(config=_cfg(transformers.Qwen3Config, **dict(_GQA, hidden_size=32), head_dim=16,
                                tie_word_embeddings=True, rope_parameters=_rope(1e6)),
                    template=T.QWEN3, **_QWEN_TOKENS),
+    "qwen3_moe": _Spec(config=_cfg(transformers.Qwen3MoeConfig, **dict(_GQA, hidden_size=32), head_dim=16,
+                                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
+                                   tie_word_embeddings=False, rope_parameters=_rope(1e6)),
+                       template=T.QWEN3, **_QWEN_TOKENS),
     "gemma": _Spec(config=_cfg(transformers.GemmaConfig, **_GEMMA, num_key_value_heads=1),
                    template=T.GEMMA, **_GEMMA_TOKENS),
     "gemma2": _Spec(config=_cfg(transformers.Gemma2Config, **_GEMMA, num_key_value_heads=2, sliding_window=16,

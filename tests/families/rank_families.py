@@ -48,7 +48,9 @@ def main(recipe_paths: list[str]) -> None:
             torch.save(logits, recipe.output_path / "engine_logits.pt")
             (recipe.output_path / "result.json").write_text(json.dumps(
                 {"first_loss": result.first_loss, "last_loss": result.last_loss, "steps": result.steps,
-                 "n_trainable": run.built.n_trainable, "n_params": run.built.n_params}))
+                 "n_trainable": run.built.n_trainable, "n_params": run.built.n_params,
+                 "zero3_leaf_modules": sorted({type(module).__name__ for module in run.engine.module.modules()
+                                               if getattr(module, "_z3_leaf", False)})}))
         del run   # ZeRO-3's HfDeepSpeedConfig is global while referenced
         gc.collect()
 

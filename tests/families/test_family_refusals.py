@@ -50,6 +50,16 @@ def test_remote_code_unless_the_recipe_allows_it(tmp_path, family_models):
                             "model.trust_remote_code", "trust_remote_code: true")
 
 
+def test_remote_code_with_a_model_type_only_its_code_knows(tmp_path):
+    (tmp_path / "custom").mkdir()
+    (tmp_path / "custom" / "config.json").write_text(json.dumps({
+        "model_type": "customlm", "architectures": ["CustomLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomLM"}}))
+    assert_one_line_refusal(run_train(tmp_path, str(tmp_path / "custom")), tmp_path, "own modeling code",
+                            "model.trust_remote_code")
+
+
 def test_bloom_with_packing(tmp_path, family_models):
     line = assert_one_line_refusal(run_train(tmp_path, str(family_models["bloom"].model_dir)), tmp_path,
                                    "BLOOM cannot keep packed sequences apart", "data.packing: false")

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from deepfleet.train.builtin import builtin_task_records
 from deepfleet.train.export import export_checkpoint
-from deepfleet.train.families import FAMILIES
+from deepfleet.train.families import FAMILIES, choose_attention
 from deepfleet.train.generate import chat_prompt, generate_answers, generation_stop_ids, load_for_generation
 from deepfleet.train.metrics import read_metrics
 
@@ -126,9 +126,20 @@ def test_generate_applies_the_chat_template(trained, run):
     assert set(generation_stop_ids(model, tokenizer)) <= set(stops)
 
 
+@pytest.mark.parametrize("run", TRAINING_RUNS, ids=lambda run: run.name)
+def test_run_header_names_the_family_and_its_attention(trained, run):
+    family = FAMILIES[run.family]
+    choice = choose_attention(family, requested="auto", device_type="cpu", packed_rows=family.packing != "refused",
+                              flash_available=False)
+    header = f"{run.method} | ZeRO-{run.zero} | 2 ranks on cpu | {family.label}, attention {choice.describe()}"
+    assert header in (trained / "torchrun.log").read_text()
+
+
 @pytest.mark.parametrize("family", [name for name, family in FAMILIES.items() if family.is_moe])
 def test_moe_experts_were_routed_differently_on_each_rank_under_zero3(trained, family):
     run = next(run for run in TRAINING_RUNS if run.family == family and run.zero == 3 and run.method == "full")
+    result = json.loads((trained / run.name / "result.json").read_text())
+    assert result["zero3_leaf_modules"] == [FAMILIES[family].moe_block]
     per_rank = [json.loads((trained / run.name / f"routing-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert per_rank[0].keys() == per_rank[1].keys() and per_rank[0]
     assert any(per_rank[0][layer] != per_rank[1][layer] for layer in per_rank[0]), per_rank

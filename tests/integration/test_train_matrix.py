@@ -45,11 +45,12 @@ def matrix(tmp_path_factory) -> Path:
             deepspeed={"zero": stage}, logging={"peak_tflops": 0.05}, checkpoint={"every_steps": STEPS},
             output_dir=str(combo_dir(root, stage, method))))
     # LoRA on a local HF model dir (the ZeRO-2 full run's output, saved before this one starts),
-    # with gradient checkpointing; the loss must fall from where the full run left it.
+    # with gradient checkpointing; the loss must fall from where the full run left it. Twice the
+    # steps: a rank-16 adapter on a barely trained model moves the loss by less than its noise in 10.
     recipes.append(write_recipe(
         root / "local-lora.yaml", model=str(combo_dir(root, 2, "full") / "final"), method="lora",
         data={"train": [str(train)], "max_length": 128},
-        train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 4, "warmup": 2, "lr": 1e-2, "seed": 3,
+        train={"max_steps": 2 * STEPS, "global_batch": 8, "micro_batch": 4, "warmup": 2, "lr": 1e-2, "seed": 3,
                "gradient_checkpointing": True},
         deepspeed={"zero": 2}, logging={"peak_tflops": 0.05, "tensorboard": False},
         output_dir=str(root / "local-lora")))
@@ -128,7 +129,7 @@ def test_generate_from_a_lora_adapter_dir(matrix):
 def test_lora_on_a_local_model_dir_with_gradient_checkpointing(matrix):
     out = matrix / "local-lora"
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
-    assert len(losses) == STEPS and sum(losses[-3:]) < sum(losses[:3]) - 0.05, losses
+    assert len(losses) == 2 * STEPS and sum(losses[-3:]) < sum(losses[:3]) - 0.05, losses
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(combo_dir(matrix, 2, "full") / "final")
     assert not (out / "final" / "base").exists()  # a real base model is referenced, not copied

@@ -49,6 +49,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family(model_type="qwen2", label="Qwen2/2.5", packing="position_ids"),
     Family(model_type="qwen2_moe", label="Qwen2-MoE", packing="position_ids", moe_block="Qwen2MoeSparseMoeBlock"),
     Family(model_type="qwen3", label="Qwen3", packing="position_ids"),
+    Family(model_type="qwen3_moe", label="Qwen3-MoE", packing="position_ids", moe_block="Qwen3MoeSparseMoeBlock"),
     Family(model_type="gemma", label="Gemma", packing="position_ids"),
     # Logit soft-capping: no sdpa in transformers; the per-sequence kernel and eager apply it.
     Family(model_type="gemma2", label="Gemma 2", packing="position_ids", sdpa=False),
@@ -74,10 +75,7 @@ def family_of(config: Any, *, model_name: str, trust_remote_code: bool) -> Famil
     """The family of an HF config, or a one-line DeepfleetError for code or architectures not proven here."""
     model_type = getattr(config, "model_type", None) or "unknown"
     if getattr(config, "auto_map", None) and not trust_remote_code:
-        raise DeepfleetError(f"model {model_name!r} ships its own modeling code (auto_map in config.json), "
-                             "which runs only with model.trust_remote_code: true",
-                             where="model.trust_remote_code",
-                             fix="set model.trust_remote_code: true if you trust that code (it runs on every host)")
+        raise remote_code_refusal(model_name)
     family = FAMILIES.get(model_type)
     if family is None:
         architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
@@ -85,6 +83,12 @@ def family_of(config: Any, *, model_name: str, trust_remote_code: bool) -> Famil
                              "it trains correctly", where="model.name",
                              fix=f"use a model of a supported family: {supported_list()}")
     return family
+
+
+def remote_code_refusal(model_name: str) -> DeepfleetError:
+    return DeepfleetError(f"model {model_name!r} ships its own modeling code (auto_map in config.json), "
+                          "which runs only with model.trust_remote_code: true", where="model.trust_remote_code",
+                          fix="set model.trust_remote_code: true if you trust that code (it runs on every host)")
 
 
 def check_packing(family: Family, *, packing: bool) -> None:

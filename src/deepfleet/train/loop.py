@@ -149,7 +149,7 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
             norm_before_step = _local_grad_norm(engine)
         engine.step()
         loss_sum += output.loss.detach().float().item()
-        if getattr(output, "aux_loss", None) is not None:
+        if run.built.family.is_moe:
             aux_sum += float(output.aux_loss)
         real_tokens += batch.real_tokens
     synchronize(device)
@@ -315,13 +315,13 @@ def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter |
 
 
 def _startup_line(run: TrainingRun) -> str:
-    recipe, report = run.recipe, run.report
+    recipe, report, built = run.recipe, run.report, run.built
     stage = run.ds_config["zero_optimization"]["stage"]
+    model = f"{built.family.label}, attention {built.attention.describe()}"
+    if built.family.is_moe:
+        model += f", router aux loss x {built.model.config.router_aux_loss_coef:g}"
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "
-            f"{run.device.accelerator} | {run.built.family.label}, attention {run.built.attention.describe()}"
-            + (f", router aux loss x {run.built.model.config.router_aux_loss_coef:g}" if run.built.family.is_moe else "")
-            + " | "
-            f"{run.built.n_params:,} params ({run.built.n_trainable:,} trainable) | "
+            f"{run.device.accelerator} | {model} | {built.n_params:,} params ({built.n_trainable:,} trainable) | "
             f"{report.n_train} train / {report.n_validation} validation examples ({report.format}) | "
             f"{run.total_steps} steps of {recipe.train.global_batch} rows"
             + (f" | warning: {report.n_truncated} sequences truncated to data.max_length {report.max_length}"

@@ -20,7 +20,8 @@ from deepfleet.plan.recipe import LoraSpec, ModelSpec, Recipe
 from deepfleet.train.builtin import TINY_MODEL_NAME, builtin_model_config
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train import packed_attention  # noqa: F401  (registers the per-sequence attention)
-from deepfleet.train.families import AttentionChoice, Family, check_packing, choose_attention, family_of
+from deepfleet.train.families import (AttentionChoice, Family, check_packing, choose_attention, family_of,
+                                      remote_code_refusal)
 
 
 @dataclass(kw_only=True)
@@ -78,10 +79,18 @@ def load_model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None
     try:
         return AutoConfig.from_pretrained(_local_or_hub(spec.name), revision=spec.revision,
                                           trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise DeepfleetError(f"cannot load the config of model {spec.name!r}: {exception_summary(exc)}",
-                             where="model.name",
-                             fix="check the Hub id / local dir, network access and HF_TOKEN for gated models") from None
+    except ValueError as exc:
+        if not spec.trust_remote_code and "trust_remote_code" in str(exc):   # a model_type only its own code knows
+            raise remote_code_refusal(spec.name) from None
+        raise _config_error(spec, exc) from None
+    except OSError as exc:
+        raise _config_error(spec, exc) from None
+
+
+def _config_error(spec: ModelSpec, exc: Exception) -> DeepfleetError:
+    return DeepfleetError(f"cannot load the config of model {spec.name!r}: {exception_summary(exc)}",
+                          where="model.name",
+                          fix="check the Hub id / local dir, network access and HF_TOKEN for gated models")
 
 
 def model_family(recipe: Recipe, config: PretrainedConfig) -> Family:
@@ -193,9 +202,9 @@ def _with_lora(model: PreTrainedModel, spec: LoraSpec, *, quantized: bool,
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
+        names = ", ".join(linear_layer_names(model))
         raise DeepfleetError(f"LoRA target modules do not match this model: {str(exc).splitlines()[0]}",
-                             where="lora.target_modules",
-                             fix=f'use "all-linear" or names of its Linear layers: {", ".join(linear_layer_names(model))}'
+                             where="lora.target_modules", fix=f'use "all-linear" or names of its Linear layers: {names}'
                              ) from None
 
 
