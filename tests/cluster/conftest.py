@@ -27,10 +27,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cluster_support import FAKE_DEEPSPEED_VERSION, skip_or_fail  # noqa: E402
 from namespace_cluster import (Cluster, HostSpec, build_cluster, firewall_port,  # noqa: E402
                                firewall_tool, missing_prerequisites, teardown_cluster)
 
-FAKE_DEEPSPEED_VERSION = "0.14.0"
 FAULT_HOSTS = [
     HostSpec(name="h1"), HostSpec(name="h2"), HostSpec(name="h3"),
     HostSpec(name="down", sshd=False),
@@ -45,13 +45,6 @@ def require_cluster_prerequisites() -> None:
     reason = missing_prerequisites()
     if reason is not None:
         skip_or_fail(reason)
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip with the reason; under CI=true a missing prerequisite is a failure instead."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"cluster prerequisite missing under CI=true: {reason}")
-    pytest.skip(f"namespace cluster unavailable: {reason}")
 
 
 def _netns_names() -> set[str]:

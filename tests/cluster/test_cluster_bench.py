@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_or_fail
+from cluster_support import skip_or_fail
 from namespace_cluster import fleet_yaml_text
 from plain_all_reduce import iperf3_bits_per_second, plain_all_reduce_seconds
 

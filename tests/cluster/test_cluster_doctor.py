@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE_DEEPSPEED_VERSION, skip_or_fail
+from cluster_support import FAKE_DEEPSPEED_VERSION, skip_or_fail
 from namespace_cluster import firewall_tool, fleet_for, fleet_yaml_text
 
 from deepfleet.fleet.doctor import DoctorOptions, run_doctor
