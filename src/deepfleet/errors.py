@@ -11,7 +11,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-EXIT_BAD_INPUT = 2
+from deepfleet.contract import EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True, kw_only=True)

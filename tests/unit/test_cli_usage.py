@@ -53,7 +53,7 @@ def test_output_paths_are_checked_before_any_work(monkeypatch, capsys, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts"]
 
 
-DEMO = str(Path(__file__).resolve().parents[2] / "examples" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "src" / "deepfleet" / "assets" / "demo.yaml")
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -7,8 +7,9 @@ import yaml
 
 from deepfleet.plan.recipe_io import load_recipe
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RECIPES = sorted(p for p in EXAMPLES.rglob("*.y*ml"))
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+RECIPES = sorted([*EXAMPLES.rglob("*.y*ml"), *(REPO / "src" / "deepfleet" / "assets").rglob("*.y*ml")])
 
 
 def test_examples_exist():
@@ -16,7 +17,7 @@ def test_examples_exist():
     assert len(RECIPES) >= 2
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_example_recipe_parses(path):
     recipe = load_recipe(path)
     assert recipe.output_dir

@@ -2,8 +2,8 @@ import pytest
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.fleet_yaml import parse_fleet_yaml, render_fleet_yaml
-from deepfleet.fleet.inventory import (expand_nodelist, hosts_from_names, parse_hostfile, parse_pbs_nodefile,
-                                       render_hostfile, resolve_fleet)
+from deepfleet.fleet.inventory import hosts_from_names, render_hostfile
+from deepfleet.fleet.sources import expand_nodelist, parse_hostfile, parse_pbs_nodefile, resolve_fleet
 
 
 def problems(function, *args):
@@ -123,7 +123,7 @@ def test_non_utf8_hostfile_is_one_error(tmp_path):
     hostfile.write_bytes(b"gpu1 slots=1\n\xff\xfe\n")
     with pytest.raises(DeepfleetError) as info:
         resolve_fleet(hostfile=str(hostfile))
-    assert [p.render() for p in info.value.problems] == [f"{hostfile}: hostfile is not UTF-8 text (byte 13) (fix: save it as UTF-8 text)"]
+    assert [p.render() for p in info.value.problems] == [f"{hostfile}:2: hostfile is not UTF-8 text (byte 0xff) (fix: save it as UTF-8 text)"]
 
 
 @pytest.mark.parametrize("name, message", [

@@ -55,7 +55,7 @@ def comm(
 
     from deepfleet.bench.comm_render import comm_table, plot_comm, summary_line
     from deepfleet.bench.comm_run import CommOptions, ranks_per_host, run_comm_benchmark
-    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.sources import resolve_fleet
 
     resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -89,7 +89,7 @@ def train(
     from deepfleet.bench.scaling import parse_node_counts
     from deepfleet.bench.scaling_render import plot_scaling, scaling_json, scaling_table
     from deepfleet.bench.train_run import ScalingOptions, run_scaling_benchmark
-    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.plan.recipe_io import load_recipe
 
     resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)

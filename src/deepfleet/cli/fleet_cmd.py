@@ -16,7 +16,8 @@ from rich.table import Table
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.discover import discover_hosts
 from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
-from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile, resolve_fleet
+from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile
+from deepfleet.fleet.sources import resolve_fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.fleet.ssh_setup import HEAD, SetupOptions, SetupReport, run_ssh_setup
 from deepfleet.env_vars import masked

@@ -33,7 +33,7 @@ def launch(
     backend: Backend = typer.Option(Backend.torchrun, "--backend", help="torchrun (supervised), deepspeed, slurm, manual"),
 ) -> None:
     """Run CMD on every host of the fleet under torchrun, supervised (see `deepfleet launch --help`)."""
-    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.fleet.ssh import options_for
     from deepfleet.launch.job import LaunchSettings
     from deepfleet.launch.backends import manual_commands

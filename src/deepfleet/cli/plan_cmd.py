@@ -53,7 +53,7 @@ def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node
                   local_gpus: int) -> tuple[int, int, bool]:
     """(nodes, ranks per node, is it this machine alone) from --nodes/--gpus-per-node, else the fleet
     (--fleet, ./fleet.yaml, SLURM, PBS; the fleet developer's loader), else this machine."""
-    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.launch.local import default_nproc
 
     if fleet_file and nodes:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_ru
 from deepfleet.plan.recipe import Recipe
 from deepfleet.plan.recipe_io import load_recipe
 
-DEMO_RECIPE = Path(__file__).resolve().parents[3] / "examples" / "demo.yaml"
+DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
 TRAIN_LOG_FILE = "train.log"
 
 
@@ -121,7 +122,7 @@ def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
 
 def _train_on_fleet(recipe: Recipe, fleet_file: Optional[str], hostfile: Optional[str], *, nproc: Optional[int],
                     max_restarts: int, hang_timeout: float, all_logs: bool, dry_run: bool) -> int:
-    from deepfleet.fleet.inventory import resolve_fleet
+    from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.launch.training import fleet_world_size, train_on_fleet
     from deepfleet.train.preflight import check_before_launch
 
@@ -196,7 +197,7 @@ def generate(
 
 
 def demo(
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of examples/demo.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the demo recipe (deepfleet/assets/demo.yaml)"),
     nproc: int = typer.Option(2, "--nproc", min=1, help="Local ranks"),
     heldout: int = typer.Option(100, "--heldout", min=1, help="Held-out prompts to score"),
 ) -> None:

@@ -24,9 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean
-from deepfleet.fleet.inventory import (DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique,
-                                       read_text, validate_host)
-from deepfleet.plan.recipe_io import KeyPath, key_lines, load_yaml, yaml_error
+from deepfleet.fleet.inventory import DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique, validate_host
+from deepfleet.user_text import KeyPath, key_lines, line_of, load_yaml, read_user_text, yaml_error
 
 
 class _Section(BaseModel):
@@ -82,13 +81,9 @@ class FleetFile(_Section):
 _SECTIONS: dict[KeyPath, type[BaseModel]] = {(): FleetFile, ("defaults",): HostDefaults, ("ssh",): SshSection}
 
 
-def _line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
-    return next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
-
-
 def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
     loc = tuple(str(p) for p in error["loc"])
-    line = _line_of(loc, lines)
+    line = line_of(loc, lines)
     where = f"{source}:{line}" if line else source
     key_path = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
@@ -150,7 +145,7 @@ def _expand(path: Optional[str]) -> Optional[str]:
 
 
 def load_fleet_yaml(path: Path) -> Fleet:
-    return parse_fleet_yaml(read_text(path, "fleet file"), str(path))
+    return parse_fleet_yaml(read_user_text(path, "fleet file"), str(path))
 
 
 def render_fleet_yaml(fleet: Fleet) -> str:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-# torchrun prefixes each line of a rank's output with its global rank, e.g. "[3]:..."
-RANK_PREFIX_TEMPLATE = "[${rank}]:"
+from deepfleet.contract import RANK_PREFIX_ENV, RANK_PREFIX_TEMPLATE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,4 +59,4 @@ def agent_argv(job: JobSpec, *, node_rank: int) -> list[str]:
 
 def agent_env(job: JobSpec) -> dict[str, str]:
     """Environment for the agent's child: the job env plus what torchrun needs for rank-prefixed output."""
-    return {**job.env, "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": RANK_PREFIX_TEMPLATE, "PYTHONUNBUFFERED": "1"}
+    return {**job.env, RANK_PREFIX_ENV: RANK_PREFIX_TEMPLATE, "PYTHONUNBUFFERED": "1"}

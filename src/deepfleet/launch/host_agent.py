@@ -29,21 +29,20 @@ import threading
 import time
 from pathlib import Path
 
-EVENT_PREFIX = "@@deepfleet "
-JOB_ENV = "DEEPFLEET_JOB_ID"
-HEARTBEAT_ENV = "DEEPFLEET_HEARTBEAT_DIR"
-EXIT_LIFELINE_LOST = 76   # not 75: that is the training program's "preempted, resumable"
+from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_LIFELINE_LOST, HEARTBEAT_DIR_ENV, JOB_ID_ENV, heartbeat_rank,
+                                heartbeat_step)
+
 KILL_GRACE_SECONDS = 3.0
 
 
 def emit(event: str, **fields) -> None:
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.write(AGENT_EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 
 
 def job_pids(job_id: str) -> list[int]:
     """Every process on this host whose environment carries this job's id (survives re-parenting and setsid)."""
-    marker = f"{JOB_ENV}={job_id}".encode()
+    marker = f"{JOB_ID_ENV}={job_id}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -80,10 +79,12 @@ def heartbeats(directory: Path) -> dict[str, dict]:
     """{rank: {"step": n, "age": seconds}} from the files ranks rewrite each step."""
     now = time.time()
     result = {}
-    for path in directory.glob("rank-*"):
+    for path in directory.iterdir():
+        rank = heartbeat_rank(path.name)
+        if rank is None:      # the rank's temporary file while it replaces its heartbeat
+            continue
         try:
-            step = int(path.read_text().split()[0])
-            result[path.name.removeprefix("rank-")] = {"step": step, "age": round(now - path.stat().st_mtime, 1)}
+            result[rank] = {"step": heartbeat_step(path.read_text()), "age": round(now - path.stat().st_mtime, 1)}
         except (OSError, ValueError, IndexError):
             continue
     return result
@@ -131,7 +132,7 @@ def pump_output(stream, out) -> None:
 def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None, lifeline_timeout: float,
         grace: float, heartbeat_seconds: float) -> int:
     heartbeat_dir = Path(tempfile.mkdtemp(prefix=f"deepfleet-hb-{job_id}-"))
-    child_env = {**os.environ, **env, JOB_ENV: job_id, HEARTBEAT_ENV: str(heartbeat_dir)}
+    child_env = {**os.environ, **env, JOB_ID_ENV: job_id, HEARTBEAT_DIR_ENV: str(heartbeat_dir)}
     lifeline = Lifeline()
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
     # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.

@@ -21,17 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from deepfleet.contract import ERRORS_SUBDIR, EXIT_PREEMPTED, PREEMPTED_FILE, RUN_DIR_ENV, RUNS_ROOT_ENV
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.env_vars import masked
 
-# Shared with the rank program (train/preemption.py); launch/ does not import train/.
-EXIT_PREEMPTED = 75
-PREEMPTED_FILE = "preempted.json"
-
-RUNS_ROOT_ENV = "DEEPFLEET_RUNS_ROOT"   # where run dirs go; default ~/.cache/deepfleet/runs
 RECIPE_FILE = "recipe.json"
 LOG_FILE = "torchrun.log"
-ERRORS_SUBDIR = "errors"
 DEFAULT_CPU_RANKS = 2
 STOP_GRACE_SECONDS = 60   # Ctrl-C/SIGTERM -> SIGKILL: time for the ranks to finish the step and checkpoint
 
@@ -73,7 +68,7 @@ def local_torchrun_command(launch: LocalLaunch) -> tuple[list[str], dict[str, st
             "--master-addr=127.0.0.1", "--master-port=0", f"--nproc-per-node={launch.nproc}",
             # torchrun SIGKILLs its workers 30 s after it is signalled unless told otherwise.
             f"--shutdown-timeout={STOP_GRACE_SECONDS}", "--no-python", *rank_command(launch.python, launch.recipe_file)]
-    env = {"DEEPFLEET_RUN_DIR": str(launch.run_dir),
+    env = {RUN_DIR_ENV: str(launch.run_dir),
            **({"OMP_NUM_THREADS": str(launch.cpu_threads)} if launch.cpu_threads else {}),
            **launch.extra_env}
     return argv, env

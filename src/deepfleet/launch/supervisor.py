@@ -25,16 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deepfleet.errors import EXIT_BAD_INPUT
-from deepfleet.launch.host_agent import EVENT_PREFIX
-from deepfleet.train.preemption import EXIT_PREEMPTED
+from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPTED, RANK_ERROR_LINE, RANK_LINE,
+                                RANK_PREEMPTED_LINE)
 
 SSH_FAILED = 255
-RANK_LINE = re.compile(r"^\[(\d+)\]:")
-# What a rank of the training program prints after its preemption checkpoint is complete.
-PREEMPTED_LINE = re.compile(r"^\[\d+\]:preempted: ")
-# What a rank of the training program prints for bad input (a DeepfleetError): exit 2, no restart.
-RANK_ERROR_LINE = re.compile(r"^\[(\d+)\]:(error: .*)$")
 OUTPUT_LINE_LIMIT = 1 << 20   # longer lines (tqdm's \r updates on one line) lose their start, not the log
 # torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
 ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
@@ -197,13 +191,13 @@ class Supervisor:
             async for raw in _lines(host.proc.stdout):
                 host.last_event = time.monotonic()
                 line = raw.decode(errors="replace").rstrip("\n")
-                if line.startswith(EVENT_PREFIX):
-                    self._on_event(host, json.loads(line[len(EVENT_PREFIX):]))
+                if line.startswith(AGENT_EVENT_PREFIX):
+                    self._on_event(host, json.loads(line[len(AGENT_EVENT_PREFIX):]))
                     continue
                 log.write(line + "\n")
                 log.flush()
                 host.tail.append(line)
-                host.preempted = host.preempted or bool(PREEMPTED_LINE.match(line))
+                host.preempted = host.preempted or bool(RANK_PREEMPTED_LINE.match(line))
                 if error := RANK_ERROR_LINE.match(line):
                     host.rank_errors.append(error.group(2))
                 rank = RANK_LINE.match(line)

@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+from deepfleet.contract import RECIPE_ENV, TRAIN_MODULE
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.launch.job import LaunchSettings
 from deepfleet.launch.run import RunOptions, detect_interface, plan_for, run_with_restarts
 
-RECIPE_ENV = "DEEPFLEET_RECIPE"   # read by `python -m deepfleet.train` when --recipe is not given
-TRAIN_COMMAND = ["python", "-m", "deepfleet.train"]
+TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE]
 
 
 def fleet_world_size(fleet: Fleet, nproc_per_node: int | None) -> int:

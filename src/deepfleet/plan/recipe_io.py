@@ -10,69 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
 from deepfleet.plan.recipe import SECTION_SHORTHANDS, Recipe
-
-KeyPath = tuple[str, ...]
-
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    pass
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *defaults` may be overridden key by key
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = first_lines.get(key)
-            except TypeError:   # an unhashable key: PyYAML reports it below
-                continue
-            if first is not None:
-                raise DuplicateKeyError(None, None, f"duplicate key {key} (first on line {first})",
-                                        key_node.start_mark)
-            first_lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str) -> Any:
-    """yaml.safe_load, except that a duplicate key is an error."""
-    return yaml.load(text, Loader=UniqueKeyLoader)
-
-
-def yaml_error(exc: yaml.YAMLError, source: str) -> DeepfleetError:
-    """A YAML syntax error (or duplicate key) as one line at file:line."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{source}:{mark.line + 1}" if mark else source
-    if isinstance(exc, DuplicateKeyError):
-        return DeepfleetError(str(exc.problem), where=where, fix="keep only one of the two")
-    return DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
-                          fix="check indentation and quoting on that line")
-
-
-def key_lines(text: str) -> dict[KeyPath, int]:
-    """Map each mapping key path in a YAML document to its 1-based line number."""
-    lines: dict[KeyPath, int] = {}
-
-    def walk(node: yaml.Node, path: KeyPath) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                child = path + (str(key_node.value),)
-                lines[child] = key_node.start_mark.line + 1
-                walk(value_node, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[path + (str(index),)] = item.start_mark.line + 1
-                walk(item, path + (str(index),))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, ())
-    return lines
-
+from deepfleet.user_text import KeyPath, key_lines, line_of, load_yaml, yaml_error
 
 def _override_parts(item: str) -> tuple[KeyPath, str]:
     """`a.b=value` -> (("a", "b"), "value")."""
@@ -140,7 +78,7 @@ def _where(loc: KeyPath, source: str, lines: dict[KeyPath, int], overridden: dic
     item = _override_of(loc, overridden, lines)
     if item is not None:
         return f"command line ({item})"
-    line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+    line = line_of(loc, lines)
     return f"{source}:{line}" if line else source
 
 

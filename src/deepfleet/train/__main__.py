@@ -14,8 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-ERRORS_SUBDIR = "errors"
-RECIPE_ENV = "DEEPFLEET_RECIPE"
+from deepfleet.contract import ERRORS_SUBDIR, EXIT_PREEMPTED, PREEMPTED_FILE, RECIPE_ENV, preempted_line
 
 
 def claim_console() -> "object":
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepfleet.errors import DeepfleetError
     from deepfleet.train.distributed import RankEnv
-    from deepfleet.train.preemption import EXIT_PREEMPTED, PREEMPTED_FILE, Preempted
+    from deepfleet.train.preemption import Preempted
 
     rank_env = RankEnv.from_environ()
     try:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank_env.is_main and rank_env.run_dir is not None:
             (rank_env.run_dir / PREEMPTED_FILE).write_text(
                 json.dumps({"step": stop.step, "checkpoint": str(stop.checkpoint)}) + "\n")
-        print(f"preempted: {stop}", file=sys.stderr)
+        print(preempted_line(stop.step, str(stop.checkpoint)), file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
 

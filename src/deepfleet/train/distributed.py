@@ -11,8 +11,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-RUN_DIR_ENV = "DEEPFLEET_RUN_DIR"              # per-run state dir of the launcher (error files, logs)
-HEARTBEAT_DIR_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # where each rank touches rank-<RANK> with its step
+from deepfleet.contract import HEARTBEAT_DIR_ENV, RUN_DIR_ENV
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from deepfleet.contract import HEARTBEAT_BUSY_STEP, heartbeat_file_name, heartbeat_text
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -65,14 +67,14 @@ class Heartbeat:
     """Writes `<step> <unix time>` to $DEEPFLEET_HEARTBEAT_DIR/rank-<RANK>, for the launcher's supervisor."""
 
     def __init__(self, directory: str | None, rank: int, every_seconds: float):
-        self.path = Path(directory) / f"rank-{rank}" if directory else None
+        self.path = Path(directory) / heartbeat_file_name(rank) if directory else None
         self.every_seconds = every_seconds
         self.last = 0.0
 
     def busy(self) -> None:
         """Step -1 while a rank starts, saves or validates: the supervisor's longer startup timeout applies,
         so a save of a large model is not mistaken for a hang."""
-        self.beat(-1, force=True)
+        self.beat(HEARTBEAT_BUSY_STEP, force=True)
 
     def beat(self, step: int, *, force: bool = False) -> None:
         now = time.time()
@@ -80,7 +82,7 @@ class Heartbeat:
             return
         self.last = now
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(f"{step} {now:.3f}\n")
+        tmp.write_text(heartbeat_text(step, now))
         os.replace(tmp, self.path)
 
 

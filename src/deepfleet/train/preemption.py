@@ -9,9 +9,6 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-EXIT_PREEMPTED = 75          # "resumable": a checkpoint was written; run the same command again
-PREEMPTED_FILE = "preempted.json"
-
 
 class StopRequest:
     def __init__(self, signal_name: str):
@@ -27,7 +24,7 @@ class StopRequest:
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is complete; the rank exits with EXIT_PREEMPTED."""
+    """Raised after the preemption checkpoint is complete; the rank exits with `contract.EXIT_PREEMPTED`."""
 
     def __init__(self, step: int, checkpoint: Path):
         self.step = step

@@ -1,0 +1,88 @@
+"""User-written text (recipes, fleet.yaml, DeepSpeed configs): YAML that refuses duplicate keys,
+and the line of each key, so every problem can be reported at file:line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepfleet.errors import DeepfleetError, not_utf8
+
+KeyPath = tuple[str, ...]
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A user's file as text; unreadable or non-UTF-8 is one error naming the file (and the line)."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")   # a byte-order mark is fine
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path), fix="check the path") from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, what, fix="save it as UTF-8 text") from None
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *defaults` may be overridden key by key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:   # an unhashable key: PyYAML reports it below
+                continue
+            if first is not None:
+                raise DuplicateKeyError(None, None, f"duplicate key {key} (first on line {first})",
+                                        key_node.start_mark)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a duplicate key is an error."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def yaml_error(exc: yaml.YAMLError, source: str) -> DeepfleetError:
+    """A YAML syntax error (or duplicate key) as one line at file:line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    if isinstance(exc, DuplicateKeyError):
+        return DeepfleetError(str(exc.problem), where=where, fix="keep only one of the two")
+    return DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
+                          fix="check indentation and quoting on that line")
+
+
+def key_lines(text: str) -> dict[KeyPath, int]:
+    """Map each mapping key path in a YAML document to its 1-based line number."""
+    lines: dict[KeyPath, int] = {}
+
+    def walk(node: yaml.Node, path: KeyPath) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (str(key_node.value),)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (str(index),)] = item.start_mark.line + 1
+                walk(item, path + (str(index),))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def line_of(path: KeyPath, lines: dict[KeyPath, int]) -> int | None:
+    """The line of `path`, or of its nearest parent that has one."""
+    return next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
