@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from deepfleet import hardware
 from deepfleet.bench.scaling import NodeResult, summarize, with_efficiency
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, with_hosts
@@ -63,7 +64,7 @@ def run_scaling_benchmark(recipe: Recipe, fleet: Fleet, options: ScalingOptions,
         threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=ranks_per_host)
         code = train_on_fleet(part, recipe_json=recipe_json, recipe_env=recipe.env,
                               output_dir=count_recipe.output_path, nproc_per_node=options.nproc_per_node,
-                              cpu_threads=None if _has_gpus() else threads, max_restarts=0,
+                              cpu_threads=None if hardware.gpu_count() else threads, max_restarts=0,
                               hang_timeout=options.hang_timeout, all_logs=False, dry_run=False)
         if code != 0:
             raise DeepfleetError(f"training on {nodes} node(s) failed (exit {code})",
@@ -81,7 +82,3 @@ def metrics_path(recipe: Recipe) -> Path:
                              fix="run bench train from the first host of the fleet (rank 0 writes metrics there)")
     return path
 
-
-def _has_gpus() -> bool:
-    import torch
-    return torch.cuda.is_available()

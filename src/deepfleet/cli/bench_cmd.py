@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from deepfleet.bench.comm import DEFAULT_SIZES, OPERATIONS, parse_sizes
+from deepfleet import hardware
 from deepfleet.errors import DeepfleetError
 
 bench_app = typer.Typer(help="Bus bandwidth of the collectives; tokens/s, MFU and scaling efficiency.",
@@ -51,14 +52,12 @@ def comm(
     run_dir: Path = typer.Option(Path("runs/bench"), "--run-dir", file_okay=False, help="where per-host logs go"),
 ) -> None:
     """All-reduce, all-gather and reduce-scatter across the fleet: algbw and busbw per size."""
-    import torch
-
     from deepfleet.bench.comm_render import comm_table, plot_comm, summary_line
     from deepfleet.bench.comm_run import CommOptions, ranks_per_host, run_comm_benchmark
     from deepfleet.fleet.sources import resolve_fleet
 
     resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = hardware.gpu_count()
     options = CommOptions(sizes=parse_sizes(sizes), operations=_operations(ops), run_dir=run_dir,
                           budget_seconds=budget, deadline_seconds=deadline,
                           nproc_per_node=ranks_per_host(resolved, nproc_per_node, gpus=gpus))

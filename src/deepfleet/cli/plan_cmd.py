@@ -15,16 +15,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepfleet import hardware
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.choose import FleetShape, Plan, PlanRow
-from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, check_deepspeed_json, resolve_run_config
+from deepfleet.plan.deepspeed_config import (ResolvedDeepSpeedConfig, check_deepspeed_json, planning_steps,
+                                             resolve_run_config)
 from deepfleet.plan.deepspeed_user_config import read_deepspeed_json
 from deepfleet.plan.memory import OFFLOADS, STAGES, ModelShape, model_shape_from_config
-from deepfleet.plan.recipe import ModelSpec, Recipe
+from deepfleet.plan.recipe import Recipe
 from deepfleet.plan.recipe_io import load_recipe
 
 GiB = 2**30
-STEPS_WHEN_UNKNOWN = 1000   # the scheduler's step counts are computed from the data at launch
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -43,10 +44,6 @@ def shape_for(recipe: Recipe) -> ModelShape:
 
     return model_shape_from_config(load_model_config(recipe.model), method=recipe.method, lora_rank=recipe.lora.r,
                                    lora_targets=recipe.lora.target_modules)
-
-
-def _host_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
@@ -76,22 +73,21 @@ def fleet_shape(*, fleet_file: Optional[str], nodes: Optional[int], gpus_per_nod
                 gpu_mem: Optional[str], host_mem: Optional[str], link_gbps: Optional[float],
                 bf16: Optional[bool]) -> FleetShape:
     """The fleet to plan for: options first, else this machine (GPUs, or CPU ranks in host RAM)."""
-    import torch
-
-    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_gpus = hardware.gpu_count()
     node_count, ranks, local_only = _fleet_layout(fleet_file, nodes, gpus_per_node, local_gpus)
-    host_bytes = parse_memory_size(host_mem, "--host-mem") if host_mem else (_host_memory() if local_only else None)
+    host_bytes = (parse_memory_size(host_mem, "--host-mem") if host_mem
+                  else (hardware.host_memory_bytes() if local_only else None))
     if gpu_mem:
         device_bytes, accelerator = parse_memory_size(gpu_mem, "--gpu-mem"), "cuda"
         bf16_ok = True if bf16 is None else bf16
     elif local_gpus:
-        device_bytes, accelerator = torch.cuda.get_device_properties(0).total_memory, "cuda"
-        bf16_ok = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+        device_bytes, accelerator = hardware.gpu_memory_bytes(), "cuda"
+        bf16_ok = hardware.gpu_bf16_supported() if bf16 is None else bf16
     elif not local_only:
         raise DeepfleetError("no GPU here to measure, and the fleet's GPU memory is unknown", where="--gpu-mem",
                              fix="pass --gpu-mem (e.g. --gpu-mem 80GiB) and --host-mem for the fleet's hosts")
     else:
-        device_bytes, accelerator, bf16_ok = host_bytes or _host_memory(), "cpu", False
+        device_bytes, accelerator, bf16_ok = host_bytes or hardware.host_memory_bytes(), "cpu", False
     return FleetShape(nodes=node_count, ranks_per_node=ranks, accelerator=accelerator,
                       device_memory_bytes=device_bytes, host_memory_bytes=host_bytes, bf16_supported=bf16_ok,
                       inter_host_gbps=link_gbps)
@@ -198,7 +194,7 @@ def plan(
     shape_of_fleet = fleet_shape(fleet_file=fleet, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem=gpu_mem,
                                  host_mem=host_mem, link_gbps=link_gbps, bf16=bf16)
     resolved = resolve_run_config(loaded, world_size=shape_of_fleet.world_size,
-                                  total_steps=loaded.train.max_steps or STEPS_WHEN_UNKNOWN,
+                                  total_steps=planning_steps(loaded),
                                   accelerator=shape_of_fleet.accelerator,
                                   bf16_supported=shape_of_fleet.bf16_supported, model_shape=shape,
                                   fleet=shape_of_fleet)
@@ -221,22 +217,21 @@ def check_ds_config(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the hardware supports bf16"),
 ) -> None:
     """Check a DeepSpeed JSON: unknown keys, batch arithmetic, precision, offload; fill and report "auto"."""
-    import torch
 
     loaded = load_recipe(recipe)
-    local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local_gpus = hardware.gpu_count()
     accelerator = accelerator or ("cuda" if local_gpus else "cpu")
     if accelerator not in ("cuda", "cpu"):
         raise DeepfleetError(f"unknown accelerator {accelerator!r}", where="--accelerator", fix="use cuda or cpu")
     if bf16 is None:  # without a GPU here, a cuda check assumes GPUs with bf16 (pass --no-bf16 for older ones)
-        bf16 = accelerator == "cuda" and (not local_gpus or torch.cuda.is_bf16_supported())
+        bf16 = accelerator == "cuda" and (not local_gpus or hardware.gpu_bf16_supported())
     node_count, ranks, _ = _fleet_layout(fleet, nodes, gpus_per_node, local_gpus)
     from deepfleet.train.model import load_model_config
 
     hidden = load_model_config(loaded.model).hidden_size if recipe else None
     checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded,
                                    world_size=node_count * ranks, accelerator=accelerator, bf16_supported=bf16,
-                                   total_steps=loaded.train.max_steps or STEPS_WHEN_UNKNOWN, hidden_size=hidden,
+                                   total_steps=planning_steps(loaded), hidden_size=hidden,
                                    recipe_given=recipe is not None)
     for note in checked.notes:
         print(f"note: {note}")

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepfleet import hardware
 from deepfleet.errors import EXIT_BAD_INPUT, DeepfleetError
 from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_run_dir, default_nproc,
                                     local_torchrun_command, new_run_dir, render_command, run_local)
@@ -38,11 +39,9 @@ def prepare_local_training(recipe: Recipe, *, nproc: Optional[int]) -> tuple[Rec
 
     Returns the recipe the ranks get, the launch, and a note on the planner's choice ("" if none). Writes nothing.
     """
-    import torch
-
     from deepfleet.train.preflight import check_before_launch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = hardware.gpu_count()
     nproc = nproc or default_nproc(gpus=gpus)
     recipe, note = resolve_auto_zero(recipe, nproc=nproc)
     check_before_launch(recipe, world_size=nproc, accelerator="cuda" if gpus else "cpu", cuda_available=gpus > 0,
@@ -70,18 +69,17 @@ def resolve_auto_zero(recipe: Recipe, *, nproc: int, nodes: int = 1) -> tuple[Re
     """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees."""
     if recipe.deepspeed.zero != "auto" or recipe.deepspeed.config is not None:
         return recipe, ""
-    import torch
-
     from deepfleet.cli.plan_cmd import shape_for
     from deepfleet.plan.choose import FleetShape
-    from deepfleet.plan.deepspeed_config import resolve_run_config
+    from deepfleet.plan.deepspeed_config import planning_steps, resolve_run_config
 
-    host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    gpus = torch.cuda.is_available()
+    host_memory = hardware.host_memory_bytes()
+    gpus = hardware.gpu_count() > 0
     fleet = FleetShape(nodes=nodes, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
-                       device_memory_bytes=torch.cuda.get_device_properties(0).total_memory if gpus else host_memory,
-                       host_memory_bytes=host_memory, bf16_supported=gpus and torch.cuda.is_bf16_supported())
-    choice = resolve_run_config(recipe, world_size=nodes * nproc, total_steps=100, accelerator=fleet.accelerator,
+                       device_memory_bytes=hardware.gpu_memory_bytes() if gpus else host_memory,
+                       host_memory_bytes=host_memory, bf16_supported=hardware.gpu_bf16_supported())
+    choice = resolve_run_config(recipe, world_size=nodes * nproc, total_steps=planning_steps(recipe),
+                                accelerator=fleet.accelerator,
                                 bf16_supported=fleet.bf16_supported, model_shape=shape_for(recipe),
                                 fleet=fleet).plan.choice
     deepspeed = recipe.deepspeed.model_copy(update={
@@ -128,9 +126,8 @@ def _train_on_fleet(recipe: Recipe, fleet_file: Optional[str], hostfile: Optiona
 
     fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
     # The head's accelerators stand for the fleet's: doctor checks that every host matches.
-    import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = hardware.gpu_count()
     per_node = nproc or fleet.hosts[0].slots
     recipe, note = resolve_auto_zero(recipe, nproc=per_node, nodes=len(fleet.hosts))
     if note:

@@ -39,6 +39,15 @@ def resolve_precision(requested: str, *, accelerator: str, bf16_supported: bool)
     return requested  # type: ignore[return-value]
 
 
+# Before the data is read the number of optimizer steps is unknown; previews and checks use this
+# (it only shapes the scheduler section, never the ZeRO choice or the batch layout).
+STEPS_WHEN_UNKNOWN = 1000
+
+
+def planning_steps(recipe: Recipe) -> int:
+    return recipe.train.max_steps or STEPS_WHEN_UNKNOWN
+
+
 def _scheduler(recipe: Recipe, total_steps: int) -> dict[str, Any]:
     train = recipe.train
     warmup = int(train.warmup * total_steps) if train.warmup < 1 else int(train.warmup)

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from deepfleet.errors import DeepfleetError, Problem
-from deepfleet.plan.deepspeed_config import deepspeed_config_for_run
+from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, planning_steps
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.checkpoint import check_resumable, complete_checkpoints, run_fingerprint
 from deepfleet.train.model import check_method_supported, check_model_source, load_model_config, model_family
@@ -96,7 +96,7 @@ def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cu
     problems: list[Problem] = []
     for check in (lambda: check_model_source(recipe),
                   lambda: check_method_supported(recipe, cuda_available=cuda_available),
-                  lambda: deepspeed_config_for_run(recipe, world_size=world_size, total_steps=100,
+                  lambda: deepspeed_config_for_run(recipe, world_size=world_size, total_steps=planning_steps(recipe),
                                                    accelerator=accelerator, bf16_supported=cuda_available)):
         try:
             check()
