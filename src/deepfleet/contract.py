@@ -14,19 +14,13 @@ TRAIN_MODULE = "deepfleet.train"
 
 # Environment the head sets for the ranks.
 RECIPE_ENV = "DEEPFLEET_RECIPE"              # the resolved recipe as JSON (hosts share no files)
-RUN_DIR_ENV = "DEEPFLEET_RUN_DIR"            # the launcher's private run-state dir (local runs)
 HEARTBEAT_DIR_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # where each rank rewrites its heartbeat file
 JOB_ID_ENV = "DEEPFLEET_JOB_ID"              # marks every process of one job on one host
-RUNS_ROOT_ENV = "DEEPFLEET_RUNS_ROOT"        # where the head keeps run state; default ~/.cache/deepfleet/runs
 
 # Exit codes a rank (or the agent) ends with, and what the head makes of them.
 EXIT_BAD_INPUT = 2          # a DeepfleetError: the same input fails again, never restarted
 EXIT_PREEMPTED = 75         # "resumable": a checkpoint was written; run the same command again
 EXIT_LIFELINE_LOST = 76     # the agent lost the head and stopped its host (not 75: nothing was saved)
-
-# Files a local run's ranks leave in $DEEPFLEET_RUN_DIR.
-ERRORS_SUBDIR = "errors"            # errors/rank-<RANK>.txt: the rank's one-line DeepfleetError
-PREEMPTED_FILE = "preempted.json"   # {"step": N, "checkpoint": PATH}, written by rank 0
 
 # Heartbeats: rank-<RANK> holds "<step> <unix time>", replaced atomically through a temporary name.
 HEARTBEAT_BUSY_STEP = -1            # starting, saving or validating: the longer startup timeout applies

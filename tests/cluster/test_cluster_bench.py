@@ -92,7 +92,7 @@ def test_bench_train_scaling_table_on_one_and_two_hosts(namespace_cluster, tmp_p
     done = subprocess.run([DEEPFLEET, "bench", "train", str(recipe), "--nodes", "1,2", "--fleet", "fleet.yaml",
                            "--steps", "6", "--warmup-steps", "2", "--json", "--png", "scaling.png"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")})
+                          env=dict(os.environ))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     one, two = json.loads(done.stdout)       # stdout holds only the JSON
     print(f"\n1 node {one['tokens_per_second']:,.0f} tok/s, 2 nodes {two['tokens_per_second']:,.0f} tok/s, "

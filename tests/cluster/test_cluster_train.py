@@ -38,7 +38,7 @@ def recipe_for(tmp: Path, *, stage: int, output: str, steps: int = 6, **extra) -
 
 
 def run(*args: str, cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(cwd / "run-state")}
+    env = dict(os.environ)
     return subprocess.run([DEEPFLEET, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -101,7 +101,7 @@ def test_two_host_zero3_training_matches_one_host(namespace_cluster, tmp_path):
 def start_fleet_training(tmp_path: Path, cluster, *extra: str) -> subprocess.Popen:
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
     recipe = recipe_for(tmp_path, stage=2, output="interrupted", steps=LONG_RUN, **CHECKPOINTS)
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
+    env = dict(os.environ)
     return subprocess.Popen([DEEPFLEET, "train", str(recipe), "--fleet", "fleet.yaml", *extra], cwd=tmp_path,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -145,7 +145,7 @@ def test_killed_rank_restarts_and_resumes_when_hosts_do_not_share_the_output_dir
     cluster = cluster_factory([HostSpec(name=n, private_dirs=(str(private),)) for n in ("h1", "h2")])
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["h1", "h2"]))
     recipe = recipe_for(tmp_path, stage=2, output="unused", steps=LONG_RUN, **CHECKPOINTS)
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "run-state")}
+    env = dict(os.environ)
     output = private / "out"
     process = subprocess.Popen([DEEPFLEET, "train", str(recipe), f"output_dir={output}", "--fleet", "fleet.yaml",
                                 "--max-restarts", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -19,7 +19,7 @@ DEEPFLEET = str(Path(sys.executable).with_name("deepfleet"))
 def run_train(tmp_path: Path, model: str, **sections) -> subprocess.CompletedProcess:
     recipe = {"model": model, "data": {"train": ["builtin:tasks"]}, "output_dir": str(tmp_path / "out"), **sections}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(tmp_path / "state")}
+    env = dict(os.environ)
     return subprocess.run([DEEPFLEET, "train", "recipe.yaml", "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
 

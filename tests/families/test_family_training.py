@@ -59,7 +59,7 @@ def trained(family_models, tmp_path_factory) -> Path:
         path = root / f"{run.name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         paths.append(str(path))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUN_DIR": str(root / "state")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(Path(__file__).with_name("rank_families.py")), *paths],
                           env=env, capture_output=True, text=True, timeout=900)

@@ -31,7 +31,6 @@ def test_bad_input_is_one_line_exit_2_before_launch(tmp_path, overrides, fragmen
     done = run_cli("train", str(recipe), *overrides, "--nproc", "2", cwd=tmp_path, timeout=120)
     assert_one_clean_error(done, *fragments)
     assert not (tmp_path / "out").exists()
-    assert not (tmp_path / "run-state").exists()
 
 
 def test_output_dir_that_cannot_be_created_is_refused_before_launch(tmp_path):
@@ -39,7 +38,6 @@ def test_output_dir_that_cannot_be_created_is_refused_before_launch(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "a-file" / "out"))
     done = run_cli("train", str(recipe), cwd=tmp_path, timeout=120)
     assert_one_clean_error(done, "output_dir", "cannot be created")
-    assert not (tmp_path / "run-state").exists()
 
 
 def test_deepspeed_auto_is_resolved_once_by_the_planner(tmp_path):
@@ -61,15 +59,15 @@ def test_recipe_typo_names_file_line_and_suggestion(tmp_path):
 
 
 def test_error_found_inside_the_ranks_is_one_line_too(tmp_path):
-    # Malformed JSONL is only seen when the ranks read the data: the error comes back through
-    # the ranks' error files, not torchrun's traceback.
+    # Malformed JSONL is only seen when the ranks read the data: the error comes back as the ranks'
+    # own error line, not torchrun's traceback, and the output dir this run created is removed.
     train, _ = write_task_data(tmp_path / "data", n_train=20, n_validation=4)
     train.write_text(train.read_text() + "{not json\n")
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"),
                           data={"train": [str(train)]}, train={"micro_batch": 2, "global_batch": 4})
     done = run_cli("train", str(recipe), "--nproc", "2", cwd=tmp_path, timeout=300)
     assert_one_clean_error(done, f"{train}:21")
-    assert not (tmp_path / "out").exists() and not any((tmp_path / "run-state").iterdir())
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
@@ -77,11 +75,15 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
                           env={"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "WARN"})
     done = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "deepfleet.launch.bound_torchrun --nnodes=1 --node-rank=0 --master-addr=127.0.0.1" in done.stdout
-    assert "-m deepfleet.train --recipe" in done.stdout
-    assert "hf_secret_value" not in done.stdout + done.stderr and "HF_TOKEN='****'" in done.stdout
+    command = next(line for line in done.stdout.splitlines() if "deepfleet.launch.bound_torchrun" in line)
+    for part in ("--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", "--master-port=0", "--nproc-per-node=2",
+                 "-m deepfleet.train"):
+        assert part in command, command
+    assert "deepfleet.launch.host_agent" in command and " ssh " not in command   # this machine: no ssh
+    assert "hf_secret_value" not in done.stdout + done.stderr and "HF_TOKEN=****" in done.stdout
+    assert "DEEPFLEET_RECIPE=<the resolved recipe" in done.stdout
     assert "NCCL_DEBUG=WARN" in done.stdout
-    assert not (tmp_path / "out").exists() and not (tmp_path / "run-state").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_demo_learns_in_a_shortened_run(tmp_path):
@@ -93,4 +95,4 @@ def test_demo_learns_in_a_shortened_run(tmp_path):
     before, after = int(match.group(1)), int(match.group(2))
     assert before <= 5 and after >= 20, done.stdout
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
-    assert (tmp_path / "demo" / "train.log").is_file()
+    assert list((tmp_path / "demo" / "logs" / "attempt-0").glob("*.log"))

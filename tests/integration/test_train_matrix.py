@@ -54,7 +54,7 @@ def matrix(tmp_path_factory) -> Path:
                "gradient_checkpointing": True},
         deepspeed={"zero": 2}, logging={"peak_tflops": 0.05, "tensorboard": False},
         output_dir=str(root / "local-lora")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUN_DIR": str(root / "state")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            str(REPO / "tests" / "integration" / "rank_matrix.py"), *map(str, recipes)],
                           env=env, capture_output=True, text=True, timeout=400)

@@ -38,7 +38,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     assert done.returncode == 0, done.stderr
     # The dependencies come from this test's environment, on PYTHONPATH (no .pth files are read
     # from there, so its editable deepfleet stays out); deepfleet itself is the installed wheel.
-    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"], "DEEPFLEET_RUNS_ROOT": str(root / "state"),
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"],
            "OMP_NUM_THREADS": "1"}
     return venv, env
 

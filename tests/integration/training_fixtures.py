@@ -31,5 +31,5 @@ def write_recipe(path: Path, **sections) -> Path:
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEEPFLEET_RUNS_ROOT": str(cwd / "run-state")}
+    env = dict(os.environ)
     return subprocess.run([DEEPFLEET, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -37,7 +37,11 @@ def test_plan_json_for_a_local_model_dir(mistral_recipe):
     assert (plan["choice"]["stage"], plan["choice"]["offload"]) == (2, "optimizer")
     assert plan["deepspeed_config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert plan["deepspeed_config"]["train_batch_size"] == 64
-    assert "multi-host" in plan["commands"][0]
+    commands = plan["commands"]
+    assert commands[0].startswith("job ") and "2 host(s)" in commands[0]
+    assert any(line.startswith("[node2] ") and "--node-rank=1" in line and "--nproc-per-node=4" in line
+               for line in commands), commands
+    assert commands[-1].startswith("(at launch:")
 
 
 def test_plan_table_and_local_command(mistral_recipe):

@@ -63,7 +63,7 @@ def run_comm_benchmark(fleet: Fleet, options: CommOptions, *, write: Callable[[s
 
     # The worker writes no training heartbeat, so the supervisor watches exits and links only.
     code = run_with_restarts(fleet, settings, RunOptions(run_dir=run_dir, max_restarts=0, hang_timeout=60.0),
-                             ssh_options=options_for(fleet), extra_env={}, write=collect)
+                             ssh_options=options_for(fleet), extra_env={}, write=collect).exit_code
     report = find_report(lines) or _report_from_logs(run_dir)
     if code != 0 or report is None:
         raise DeepfleetError(f"the comm benchmark failed (exit {code})", where=str(run_dir / "logs"),

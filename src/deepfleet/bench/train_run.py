@@ -17,8 +17,7 @@ from deepfleet import hardware
 from deepfleet.bench.scaling import NodeResult, summarize, with_efficiency
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, with_hosts
-from deepfleet.launch.local import cpu_threads_per_rank
-from deepfleet.launch.training import train_on_fleet
+from deepfleet.launch.training import TrainingJob, cpu_threads_per_rank, run_training_job
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.metrics import METRICS_FILE, read_metrics
 
@@ -62,10 +61,11 @@ def run_scaling_benchmark(recipe: Recipe, fleet: Fleet, options: ScalingOptions,
         write(f"--- {nodes} node(s): {', '.join(h.name for h in hosts)}; {options.steps} steps")
         recipe_json = json.dumps({**count_recipe.model_dump(mode="json", exclude={"env"})})
         threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=ranks_per_host)
-        code = train_on_fleet(part, recipe_json=recipe_json, recipe_env=recipe.env,
-                              output_dir=count_recipe.output_path, nproc_per_node=options.nproc_per_node,
-                              cpu_threads=None if hardware.gpu_count() else threads, max_restarts=0,
-                              hang_timeout=options.hang_timeout, all_logs=False, dry_run=False)
+        job = TrainingJob(fleet=part, recipe_json=recipe_json, recipe_env=recipe.env,
+                          output_dir=count_recipe.output_path, nproc_per_node=options.nproc_per_node,
+                          cpu_threads=None if hardware.gpu_count() else threads)
+        code = run_training_job(job, max_restarts=0, hang_timeout=options.hang_timeout, all_logs=False,
+                                write=write).exit_code
         if code != 0:
             raise DeepfleetError(f"training on {nodes} node(s) failed (exit {code})",
                                  where=str(count_recipe.output_path / "logs"), fix="read the host logs there")

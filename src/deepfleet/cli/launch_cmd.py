@@ -56,7 +56,7 @@ def launch(
             typer.echo("\n".join(manual_commands(plan)) if backend is Backend.manual else plan.render())
             code = 0
         raise typer.Exit(code)
-    code = run_with_restarts(resolved, settings, RunOptions(run_dir=run_dir, max_restarts=max_restarts,
-                                                            hang_timeout=hang_timeout, all_logs=all_logs),
-                             ssh_options=ssh_options, extra_env={})
-    raise typer.Exit(code)
+    outcome = run_with_restarts(resolved, settings, RunOptions(run_dir=run_dir, max_restarts=max_restarts,
+                                                               hang_timeout=hang_timeout, all_logs=all_logs),
+                                ssh_options=ssh_options, extra_env={})
+    raise typer.Exit(outcome.exit_code)

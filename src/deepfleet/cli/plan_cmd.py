@@ -17,13 +17,18 @@ from rich.table import Table
 
 from deepfleet import hardware
 from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.inventory import Fleet, Host
+from deepfleet.fleet.sources import local_host, resolve_fleet
+from deepfleet.launch.training import (TrainingJob, cpu_threads_per_rank, default_nproc, is_local_only,
+                                       render_training_plan, training_fleet)
 from deepfleet.plan.choose import FleetShape, Plan, PlanRow
 from deepfleet.plan.deepspeed_config import (ResolvedDeepSpeedConfig, check_deepspeed_json, planning_steps,
                                              resolve_run_config)
 from deepfleet.plan.deepspeed_user_config import read_deepspeed_json
-from deepfleet.plan.memory import OFFLOADS, STAGES, ModelShape, model_shape_from_config
+from deepfleet.plan.memory import OFFLOADS, STAGES, ModelShape
 from deepfleet.plan.recipe import Recipe
 from deepfleet.plan.recipe_io import load_recipe
+from deepfleet.prepare import resolved_recipe_json, shape_for
 
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -39,48 +44,40 @@ def parse_memory_size(text: str, option: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def shape_for(recipe: Recipe) -> ModelShape:
-    from deepfleet.train.model import load_model_config
-
-    return model_shape_from_config(load_model_config(recipe.model), method=recipe.method, lora_rank=recipe.lora.r,
-                                   lora_targets=recipe.lora.target_modules)
-
-
-def _fleet_layout(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
-                  local_gpus: int) -> tuple[int, int, bool]:
-    """(nodes, ranks per node, is it this machine alone) from --nodes/--gpus-per-node, else the fleet
-    (--fleet, ./fleet.yaml, SLURM, PBS; the fleet developer's loader), else this machine."""
-    from deepfleet.fleet.sources import resolve_fleet
-    from deepfleet.launch.local import default_nproc
-
+def planned_fleet(fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
+                  local_gpus: int) -> tuple[Fleet, bool]:
+    """The fleet to plan for, and whether it is this machine alone: --nodes/--gpus-per-node describe
+    hosts not named yet (node1..nodeN); else the fleet deepfleet finds (--fleet, ./fleet.yaml, SLURM,
+    PBS); else this machine, with one rank per GPU or 2 CPU ranks."""
     if fleet_file and nodes:
         raise DeepfleetError("both --fleet and --nodes given", where="command line",
                              fix="plan for the fleet file, or for --nodes/--gpus-per-node, not both")
     if nodes or gpus_per_node:
-        return nodes or 1, gpus_per_node or default_nproc(gpus=local_gpus), False
+        ranks = gpus_per_node or default_nproc(gpus=local_gpus)
+        hosts = ((local_host(slots=ranks),) if (nodes or 1) == 1 else
+                 tuple(Host(name=f"node{i}", address=f"node{i}", slots=ranks) for i in range(1, nodes + 1)))
+        return Fleet(hosts=hosts, source="--nodes/--gpus-per-node"), False
     is_yaml = fleet_file is not None and fleet_file.lower().endswith((".yaml", ".yml"))
     fleet = resolve_fleet(fleet_file=fleet_file if is_yaml else None, hostfile=None if is_yaml else fleet_file)
-    if len(fleet.hosts) == 1 and fleet.hosts[0].local:
-        return 1, default_nproc(gpus=local_gpus), True
+    if is_local_only(fleet):
+        return training_fleet(fleet, nproc=None, gpus=local_gpus), True
     slots = {host.slots for host in fleet.hosts}
     if len(slots) > 1:
         raise DeepfleetError(f"hosts have different slot counts {sorted(slots)}", where=fleet.source,
                              fix="plan for equal hosts: give every host the same slots")
-    return len(fleet.hosts), slots.pop(), False
+    return fleet, False
 
 
-def fleet_shape(*, fleet_file: Optional[str], nodes: Optional[int], gpus_per_node: Optional[int],
-                gpu_mem: Optional[str], host_mem: Optional[str], link_gbps: Optional[float],
-                bf16: Optional[bool]) -> FleetShape:
-    """The fleet to plan for: options first, else this machine (GPUs, or CPU ranks in host RAM)."""
-    local_gpus = hardware.gpu_count()
-    node_count, ranks, local_only = _fleet_layout(fleet_file, nodes, gpus_per_node, local_gpus)
+def fleet_shape(fleet: Fleet, *, local_only: bool, gpu_mem: Optional[str], host_mem: Optional[str],
+                link_gbps: Optional[float], bf16: Optional[bool]) -> FleetShape:
+    """The fleet's memory and precision: options first, else this machine (GPUs, or CPU ranks in host RAM)."""
+    node_count, ranks = len(fleet.hosts), fleet.hosts[0].slots
     host_bytes = (parse_memory_size(host_mem, "--host-mem") if host_mem
                   else (hardware.host_memory_bytes() if local_only else None))
     if gpu_mem:
         device_bytes, accelerator = parse_memory_size(gpu_mem, "--gpu-mem"), "cuda"
         bf16_ok = True if bf16 is None else bf16
-    elif local_gpus:
+    elif hardware.gpu_count():
         device_bytes, accelerator = hardware.gpu_memory_bytes(), "cuda"
         bf16_ok = hardware.gpu_bf16_supported() if bf16 is None else bf16
     elif not local_only:
@@ -123,18 +120,13 @@ def memory_table(plan: Plan) -> Table:
     return table
 
 
-def train_commands(recipe: Recipe, fleet: FleetShape) -> list[str]:
-    """The commands `deepfleet train` would run, from the launcher's own builders."""
-    from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, local_torchrun_command, new_run_dir,
-                                        render_command)
-
-    if fleet.nodes > 1:
-        return ["(multi-host `deepfleet train` command line: pending in the launcher)"]
-    threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=fleet.ranks_per_node) \
-        if fleet.accelerator == "cpu" else None
-    launch = LocalLaunch(nproc=fleet.ranks_per_node, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,
-                         extra_env=dict(recipe.env))
-    return [render_command(*local_torchrun_command(launch))]
+def train_commands(recipe: Recipe, fleet: Fleet, shape: FleetShape) -> list[str]:
+    """What `deepfleet train` would run on each host, from the launcher's own builders."""
+    threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=shape.ranks_per_node) \
+        if shape.accelerator == "cpu" else None
+    job = TrainingJob(fleet=fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
+                      output_dir=recipe.output_path, cpu_threads=threads)
+    return render_training_plan(job, probe=False).splitlines()
 
 
 def _summary(shape: ModelShape, plan: Plan) -> dict[str, Any]:
@@ -191,14 +183,15 @@ def plan(
     """Memory per ZeRO stage and offload, the fastest setting that fits, its DeepSpeed JSON and the commands."""
     loaded = load_recipe(recipe, list(overrides or []))
     shape = shape_for(loaded)
-    shape_of_fleet = fleet_shape(fleet_file=fleet, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem=gpu_mem,
-                                 host_mem=host_mem, link_gbps=link_gbps, bf16=bf16)
+    planned, local_only = planned_fleet(fleet, nodes, gpus_per_node, hardware.gpu_count())
+    shape_of_fleet = fleet_shape(planned, local_only=local_only, gpu_mem=gpu_mem, host_mem=host_mem,
+                                 link_gbps=link_gbps, bf16=bf16)
     resolved = resolve_run_config(loaded, world_size=shape_of_fleet.world_size,
                                   total_steps=planning_steps(loaded),
                                   accelerator=shape_of_fleet.accelerator,
                                   bf16_supported=shape_of_fleet.bf16_supported, model_shape=shape,
                                   fleet=shape_of_fleet)
-    commands = train_commands(loaded, shape_of_fleet)
+    commands = train_commands(loaded, planned, shape_of_fleet)
     if as_json:
         print(json.dumps({**_summary(shape, resolved.plan), "deepspeed_config": resolved.config,
                           "config_source": resolved.source, "notes": list(resolved.notes),
@@ -225,7 +218,8 @@ def check_ds_config(
         raise DeepfleetError(f"unknown accelerator {accelerator!r}", where="--accelerator", fix="use cuda or cpu")
     if bf16 is None:  # without a GPU here, a cuda check assumes GPUs with bf16 (pass --no-bf16 for older ones)
         bf16 = accelerator == "cuda" and (not local_gpus or hardware.gpu_bf16_supported())
-    node_count, ranks, _ = _fleet_layout(fleet, nodes, gpus_per_node, local_gpus)
+    planned, _ = planned_fleet(fleet, nodes, gpus_per_node, local_gpus)
+    node_count, ranks = len(planned.hosts), planned.hosts[0].slots
     from deepfleet.train.model import load_model_config
 
     hidden = load_model_config(loaded.model).hidden_size if recipe else None

@@ -1,12 +1,7 @@
-"""`deepfleet train`, `deepfleet generate` and `deepfleet demo`: local training through torchrun."""
+"""`deepfleet train`, `deepfleet generate` and `deepfleet demo`: one supervised launch, here or on a fleet."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -15,15 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepfleet import hardware
-from deepfleet.errors import EXIT_BAD_INPUT, DeepfleetError
-from deepfleet.launch.local import (LocalLaunch, cpu_threads_per_rank, create_run_dir, default_nproc,
-                                    local_torchrun_command, new_run_dir, render_command, run_local)
-from deepfleet.plan.recipe import Recipe
+from deepfleet.fleet.sources import resolve_fleet
+from deepfleet.launch.training import render_training_plan, run_training
 from deepfleet.plan.recipe_io import load_recipe
+from deepfleet.prepare import prepare_training
 
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
-TRAIN_LOG_FILE = "train.log"
 
 
 def _split_recipe_argument(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
@@ -32,112 +24,6 @@ def _split_recipe_argument(recipe: Optional[str], overrides: Optional[list[str]]
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
         return None, [recipe, *overrides]
     return recipe, overrides
-
-
-def prepare_local_training(recipe: Recipe, *, nproc: Optional[int]) -> tuple[Recipe, LocalLaunch, str]:
-    """Resolve `deepspeed: auto`, check everything checkable without ranks, say how they will run.
-
-    Returns the recipe the ranks get, the launch, and a note on the planner's choice ("" if none). Writes nothing.
-    """
-    from deepfleet.train.preflight import check_before_launch
-
-    gpus = hardware.gpu_count()
-    nproc = nproc or default_nproc(gpus=gpus)
-    recipe, note = resolve_auto_zero(recipe, nproc=nproc)
-    check_before_launch(recipe, world_size=nproc, accelerator="cuda" if gpus else "cpu", cuda_available=gpus > 0,
-                        checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
-    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=nproc)
-    launch = LocalLaunch(nproc=nproc, run_dir=new_run_dir(recipe.output_path), cpu_threads=threads,
-                         extra_env=dict(recipe.env))
-    return recipe, launch, note
-
-
-def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: int) -> Optional[int]:
-    """Size of one checkpoint when checkpoints are on (from the model config on the meta device)."""
-    if not (recipe.checkpoint.every_steps or recipe.checkpoint.every_minutes):
-        return None
-    from deepfleet.cli.plan_cmd import shape_for
-    from deepfleet.train.preflight import checkpoint_bytes
-
-    shape = shape_for(recipe)
-    precision_bytes = 2 if gpus and recipe.precision != "fp32" else 4
-    return checkpoint_bytes(total_params=shape.total_params, trainable_params=shape.trainable_params,
-                            precision_bytes=precision_bytes)
-
-
-def resolve_auto_zero(recipe: Recipe, *, nproc: int, nodes: int = 1) -> tuple[Recipe, str]:
-    """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees."""
-    if recipe.deepspeed.zero != "auto" or recipe.deepspeed.config is not None:
-        return recipe, ""
-    from deepfleet.cli.plan_cmd import shape_for
-    from deepfleet.plan.choose import FleetShape
-    from deepfleet.plan.deepspeed_config import planning_steps, resolve_run_config
-
-    host_memory = hardware.host_memory_bytes()
-    gpus = hardware.gpu_count() > 0
-    fleet = FleetShape(nodes=nodes, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
-                       device_memory_bytes=hardware.gpu_memory_bytes() if gpus else host_memory,
-                       host_memory_bytes=host_memory, bf16_supported=hardware.gpu_bf16_supported())
-    choice = resolve_run_config(recipe, world_size=nodes * nproc, total_steps=planning_steps(recipe),
-                                accelerator=fleet.accelerator,
-                                bf16_supported=fleet.bf16_supported, model_shape=shape_for(recipe),
-                                fleet=fleet).plan.choice
-    deepspeed = recipe.deepspeed.model_copy(update={
-        "zero": choice.stage,
-        "offload_optimizer": "cpu" if choice.offload.startswith("optimizer") else "none",
-        "offload_params": "cpu" if choice.offload.endswith("params") else "none"})
-    train = recipe.train.model_copy(update={"micro_batch": choice.micro_batch})
-    note = (f"deepspeed: auto -> ZeRO-{choice.stage}, offload {choice.offload}, micro batch {choice.micro_batch} "
-            f"x accumulation {choice.grad_accum}: {choice.reason}")
-    return recipe.model_copy(update={"deepspeed": deepspeed, "train": train}), note
-
-
-def resolved_recipe_json(recipe: Recipe) -> str:
-    """The recipe the ranks load: overrides applied, output_dir absolute, env left to the environment."""
-    data = recipe.model_dump(mode="json", exclude={"env"})
-    data["output_dir"] = str(recipe.output_path.resolve())
-    return json.dumps(data, indent=2) + "\n"
-
-
-def launch_local_training(recipe: Recipe, launch: LocalLaunch) -> float:
-    """Run the ranks; on success keep the log as output_dir/train.log. Returns wall seconds."""
-    create_run_dir(launch.run_dir)
-    launch.recipe_file.write_text(resolved_recipe_json(recipe))
-    output_existed = recipe.output_path.exists()
-    started = time.perf_counter()
-    try:
-        run_local(launch)
-    except DeepfleetError as exc:
-        if exc.exit_code == EXIT_BAD_INPUT and not output_existed and recipe.output_path.is_dir():
-            with contextlib.suppress(OSError):
-                recipe.output_path.rmdir()      # only if the ranks left it empty
-        raise
-    seconds = time.perf_counter() - started
-    shutil.copyfile(launch.log_file, recipe.output_path / TRAIN_LOG_FILE)
-    shutil.rmtree(launch.run_dir, ignore_errors=True)
-    return seconds
-
-
-def _train_on_fleet(recipe: Recipe, fleet_file: Optional[str], hostfile: Optional[str], *, nproc: Optional[int],
-                    max_restarts: int, hang_timeout: float, all_logs: bool, dry_run: bool) -> int:
-    from deepfleet.fleet.sources import resolve_fleet
-    from deepfleet.launch.training import fleet_world_size, train_on_fleet
-    from deepfleet.train.preflight import check_before_launch
-
-    fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
-    # The head's accelerators stand for the fleet's: doctor checks that every host matches.
-
-    gpus = hardware.gpu_count()
-    per_node = nproc or fleet.hosts[0].slots
-    recipe, note = resolve_auto_zero(recipe, nproc=per_node, nodes=len(fleet.hosts))
-    if note:
-        print(note)
-    check_before_launch(recipe, world_size=fleet_world_size(fleet, nproc), accelerator="cuda" if gpus else "cpu",
-                        cuda_available=gpus > 0, checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
-    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=per_node)
-    return train_on_fleet(fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=recipe.env,
-                          output_dir=recipe.output_path, nproc_per_node=nproc, cpu_threads=threads,
-                          max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run)
 
 
 def _one_line(answer: str, width: int = 24) -> str:
@@ -164,17 +50,14 @@ def train(
     recipe_path, override_list = _split_recipe_argument(recipe, overrides)
     override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
-    if fleet or hostfile:
-        raise typer.Exit(_train_on_fleet(loaded, fleet, hostfile, nproc=nproc, max_restarts=max_restarts,
-                                         hang_timeout=hang_timeout, all_logs=all_logs, dry_run=dry_run))
-    loaded, launch, note = prepare_local_training(loaded, nproc=nproc)
-    if note:
-        print(f"# {note}")
+    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile), nproc=nproc)
+    if prepared.note:
+        print(f"# {prepared.note}")
     if dry_run:
-        print(render_command(*local_torchrun_command(launch)))
+        print(render_training_plan(prepared.job))
         return
-    seconds = launch_local_training(loaded, launch)
-    print(f"done in {seconds:.0f} s: {loaded.output_path / 'final'}")
+    seconds = run_training(prepared.job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs)
+    print(f"done in {seconds:.0f} s: {prepared.recipe.output_path / 'final'}")
 
 
 def generate(
@@ -204,13 +87,14 @@ def demo(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    recipe = load_recipe(DEMO_RECIPE, list(overrides or []))
     console = Console(highlight=False)
-    recipe, launch, _ = prepare_local_training(recipe, nproc=nproc)
+    local = resolve_fleet(fleet_file=None, hostfile=None, environ={}, cwd=DEMO_RECIPE.parent)
+    prepared = prepare_training(load_recipe(DEMO_RECIPE, list(overrides or [])), local, nproc=nproc)
+    recipe = prepared.recipe
     before = evaluate_base_model(recipe, n=heldout)
     console.print(f"before training: exact match {before.accuracy:.0%} on {heldout} held-out prompts")
     console.print(f"training {recipe.model.name} on {nproc} local ranks ...")
-    seconds = launch_local_training(recipe, launch)
+    seconds = run_training(prepared.job)
     after = evaluate_saved_model(recipe.output_path / "final", n=heldout)
     table = Table(title="held-out prompts (never seen in training)")
     for column in ("prompt", "expected", "before", "after"):

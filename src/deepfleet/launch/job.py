@@ -6,6 +6,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Mapping
 
+from deepfleet.contract import RECIPE_ENV
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.network import InterfaceChoice
@@ -37,8 +38,14 @@ class LaunchPlan:
                  f"{self.job.master_port}"]
         for host in self.hosts:
             lines.append(f"[{host.label}] {shlex.join(host.argv)}")
-            lines.extend(f"[{host.label}]   env {name}={value}" for name, value in sorted(masked(host.env).items()))
+            lines.extend(f"[{host.label}]   env {name}={_shown(name, value)}"
+                         for name, value in sorted(masked(host.env).items()))
         return "\n".join(lines)
+
+
+def _shown(name: str, value: str) -> str:
+    # The resolved recipe is the recipe file with overrides applied: its size says enough.
+    return f"<the resolved recipe: {len(value):,} bytes of JSON>" if name == RECIPE_ENV else value
 
 
 def master_address(fleet: Fleet, interface: InterfaceChoice | None) -> str:
@@ -79,7 +86,8 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
                              where=fleet.source, fix="run `deepfleet doctor`; set `interface:` per host in fleet.yaml")
     job = JobSpec(job_id=job_id, command=rank_command(settings.command, fleet.python), python=fleet.python,
                   workdir=fleet.workdir or cwd, master_addr=master_address(fleet, interface),
-                  master_port=settings.master_port or fleet.master_port, nnodes=len(fleet.hosts),
+                  master_port=fleet.master_port if settings.master_port is None else settings.master_port,
+                  nnodes=len(fleet.hosts),
                   nproc_per_node=counts.pop(), lifeline_timeout=settings.lifeline_timeout, grace=settings.grace)
     hosts = []
     for node_rank, host in enumerate(fleet.hosts):

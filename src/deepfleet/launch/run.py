@@ -55,13 +55,12 @@ def plan_for(fleet: Fleet, settings: LaunchSettings, *, ssh_options: SshOptions,
 
 
 def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOptions, *, ssh_options: SshOptions,
-                      extra_env: Mapping[str, str], write: Callable[[str], None] = print) -> int:
-    """Launch, supervise, and relaunch up to `max_restarts` times; returns the job's exit code."""
+                      extra_env: Mapping[str, str], write: Callable[[str], None] = print) -> JobOutcome:
+    """Launch, supervise, and relaunch up to `max_restarts` times; returns the last attempt's outcome."""
     interface = asyncio.run(detect_interface(fleet, ssh_options))
     if interface and interface.network:
         write(f"interface: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}")
     failed_first: list[str] = []
-    outcome: JobOutcome | None = None
     for attempt in range(options.max_restarts + 1):
         plan = plan_for(fleet, settings, ssh_options=ssh_options, extra_env=extra_env, interface=interface)
         log_dir = options.run_dir / "logs" / f"attempt-{attempt}"
@@ -73,14 +72,14 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
         write(render_summary(outcome))
         if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.preempted or outcome.failure is None \
                 or outcome.bad_input:   # the same input fails the same way on every restart
-            return outcome.exit_code
+            return outcome
         failed_first.append(outcome.failure.host)
         recent = failed_first[-SAME_HOST_FAILURE_LIMIT:]
         if len(recent) == SAME_HOST_FAILURE_LIMIT and len(set(recent)) == 1 and attempt < options.max_restarts:
             write(f"host {recent[0]} failed first {SAME_HOST_FAILURE_LIMIT} times in a row; not restarting. "
                   f"Fix or remove it from {fleet.source}, then run again (training resumes from the last checkpoint).")
-            return outcome.exit_code
-    return outcome.exit_code if outcome else 1
+            return outcome
+    return outcome
 
 
 def run_deepspeed_backend(fleet: Fleet, plan: LaunchPlan, *, run_dir: Path, ssh_options: SshOptions,

@@ -30,6 +30,17 @@ from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPT
 
 SSH_FAILED = 255
 OUTPUT_LINE_LIMIT = 1 << 20   # longer lines (tqdm's \r updates on one line) lose their start, not the log
+# Library warnings known to be harmless: kept in the host logs, not shown on the console. A Python
+# warning is followed by its source line ("  warnings.warn(...)"), which goes with it.
+HARMLESS_WARNINGS = re.compile("|".join(re.escape(text) for text in (
+    "hostname of the client socket cannot be retrieved",
+    "Attempting to get learning rate from scheduler before it has started",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "is deprecated and will be removed in v6",
+    "Setting accelerator to CPU",
+)))
+WARNING_SOURCE_LINE = re.compile(r"^\s+warnings\.warn\(")
 # torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
 ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
 
@@ -59,7 +70,7 @@ class HostState:
     last_event: float = field(default_factory=time.monotonic)
     steps: dict[str, tuple[int, float]] = field(default_factory=dict)   # rank -> (step, when it advanced)
     stopped: list[str] = field(default_factory=list)                     # ranks in state T
-    preempted: bool = False                                              # its ranks checkpointed and stopped
+    preempted_line: str | None = None                                    # set once its ranks checkpointed and stopped
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     exit_code: int | None = None
     exit_reason: str = ""
@@ -82,6 +93,7 @@ class JobOutcome:
     host_exit_codes: dict[str, int | None]
     stopped_by_signal: bool = False
     preempted: bool = False
+    preempted_line: str | None = None                    # "[N]:preempted: stopped at step S; checkpoint P"
     bad_input: list[str] = field(default_factory=list)   # the ranks' own error lines: exit 2, not worth a restart
 
 
@@ -149,10 +161,10 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             self.console.close()
         codes = {h.spec.label: h.exit_code for h in self.hosts}
-        preempted = self.failure is None and any(h.preempted for h in self.hosts)
+        preempted = [h.preempted_line for h in self.hosts if h.preempted_line] if self.failure is None else []
         if preempted:
             return JobOutcome(exit_code=EXIT_PREEMPTED, failure=None, teardown_seconds=teardown, host_exit_codes=codes,
-                              stopped_by_signal=self.stop_requested, preempted=True)
+                              stopped_by_signal=self.stop_requested, preempted=True, preempted_line=preempted[0])
         if self.failure is None and not self.stop_requested:
             return JobOutcome(exit_code=0, failure=None, teardown_seconds=None, host_exit_codes=codes)
         failed_code = codes.get(self.failure.host) if self.failure else None
@@ -187,6 +199,7 @@ class Supervisor:
     async def _follow(self, host: HostState) -> None:
         assert host.proc and host.proc.stdout
         log_path = self.options.log_dir / f"{_file_safe(host.spec.label)}.log"
+        hidden = False
         with log_path.open("a", encoding="utf-8", errors="replace") as log:
             async for raw in _lines(host.proc.stdout):
                 host.last_event = time.monotonic()
@@ -197,16 +210,19 @@ class Supervisor:
                 log.write(line + "\n")
                 log.flush()
                 host.tail.append(line)
-                host.preempted = host.preempted or bool(RANK_PREEMPTED_LINE.match(line))
+                if RANK_PREEMPTED_LINE.match(line):
+                    host.preempted_line = line
                 if error := RANK_ERROR_LINE.match(line):
                     host.rank_errors.append(error.group(2))
                 rank = RANK_LINE.match(line)
-                if self.options.all_logs or (rank and rank.group(1) == "0"):
+                text = line[rank.end():] if rank else line
+                hidden = bool(HARMLESS_WARNINGS.search(text)) or (hidden and bool(WARNING_SOURCE_LINE.match(text)))
+                if not hidden and (self.options.all_logs or (rank and rank.group(1) == "0")):
                     self.console.put(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
         host.exit_code = await host.proc.wait()
         # A preempted host is not a failure: every rank stops at the same step, so the other hosts
         # are writing the same checkpoint and must not be torn down mid-save.
-        if host.exit_code != 0 and not host.preempted and self.failure is None and not self.stop_requested \
+        if host.exit_code != 0 and not host.preempted_line and self.failure is None and not self.stop_requested \
                 and self.detected_at is None:
             why = host.exit_reason or ("ssh connection dropped or failed" if host.exit_code == SSH_FAILED
                                        else f"exited with code {host.exit_code}")
@@ -322,7 +338,7 @@ def render_summary(outcome: JobOutcome) -> str:
         lines.append(f"torn down on every host {outcome.teardown_seconds:.1f}s after detection")
     else:
         lines.append("every other host had already stopped by itself")
-    if f.last_lines:
+    if f.last_lines and not outcome.bad_input:   # with bad input they are torchrun's traceback of exit 2
         lines.append(f"last lines from {f.host}:")
         lines.extend("  " + line for line in f.last_lines[-10:])
     return "\n".join(lines)

@@ -1,20 +1,19 @@
-"""Per-rank entry, run by torchrun: `python -m deepfleet.train --recipe RESOLVED.json`.
+"""Per-rank entry, run by torchrun under the launcher: `python -m deepfleet.train`.
 
-Library output (DeepSpeed, transformers) goes to stderr, which the launcher captures in a log;
-rank 0 keeps the real stdout for the progress bar. A `DeepfleetError` is written to
-`$DEEPFLEET_RUN_DIR/errors/rank-<RANK>.txt`, so the launcher prints that one line instead of a
-traceback, and the rank exits with 2. A preempted rank (checkpoint written) exits with 75.
+The resolved recipe comes in $DEEPFLEET_RECIPE (or `--recipe FILE` for a hand-run torchrun).
+Library output (DeepSpeed, transformers) goes to stderr; rank 0 keeps the real stdout for its
+console lines. A `DeepfleetError` is printed as its one line (`error: ...`), which the launcher
+shows instead of a traceback, and the rank exits with 2. A preempted rank (checkpoint written)
+prints `preempted: ...` and exits with 75. See `deepfleet/contract.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
-from deepfleet.contract import ERRORS_SUBDIR, EXIT_PREEMPTED, PREEMPTED_FILE, RECIPE_ENV, preempted_line
+from deepfleet.contract import EXIT_PREEMPTED, RECIPE_ENV, preempted_line
 
 
 def claim_console() -> "object":
@@ -25,19 +24,11 @@ def claim_console() -> "object":
     return console
 
 
-def write_rank_error(run_dir: Path | None, rank: int, text: str) -> None:
-    if run_dir is None:
-        return
-    errors = run_dir / ERRORS_SUBDIR
-    errors.mkdir(parents=True, exist_ok=True)
-    (errors / f"rank-{rank}.txt").write_text(text + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     console = claim_console()
     parser = argparse.ArgumentParser(prog="python -m deepfleet.train")
-    parser.add_argument("--recipe", help="resolved recipe (YAML or JSON) written by the launcher; default: "
-                                           f"the JSON text in ${RECIPE_ENV} (multi-host: hosts share no files)")
+    parser.add_argument("--recipe", help="resolved recipe (YAML or JSON); default: the JSON text in "
+                                         f"${RECIPE_ENV}, which the launcher sets (hosts share no files)")
     args = parser.parse_args(argv)
     if args.recipe is None and RECIPE_ENV not in os.environ:
         parser.error(f"give --recipe or set ${RECIPE_ENV}")
@@ -54,13 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe) if args.recipe else parse_recipe(os.environ[RECIPE_ENV], f"${RECIPE_ENV}")
         run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None)
     except DeepfleetError as exc:
-        write_rank_error(rank_env.run_dir, rank_env.rank, exc.render())
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
     except Preempted as stop:
-        if rank_env.is_main and rank_env.run_dir is not None:
-            (rank_env.run_dir / PREEMPTED_FILE).write_text(
-                json.dumps({"step": stop.step, "checkpoint": str(stop.checkpoint)}) + "\n")
         print(preempted_line(stop.step, str(stop.checkpoint)), file=sys.stderr)
         return EXIT_PREEMPTED
     return 0

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
-from deepfleet.contract import HEARTBEAT_DIR_ENV, RUN_DIR_ENV
+from deepfleet.contract import HEARTBEAT_DIR_ENV
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,15 +18,12 @@ class RankEnv:
     rank: int
     local_rank: int
     world_size: int
-    run_dir: Path | None
     heartbeat_dir: str | None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "RankEnv":
-        run_dir = environ.get(RUN_DIR_ENV)
         return cls(rank=int(environ.get("RANK", 0)), local_rank=int(environ.get("LOCAL_RANK", 0)),
-                   world_size=int(environ.get("WORLD_SIZE", 1)), run_dir=Path(run_dir) if run_dir else None,
-                   heartbeat_dir=environ.get(HEARTBEAT_DIR_ENV) or None)
+                   world_size=int(environ.get("WORLD_SIZE", 1)), heartbeat_dir=environ.get(HEARTBEAT_DIR_ENV) or None)
 
     @property
     def is_main(self) -> bool:

@@ -213,7 +213,7 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
     recipe, rank_env = run.recipe, run.rank_env
     output_dir = recipe.output_path
     console = TrainingConsole(console_stream, total_steps=run.total_steps, every_steps=recipe.logging.every_steps,
-                              enabled=rank_env.is_main)
+                              enabled=rank_env.is_main, rank_hosts=objects_across_ranks(socket.gethostname()))
     console.say(_startup_line(run))
     state = resume_or_start(run, console)
     writer = None
