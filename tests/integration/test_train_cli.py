@@ -2,10 +2,11 @@
 and the demo's learning check in a shortened form."""
 
 import re
+import subprocess
 
 import pytest
 
-from training_fixtures import run_cli, write_recipe, write_task_data
+from training_fixtures import DEEPFLEET, run_cli, write_recipe, write_task_data
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +97,29 @@ def test_demo_learns_in_a_shortened_run(tmp_path):
     assert before <= 5 and after >= 20, done.stdout
     assert (tmp_path / "demo" / "final" / "model.safetensors").is_file()
     assert list((tmp_path / "demo" / "logs" / "attempt-0").glob("*.log"))
+
+
+def test_the_console_shows_progress_lines_while_training_runs(tmp_path):
+    train, _ = write_task_data(tmp_path / "data", n_train=400, n_validation=4)
+    recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"), data={"train": [str(train)]},
+                          train={"max_steps": 40, "global_batch": 4, "micro_batch": 2},
+                          logging={"every_steps": 1, "tensorboard": False})
+    job = subprocess.Popen([DEEPFLEET, "train", str(recipe), "--nproc", "2"], cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        for line in job.stdout:
+            seen.append(line)
+            if re.search(r"/\[0\]:step [12]/40 .*tok/s.*slowest: rank \d on .*eta \d+m\d\ds", line):
+                running = job.poll() is None
+                break
+        else:
+            raise AssertionError("".join(seen[-30:]))
+        assert running, "the first progress lines arrived only after the job ended"
+        rest = job.stdout.read()
+        assert job.wait(timeout=300) == 0
+    finally:
+        job.kill()
+    console = "".join(seen) + rest
+    assert "step 40/40" in console and "job finished on every host" in console
+    assert "Attempting to get learning rate from scheduler" not in console    # kept in the host log only
