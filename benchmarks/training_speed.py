@@ -110,7 +110,7 @@ def deepspeed_config(recipe: dict, steps: int) -> dict:
 
 
 def rank_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DEEPFLEET_RUNS_ROOT": tempfile.gettempdir()}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str) -> dict:

@@ -89,10 +89,11 @@ def test_two_host_zero2_training_matches_one_host(namespace_cluster, tmp_path, r
 
 
 def test_two_host_zero3_training_matches_one_host(namespace_cluster, tmp_path):
-    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
+    # Not ./fleet.yaml: `deepfleet train` would find it and the "local" run would use both hosts.
+    (tmp_path / "hosts.yaml").write_text(fleet_yaml_text(namespace_cluster, ["h1", "h2"]))
     local = run("train", str(recipe_for(tmp_path, stage=3, output="local")), "--nproc", "2", cwd=tmp_path)
     assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
-    fleet = run("train", str(recipe_for(tmp_path, stage=3, output="multi")), "--fleet", "fleet.yaml", cwd=tmp_path)
+    fleet = run("train", str(recipe_for(tmp_path, stage=3, output="multi")), "--fleet", "hosts.yaml", cwd=tmp_path)
     assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
     assert_same_losses(losses(tmp_path / "local"), losses(tmp_path / "multi"), 6)
     assert (tmp_path / "multi" / "final" / "config.json").is_file()
