@@ -30,17 +30,18 @@ from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPT
 
 SSH_FAILED = 255
 OUTPUT_LINE_LIMIT = 1 << 20   # longer lines (tqdm's \r updates on one line) lose their start, not the log
-# Library warnings known to be harmless: kept in the host logs, not shown on the console. A Python
-# warning is followed by its source line ("  warnings.warn(...)"), which goes with it.
-HARMLESS_WARNINGS = re.compile("|".join(re.escape(text) for text in (
+# Library output known to be harmless: kept in the host logs, not shown on the console. A Python
+# warning is followed by its source line ("  warnings.warn(" or torch's "  return func(*args, ...)").
+HARMLESS_OUTPUT = re.compile("|".join(re.escape(text) for text in (
     "hostname of the client socket cannot be retrieved",
     "Attempting to get learning rate from scheduler before it has started",
     "all_gather_into_tensor",
     "_all_gather_base",
     "is deprecated and will be removed in v6",
     "Setting accelerator to CPU",
-)))
-WARNING_SOURCE_LINE = re.compile(r"^\s+warnings\.warn\(")
+    "deepspeed_shm_comm_op built successfully",
+    "Writing model shards",
+)) + r"|^\s+(warnings\.warn\(|return func\(\*args, \*\*kwargs\))|^$")
 # torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
 ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
 
@@ -199,7 +200,6 @@ class Supervisor:
     async def _follow(self, host: HostState) -> None:
         assert host.proc and host.proc.stdout
         log_path = self.options.log_dir / f"{_file_safe(host.spec.label)}.log"
-        hidden = False
         with log_path.open("a", encoding="utf-8", errors="replace") as log:
             async for raw in _lines(host.proc.stdout):
                 host.last_event = time.monotonic()
@@ -215,8 +215,7 @@ class Supervisor:
                 if error := RANK_ERROR_LINE.match(line):
                     host.rank_errors.append(error.group(2))
                 rank = RANK_LINE.match(line)
-                text = line[rank.end():] if rank else line
-                hidden = bool(HARMLESS_WARNINGS.search(text)) or (hidden and bool(WARNING_SOURCE_LINE.match(text)))
+                hidden = bool(HARMLESS_OUTPUT.search(line[rank.end():] if rank else line))
                 if not hidden and (self.options.all_logs or (rank and rank.group(1) == "0")):
                     self.console.put(f"{host.spec.label}/{line}" if rank else f"{host.spec.label}: {line}")
         host.exit_code = await host.proc.wait()
