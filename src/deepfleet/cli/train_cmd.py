@@ -33,16 +33,16 @@ def _one_line(answer: str, width: int = 24) -> str:
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit for the built-in demo recipe defaults)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Ranks on this machine (default: GPUs, else 2 CPU ranks)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the torchrun command and environment; run nothing"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Ranks per host (this machine alone: default one per GPU, else 2 CPU ranks)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each host and its environment (secrets masked); run nothing"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even when output_dir has checkpoints"),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml: train on every host of it"),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile: train on every host of it"),
-    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="With a fleet: relaunch after a failure"),
-    hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="With a fleet: seconds without progress"),
-    all_logs: bool = typer.Option(False, "--all-logs", help="With a fleet: stream every rank, not only rank 0"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure (training resumes from the last checkpoint)"),
+    hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without a training step before the job is torn down"),
+    all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank, not only rank 0"),
 ) -> None:
-    """Train with torchrun, locally or (--fleet/--hostfile) on every host; saves an HF model to output_dir/final.
+    """Train on this machine or on every host (./fleet.yaml, --fleet, --hostfile, SLURM/PBS); saves output_dir/final.
 
     Resumes from the newest complete checkpoint in output_dir. Exit code 75: stopped by a signal
     after writing a checkpoint; run the same command again to resume.
