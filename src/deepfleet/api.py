@@ -14,7 +14,6 @@ hangs in a collective, and a kernel's own event loop is left alone.
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,44 +36,16 @@ def load_recipe(path: str | Path | None = None, overrides: Mapping[str, Any] | l
     return load(path, list(overrides or []))
 
 
-@dataclass(frozen=True)
-class PlanReport:
-    recipe: Recipe
-    resolved: Any              # plan.deepspeed_config.ResolvedDeepSpeedConfig: .plan.choice, .config
-    commands: list[str]        # what `deepfleet train` would run on each host
-
-    @property
-    def deepspeed_config(self) -> dict:
-        return self.resolved.config
-
-    def table(self) -> str:
-        """The report `deepfleet plan` prints: memory table, choice, DeepSpeed config, commands."""
-        from rich.console import Console
-
-        from deepfleet.cli.plan_cmd import render_plan
-
-        out = io.StringIO()
-        render_plan(Console(file=out, width=140, highlight=False), self.recipe, self.resolved, self.commands)
-        return out.getvalue()
-
-
 def plan(recipe: Recipe, fleet: str | None = None, *, nodes: int | None = None, gpus_per_node: int | None = None,
          gpu_mem: str | None = None, host_mem: str | None = None, link_gbps: float | None = None,
-         bf16: bool | None = None) -> PlanReport:
+         bf16: bool | None = None):
     """Memory per ZeRO stage and offload, the chosen setting and its DeepSpeed config, for `fleet` (a
-    fleet.yaml or hostfile; None: as `deepfleet plan` finds it) or for `nodes` x `gpus_per_node`."""
-    from deepfleet import hardware
-    from deepfleet.cli.plan_cmd import fleet_shape, planned_fleet, train_commands
-    from deepfleet.plan.deepspeed_config import planning_steps, resolve_run_config
-    from deepfleet.prepare import shape_for
+    fleet.yaml or hostfile; None: as `deepfleet plan` finds it) or for `nodes` x `gpus_per_node`.
+    Returns a `prepare.PlanReport`: .table(), .deepspeed_config, .commands, .resolved.plan."""
+    from deepfleet.prepare import build_plan
 
-    planned, local_only = planned_fleet(fleet, nodes, gpus_per_node, hardware.gpu_count())
-    shape_of_fleet = fleet_shape(planned, local_only=local_only, gpu_mem=gpu_mem, host_mem=host_mem,
-                                 link_gbps=link_gbps, bf16=bf16)
-    resolved = resolve_run_config(recipe, world_size=shape_of_fleet.world_size, total_steps=planning_steps(recipe),
-                                  accelerator=shape_of_fleet.accelerator, bf16_supported=shape_of_fleet.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape_of_fleet)
-    return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, planned, shape_of_fleet))
+    return build_plan(recipe, fleet, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem=gpu_mem, host_mem=host_mem,
+                      link_gbps=link_gbps, bf16=bf16)
 
 
 @dataclass(frozen=True)
