@@ -56,8 +56,17 @@ RANK_ERROR_LINE = re.compile(r"^\[(\d+)\]:(" + re.escape(ERROR_LINE_PREFIX) + r"
 RANK_PREEMPTED_LINE = re.compile(r"^\[\d+\]:" + re.escape(PREEMPTED_LINE_PREFIX))
 
 
+_PREEMPTED_AT = re.compile(r"stopped at step (\d+); checkpoint (.+)$")
+
+
 def preempted_line(step: int, checkpoint: str) -> str:
     return f"{PREEMPTED_LINE_PREFIX}stopped at step {step}; checkpoint {checkpoint}"
+
+
+def preempted_at(line: str) -> tuple[int, str] | None:
+    """(step, checkpoint) from a (rank-prefixed) preempted line."""
+    found = _PREEMPTED_AT.search(line)
+    return (int(found.group(1)), found.group(2)) if found else None
 
 
 # The host agent's reports to the head: one JSON object per line after this prefix.

@@ -26,6 +26,7 @@ def test_heartbeat_round_trip_ignores_the_temporary_file(tmp_path):
 def test_rank_lines_round_trip():
     line = "[4]:" + contract.preempted_line(12, "/runs/x/checkpoints/step-12")
     assert contract.RANK_PREEMPTED_LINE.match(line) and contract.RANK_LINE.match(line).group(1) == "4"
+    assert contract.preempted_at(line) == (12, "/runs/x/checkpoints/step-12")
     error = contract.RANK_ERROR_LINE.match("[1]:error: model.name: bad (fix: other)")
     assert error.groups() == ("1", "error: model.name: bad (fix: other)")
     assert contract.RANK_PREFIX_TEMPLATE.replace("${rank}", "4") == "[4]:"

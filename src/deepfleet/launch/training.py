@@ -9,14 +9,13 @@ travels in the environment (on ssh's stdin, like every variable), not as a path.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from deepfleet.contract import EXIT_PREEMPTED, RECIPE_ENV, TRAIN_MODULE
+from deepfleet.contract import EXIT_PREEMPTED, RECIPE_ENV, TRAIN_MODULE, preempted_at
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import options_for
@@ -26,7 +25,6 @@ from deepfleet.launch.supervisor import JobOutcome
 
 TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE]
 DEFAULT_CPU_RANKS = 2
-_PREEMPTED = re.compile(r"stopped at step (\d+); checkpoint (.+)$")
 
 
 def default_nproc(*, gpus: int) -> int:
@@ -123,8 +121,8 @@ def outcome_error(outcome: JobOutcome, *, log_dir: Path) -> DeepfleetError | Non
     if outcome.bad_input:
         return DeepfleetError(problems=[Problem(what=line.removeprefix("error: ")) for line in outcome.bad_input])
     if outcome.preempted:
-        found = _PREEMPTED.search(outcome.preempted_line or "")
-        what = (f"stopped by signal after step {found.group(1)}; checkpoint {found.group(2)} is complete" if found
+        found = preempted_at(outcome.preempted_line or "")
+        what = (f"stopped by signal after step {found[0]}; checkpoint {found[1]} is complete" if found
                 else "stopped by signal after writing a checkpoint")
         return DeepfleetError(what, where="train", fix="run the same command again to resume",
                               exit_code=EXIT_PREEMPTED)
