@@ -169,6 +169,13 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(dict.fromkeys(token for token in ids if token is not None))
 
 
+def generation_stop_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The model's own generation_config eos ids, then eos and the template's end-of-turn token."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(token for token in [*configured, *stop_token_ids(tokenizer)] if token is not None))
+
+
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer itself starts every encoding with its bos token (Llama, Gemma, OPT...)."""
     bos = tokenizer.bos_token_id

@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from deepfleet.errors import DeepfleetError, exception_summary
-from deepfleet.train.chat_labels import adds_bos, stop_token_ids
+from deepfleet.train.chat_labels import adds_bos, generation_stop_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -105,13 +105,6 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str
     if adds_bos(tokenizer) and not prompt.startswith(tokenizer.bos_token):
         prompt = tokenizer.bos_token + prompt
     return prompt
-
-
-def generation_stop_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """eos, the template's end-of-turn token, and the model's own generation_config eos ids."""
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    configured = configured if isinstance(configured, list) else [configured]
-    return list(dict.fromkeys([*stop_token_ids(tokenizer), *(token for token in configured if token is not None)]))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from deepfleet.train.chat_labels import stop_token_ids
+from deepfleet.train.chat_labels import generation_stop_ids
 
 FINAL_DIR = "final"
 BASE_SUBDIR = "base"           # built-in base weights next to a LoRA adapter (they exist nowhere else)
@@ -73,8 +73,7 @@ def stop_generation_at_turn_end(module, tokenizer: PreTrainedTokenizerBase) -> N
     config = getattr(module, "generation_config", None)
     if config is None:
         return
-    configured = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    stops = list(dict.fromkeys(token for token in [*configured, *stop_token_ids(tokenizer)] if token is not None))
+    stops = generation_stop_ids(module, tokenizer)
     config.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 
