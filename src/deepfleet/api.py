@@ -38,14 +38,15 @@ def load_recipe(path: str | Path | None = None, overrides: Mapping[str, Any] | l
 
 def plan(recipe: Recipe, fleet: str | None = None, *, nodes: int | None = None, gpus_per_node: int | None = None,
          gpu_mem: str | None = None, host_mem: str | None = None, link_gbps: float | None = None,
-         bf16: bool | None = None):
+         bf16: bool | None = None, facts_file: str | None = None):
     """Memory per ZeRO stage and offload, the chosen setting and its DeepSpeed config, for `fleet` (a
-    fleet.yaml or hostfile; None: as `deepfleet plan` finds it) or for `nodes` x `gpus_per_node`.
+    fleet.yaml or hostfile; None: as `deepfleet plan` finds it; its hosts asked over ssh, or their facts
+    read from `facts_file`, a `deepfleet doctor --record` file) or for `nodes` x `gpus_per_node`.
     Returns a `prepare.PlanReport`: .table(), .deepspeed_config, .commands, .resolved.plan."""
     from deepfleet.prepare import build_plan
 
     return build_plan(recipe, fleet, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem=gpu_mem, host_mem=host_mem,
-                      link_gbps=link_gbps, bf16=bf16)
+                      link_gbps=link_gbps, bf16=bf16, facts_file=facts_file)
 
 
 @dataclass(frozen=True)

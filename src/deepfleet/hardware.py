@@ -17,6 +17,12 @@ def gpu_memory_bytes() -> int:
     return torch.cuda.get_device_properties(0).total_memory
 
 
+def gpu_models() -> tuple[str, ...]:
+    """Distinct names of the visible GPUs (callers check gpu_count() first)."""
+    import torch
+    return tuple(sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}))
+
+
 def gpu_bf16_supported() -> bool:
     import torch
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -6,16 +6,16 @@ job every host runs. Nothing here writes anything.
 from __future__ import annotations
 
 import json
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from deepfleet import hardware
 from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.host_hardware import HostHardware, check_fleet_hardware, local_hardware
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.sources import local_host, resolve_fleet
-from deepfleet.launch.training import (TrainingJob, cpu_threads_per_rank, default_nproc, fleet_world_size,
-                                       is_local_only, render_training_plan, training_fleet)
+from deepfleet.fleet_hardware import FleetHardware, fleet_hardware
+from deepfleet.launch.training import (TrainingJob, cpu_threads_per_rank, default_nproc, is_local_only,
+                                       render_training_plan)
 from deepfleet.plan.choose import FleetShape
 from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, planning_steps, resolve_run_config
 from deepfleet.plan.memory import ModelShape, model_shape_from_config
@@ -26,11 +26,13 @@ from deepfleet.plan.recipe import Recipe
 class PreparedRun:
     recipe: Recipe          # what the ranks get: `deepspeed: auto` resolved
     job: TrainingJob
+    hardware: FleetHardware
+    shape: FleetShape       # what the planner saw of the fleet
     note: str = ""          # the planner's choice for `deepspeed: auto`, or ""
 
     @property
     def world_size(self) -> int:
-        return fleet_world_size(self.job.fleet, self.job.nproc_per_node)
+        return self.job.world_size
 
     @property
     def local(self) -> bool:
@@ -51,17 +53,11 @@ def resolved_recipe_json(recipe: Recipe) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def resolve_auto_zero(recipe: Recipe, *, nproc: int, nodes: int = 1) -> tuple[Recipe, str]:
-    """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees.
-    The head's accelerators stand for the fleet's: doctor checks that every host matches."""
+def resolve_auto_zero(recipe: Recipe, fleet: FleetShape) -> tuple[Recipe, str]:
+    """`deepspeed: auto`: the planner picks stage, offload and micro batch once, here, so every rank agrees."""
     if recipe.deepspeed.zero != "auto" or recipe.deepspeed.config is not None:
         return recipe, ""
-    host_memory = hardware.host_memory_bytes()
-    gpus = hardware.gpu_count() > 0
-    fleet = FleetShape(nodes=nodes, ranks_per_node=nproc, accelerator="cuda" if gpus else "cpu",
-                       device_memory_bytes=hardware.gpu_memory_bytes() if gpus else host_memory,
-                       host_memory_bytes=host_memory, bf16_supported=hardware.gpu_bf16_supported())
-    choice = resolve_run_config(recipe, world_size=nodes * nproc, total_steps=planning_steps(recipe),
+    choice = resolve_run_config(recipe, world_size=fleet.world_size, total_steps=planning_steps(recipe),
                                 accelerator=fleet.accelerator, bf16_supported=fleet.bf16_supported,
                                 model_shape=shape_for(recipe), fleet=fleet).plan.choice
     deepspeed = recipe.deepspeed.model_copy(update={
@@ -74,7 +70,7 @@ def resolve_auto_zero(recipe: Recipe, *, nproc: int, nodes: int = 1) -> tuple[Re
     return recipe.model_copy(update={"deepspeed": deepspeed, "train": train}), note
 
 
-def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: int) -> int | None:
+def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: bool) -> int | None:
     """Size of one checkpoint when checkpoints are on (from the model config on the meta device)."""
     if not (recipe.checkpoint.every_steps or recipe.checkpoint.every_minutes):
         return None
@@ -86,24 +82,66 @@ def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: int) -> int | None:
                             precision_bytes=precision_bytes)
 
 
-def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None) -> PreparedRun:
-    """The run on `fleet` (this machine alone: `nproc` ranks, default one per GPU or 2 CPU ranks),
-    checked before launch; a DeepfleetError lists every problem found."""
+def cpu_threads(found: FleetHardware) -> int | None:
+    """OMP_NUM_THREADS per rank on CPU hosts: the smallest host's cores over its ranks."""
+    if found.accelerator != "cpu":
+        return None
+    return min(cpu_threads_per_rank(cpu_count=h.cpu_count or 1, nproc=host.slots or 1)
+               for host, h in zip(found.fleet.hosts, found.hosts))
+
+
+def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_file: str | None = None
+                     ) -> PreparedRun:
+    """The run on `fleet` (this machine alone: `nproc` ranks, default one per GPU or 2 CPU ranks), planned
+    from the hosts' own hardware and checked before launch; a DeepfleetError lists every problem found."""
     from deepfleet.train.preflight import check_before_launch
 
-    gpus = hardware.gpu_count()
-    local = is_local_only(fleet)
-    fleet = training_fleet(fleet, nproc=nproc, gpus=gpus)
-    nproc_per_node = None if local else nproc
-    per_node = nproc_per_node or fleet.hosts[0].slots
-    recipe, note = resolve_auto_zero(recipe, nproc=per_node, nodes=len(fleet.hosts))
-    check_before_launch(recipe, world_size=fleet_world_size(fleet, nproc_per_node),
-                        accelerator="cuda" if gpus else "cpu", cuda_available=gpus > 0,
+    found = fleet_hardware(fleet, nproc=nproc, facts_file=facts_file)
+    check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision)
+    shape = found.shape()
+    recipe, note = resolve_auto_zero(recipe, shape)
+    gpus = shape.accelerator == "cuda"
+    check_before_launch(recipe, world_size=shape.world_size, accelerator=shape.accelerator,
+                        bf16_supported=shape.bf16_supported, cuda_available=gpus,
+                        bitsandbytes_installed=all(h.bitsandbytes for h in found.hosts),
                         checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
-    threads = None if gpus else cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=per_node)
-    job = TrainingJob(fleet=fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
-                      output_dir=recipe.output_path, nproc_per_node=nproc_per_node, cpu_threads=threads)
-    return PreparedRun(recipe=recipe, job=job, note=note)
+    job = TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
+                      output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
+    return PreparedRun(recipe=recipe, job=job, hardware=found, shape=shape, note=note)
+
+
+def dry_run_report(prepared: PreparedRun) -> "PlanReport":
+    """`deepfleet train --dry-run`: the plan of the resolved recipe on the fleet found, and its commands."""
+    recipe, shape = prepared.recipe, prepared.shape
+    resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
+                                  accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
+                                  model_shape=shape_for(recipe), fleet=shape)
+    return PlanReport(recipe=recipe, resolved=resolved, commands=render_training_plan(prepared.job).splitlines(),
+                      hardware=prepared.hardware, summary=run_summary(recipe, prepared.hardware, resolved))
+
+
+def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpeedConfig) -> list[str]:
+    from deepfleet.plan.render import optimizer_description
+
+    fleet, config = resolved.plan.fleet if resolved.plan else None, resolved.config
+    precision = "bf16" if config["bf16"].get("enabled") else "fp16" if config["fp16"].get("enabled") else "fp32"
+    ranks = (f"{fleet.world_size} ranks ({fleet.ranks_per_node} per host) on {fleet.accelerator}"
+             if fleet else f"{found.world_size} ranks")
+    backend = "NCCL" if found.accelerator == "cuda" else "gloo"
+    return [f"hosts: {found.describe()}", f"ranks: {ranks}, {backend}, precision {precision}",
+            f"model: {planned_attention(recipe, found)}", f"optimizer: {optimizer_description(config)}"]
+
+
+def planned_attention(recipe: Recipe, found: FleetHardware) -> str:
+    """The attention the ranks will choose (train/families.py), from the hosts' device and flash-attn."""
+    from deepfleet.train.families import choose_attention
+    from deepfleet.train.model import load_model_config, model_family
+
+    family = model_family(recipe, load_model_config(recipe.model))
+    choice = choose_attention(family, requested=recipe.model.attn_implementation, device_type=found.accelerator,
+                              packed_rows=recipe.data.packing,
+                              flash_available=found.accelerator == "cuda" and all(h.flash_attn for h in found.hosts))
+    return f"{family.label}, attention {choice.describe()}"
 
 
 GiB = 2**30
@@ -120,59 +158,58 @@ def parse_memory_size(text: str, option: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def planned_fleet(fleet_file: str | None, nodes: int | None, gpus_per_node: int | None,
-                  local_gpus: int) -> tuple[Fleet, bool]:
-    """The fleet to plan for, and whether it is this machine alone: --nodes/--gpus-per-node describe
-    hosts not named yet (node1..nodeN); else the fleet deepfleet finds (--fleet, ./fleet.yaml, SLURM,
-    PBS); else this machine, with one rank per GPU or 2 CPU ranks."""
+def planned_hardware(fleet_file: str | None, *, nodes: int | None, gpus_per_node: int | None,
+                     facts_file: str | None, gpu_mem: str | None = None) -> tuple[FleetHardware, bool]:
+    """The fleet to plan for and its hardware, and whether it is hypothetical: --nodes/--gpus-per-node
+    describe hosts not named yet (node1..nodeN, like this machine); else the fleet deepfleet finds
+    (--fleet, ./fleet.yaml, SLURM, PBS) with its hosts' own facts, or, given --gpu-mem and every
+    host's slots, as the options say (no host is asked); else this machine."""
     if fleet_file and nodes:
         raise DeepfleetError("both --fleet and --nodes given", where="command line",
                              fix="plan for the fleet file, or for --nodes/--gpus-per-node, not both")
     if nodes or gpus_per_node:
-        ranks = gpus_per_node or default_nproc(gpus=local_gpus)
+        here = local_hardware("this machine")
+        ranks = gpus_per_node or default_nproc(gpus=here.gpu_count)
         hosts = ((local_host(slots=ranks),) if (nodes or 1) == 1 else
                  tuple(Host(name=f"node{i}", address=f"node{i}", slots=ranks) for i in range(1, nodes + 1)))
-        return Fleet(hosts=hosts, source="--nodes/--gpus-per-node"), False
+        found = FleetHardware(fleet=Fleet(hosts=hosts, source="--nodes/--gpus-per-node"),
+                              hosts=tuple(replace(here, name=h.name) for h in hosts), source="this machine")
+        return found, not is_local_only(found.fleet)
     is_yaml = fleet_file is not None and fleet_file.lower().endswith((".yaml", ".yml"))
     fleet = resolve_fleet(fleet_file=fleet_file if is_yaml else None, hostfile=None if is_yaml else fleet_file)
-    if is_local_only(fleet):
-        return training_fleet(fleet, nproc=None, gpus=local_gpus), True
-    slots = {host.slots for host in fleet.hosts}
-    if len(slots) > 1:
-        raise DeepfleetError(f"hosts have different slot counts {sorted(slots)}", where=fleet.source,
-                             fix="plan for equal hosts: give every host the same slots")
-    return fleet, False
+    if gpu_mem and not facts_file and all(h.slots is not None for h in fleet.hosts):
+        hosts = tuple(HostHardware(name=h.name, gpu_count=h.slots or 0) for h in fleet.hosts)
+        return FleetHardware(fleet=fleet, hosts=hosts, source="--gpu-mem"), True
+    return fleet_hardware(fleet, facts_file=facts_file), False
 
 
-def fleet_shape(fleet: Fleet, *, local_only: bool, gpu_mem: str | None, host_mem: str | None,
-                link_gbps: float | None, bf16: bool | None) -> FleetShape:
-    """The fleet's memory and precision: options first, else this machine (GPUs, or CPU ranks in host RAM)."""
-    node_count, ranks = len(fleet.hosts), fleet.hosts[0].slots
-    host_bytes = (parse_memory_size(host_mem, "--host-mem") if host_mem
-                  else (hardware.host_memory_bytes() if local_only else None))
+def fleet_shape(found: FleetHardware, *, hypothetical: bool, gpu_mem: str | None = None, host_mem: str | None = None,
+                link_gbps: float | None = None, bf16: bool | None = None) -> FleetShape:
+    """The planner's view of the fleet: what the options say first, else the hardware found."""
+    known_models = all(h.gpu_models for h in found.hosts)   # bf16 is known too
     if gpu_mem:
-        device_bytes, accelerator = parse_memory_size(gpu_mem, "--gpu-mem"), "cuda"
-        bf16_ok = True if bf16 is None else bf16
-    elif hardware.gpu_count():
-        device_bytes, accelerator = hardware.gpu_memory_bytes(), "cuda"
-        bf16_ok = hardware.gpu_bf16_supported() if bf16 is None else bf16
-    elif not local_only:
+        shape = FleetShape(nodes=len(found.fleet.hosts), ranks_per_node=found.fleet.hosts[0].slots or 1,
+                           accelerator="cuda", device_memory_bytes=parse_memory_size(gpu_mem, "--gpu-mem"),
+                           host_memory_bytes=None,
+                           bf16_supported=all(h.bf16 for h in found.hosts) if known_models else True)
+    elif hypothetical and found.accelerator == "cpu":
         raise DeepfleetError("no GPU here to measure, and the fleet's GPU memory is unknown", where="--gpu-mem",
                              fix="pass --gpu-mem (e.g. --gpu-mem 80GiB) and --host-mem for the fleet's hosts")
     else:
-        device_bytes, accelerator, bf16_ok = host_bytes or hardware.host_memory_bytes(), "cpu", False
-    return FleetShape(nodes=node_count, ranks_per_node=ranks, accelerator=accelerator,
-                      device_memory_bytes=device_bytes, host_memory_bytes=host_bytes, bf16_supported=bf16_ok,
-                      inter_host_gbps=link_gbps)
+        shape = found.shape()
+        if hypothetical:   # hosts not named yet: their memory is not this machine's
+            shape = replace(shape, host_memory_bytes=None)
+    return replace(shape, host_memory_bytes=parse_memory_size(host_mem, "--host-mem") if host_mem
+                   else shape.host_memory_bytes,
+                   bf16_supported=shape.bf16_supported if bf16 is None else bf16,
+                   inter_host_gbps=link_gbps or shape.inter_host_gbps)
 
 
-def train_commands(recipe: Recipe, fleet: Fleet, shape: FleetShape) -> list[str]:
+def train_commands(recipe: Recipe, found: FleetHardware) -> list[str]:
     """What `deepfleet train` would run on each host, from the launcher's own builders."""
-    threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=shape.ranks_per_node) \
-        if shape.accelerator == "cpu" else None
-    job = TrainingJob(fleet=fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
-                      output_dir=recipe.output_path, cpu_threads=threads)
-    return render_training_plan(job, probe=False).splitlines()
+    job = TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
+                      output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
+    return render_training_plan(job).splitlines()
 
 
 @dataclass(frozen=True)
@@ -180,6 +217,8 @@ class PlanReport:
     recipe: Recipe
     resolved: ResolvedDeepSpeedConfig   # .plan (memory rows, choice), .config (the DeepSpeed JSON)
     commands: list[str]                 # what `deepfleet train` would run on each host
+    hardware: FleetHardware             # the hosts planned for, and where their facts came from
+    summary: list[str]                  # hosts, ranks, precision and backend, attention, optimizer
 
     @property
     def deepspeed_config(self) -> dict:
@@ -194,19 +233,25 @@ class PlanReport:
         from deepfleet.plan.render import render_plan
 
         out = io.StringIO()
-        render_plan(Console(file=out, width=140, highlight=False), self.recipe, self.resolved, self.commands)
+        render_plan(Console(file=out, width=140, highlight=False), self.recipe, self.resolved, self.commands,
+                    self.summary)
         return out.getvalue()
 
 
 def build_plan(recipe: Recipe, fleet_file: str | None = None, *, nodes: int | None = None,
                gpus_per_node: int | None = None, gpu_mem: str | None = None, host_mem: str | None = None,
-               link_gbps: float | None = None, bf16: bool | None = None) -> PlanReport:
+               link_gbps: float | None = None, bf16: bool | None = None, facts_file: str | None = None) -> PlanReport:
     """Memory per ZeRO stage and offload, the chosen setting, its DeepSpeed config and the commands, for
-    `fleet_file` (None: the fleet deepfleet finds) or for `nodes` x `gpus_per_node`."""
-    planned, local_only = planned_fleet(fleet_file, nodes, gpus_per_node, hardware.gpu_count())
-    shape = fleet_shape(planned, local_only=local_only, gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps,
+    `fleet_file` (None: the fleet deepfleet finds; its hosts' facts asked over ssh, or read from
+    `facts_file`) or for `nodes` x `gpus_per_node`."""
+    found, hypothetical = planned_hardware(fleet_file, nodes=nodes, gpus_per_node=gpus_per_node,
+                                           facts_file=facts_file, gpu_mem=gpu_mem)
+    if not hypothetical:
+        check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision)
+    shape = fleet_shape(found, hypothetical=hypothetical, gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps,
                         bf16=bf16)
     resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
                                   accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
                                   model_shape=shape_for(recipe), fleet=shape)
-    return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, planned, shape))
+    return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, found), hardware=found,
+                      summary=run_summary(recipe, found, resolved))

@@ -51,6 +51,9 @@ def test_hosts_json_masks_secrets_and_hostfile_prints(monkeypatch, capsys, tmp_p
     assert code == 0
     shown = json.loads(out)
     assert shown["hosts"][0]["env"] == {"HF_TOKEN": "****", "NCCL_DEBUG": "INFO"} and "hf_abc" not in out
+    code, _, err = run_cli(monkeypatch, capsys, "hostfile", "--fleet", str(fleet))
+    assert code == 2 and f"error: {fleet}: slots of host(s) gpu2 not set" in err and "--discover" in err
+    fleet.write_text("hosts:\n  - {address: gpu1, slots: 2}\n  - {address: gpu2, slots: 1}\n")
     code, out, _ = run_cli(monkeypatch, capsys, "hostfile", "--fleet", str(fleet))
     assert code == 0 and out == "gpu1 slots=2\ngpu2 slots=1\n"
 

@@ -80,12 +80,12 @@ def test_check_ds_config_fills_auto(tmp_path):
     assert "ok:" in result.output
 
 
-def test_plan_for_a_hostfile_needs_gpu_memory_then_uses_its_slots(mistral_recipe, tmp_path):
+def test_plan_for_a_hostfile_asks_its_hosts_or_takes_gpu_memory_and_its_slots(mistral_recipe, tmp_path):
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("gpu1 slots=4\ngpu2 slots=4\n")
-    if not torch.cuda.is_available():  # with a local GPU its memory is used for the fleet
-        missing = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--fleet", str(hostfile)])
-        assert isinstance(missing.exception, DeepfleetError) and missing.exception.problems[0].where == "--gpu-mem"
+    hostfile.write_text("gpu1.invalid slots=4\ngpu2.invalid slots=4\n")
+    missing = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--fleet", str(hostfile)])
+    assert isinstance(missing.exception, DeepfleetError)
+    assert [p.where for p in missing.exception.problems] == ["host gpu1.invalid", "host gpu2.invalid"]
     result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--fleet", str(hostfile), "--gpu-mem", "80GiB",
                                       "--json"])
     assert result.exit_code == 0, result.output

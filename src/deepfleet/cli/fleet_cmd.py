@@ -48,7 +48,8 @@ def hosts_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] 
                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Print the resolved fleet: where it came from and every host."""
     fleet = _fleet(fleet_file, hostfile)
-    rows = [{"name": h.name, "address": h.address, "user": h.user, "port": h.port, "slots": h.slots,
+    rows = [{"name": h.name, "address": h.address, "user": h.user, "port": h.port,
+             "slots": h.slots if h.slots is not None else "per GPU",
              "interface": h.interface, "env": masked(dict(h.env))}
             for h in fleet.hosts]
     if as_json:
@@ -62,7 +63,9 @@ def hosts_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] 
         table.add_row(*("" if row[c] in (None, {}) else str(row[c]) for c in
                         ("name", "address", "user", "port", "slots", "interface", "env")))
     Console().print(table)
-    print(f"{sum(h.slots for h in fleet.hosts)} ranks on {len(fleet.hosts)} host(s); python {fleet.python}")
+    per_gpu = sum(h.slots is None for h in fleet.hosts)
+    ranks = f"{sum(h.slots or 0 for h in fleet.hosts)} ranks" + (f" + one per GPU on {per_gpu} host(s)" if per_gpu else "")
+    print(f"{ranks} on {len(fleet.hosts)} host(s); python {fleet.python}")
 
 
 def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
@@ -72,6 +75,10 @@ def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[st
                      ssh_config: Optional[str] = SshConfigOpt) -> None:
     """Print (or write) a DeepSpeed hostfile for the fleet; --discover counts GPUs on each host."""
     fleet = _fleet(fleet_file, hostfile, ssh_config)
+    unknown = [h.name for h in fleet.hosts if h.slots is None]
+    if unknown and not discover:
+        raise DeepfleetError(f"slots of host(s) {', '.join(unknown)} not set", where=fleet.source,
+                             fix="pass --discover (asks each host for its GPU count), or set slots: for them")
     hosts = discover_hosts(fleet, options_for(fleet)) if discover else list(fleet.hosts)
     text = render_hostfile(hosts)
     if output is None:

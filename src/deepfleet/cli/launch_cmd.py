@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import os
 from pathlib import Path
@@ -37,7 +36,7 @@ def launch(
     from deepfleet.fleet.ssh import options_for
     from deepfleet.launch.job import LaunchSettings
     from deepfleet.launch.backends import manual_commands
-    from deepfleet.launch.run import (RunOptions, detect_interface, plan_for, run_deepspeed_backend,
+    from deepfleet.launch.run import (RunOptions, inspect_hosts, plan_for, run_deepspeed_backend,
                                       run_slurm_backend, run_with_restarts)
 
     resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
@@ -46,7 +45,10 @@ def launch(
     if dry_run or backend is not Backend.torchrun:
         # SLURM and manual hosts may not be reachable from here: they get no interface probe.
         probe = backend in (Backend.torchrun, Backend.deepspeed)
-        interface = asyncio.run(detect_interface(resolved, ssh_options)) if probe else None
+        if probe:
+            resolved, interface = inspect_hosts(resolved, ssh_options)
+        else:
+            interface = None
         plan = plan_for(resolved, settings, ssh_options=ssh_options, extra_env={}, interface=interface)
         if backend is Backend.deepspeed:
             code = run_deepspeed_backend(resolved, plan, run_dir=run_dir, ssh_options=ssh_options, dry_run=dry_run)

@@ -10,10 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.sources import resolve_fleet
-from deepfleet.launch.training import render_training_plan, run_training
+from deepfleet.launch.training import run_training
 from deepfleet.plan.recipe_io import load_recipe
-from deepfleet.prepare import prepare_training
+from deepfleet.prepare import dry_run_report, prepare_training
 
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
 
@@ -41,6 +42,7 @@ def train(
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure (training resumes from the last checkpoint)"),
     hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without a training step before the job is torn down"),
     all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank, not only rank 0"),
+    facts: Optional[str] = typer.Option(None, "--facts", help="With --dry-run: the hosts' facts from a `deepfleet doctor --record` file instead of asking them over ssh"),
 ) -> None:
     """Train on this machine or on every host (./fleet.yaml, --fleet, --hostfile, SLURM/PBS); saves output_dir/final.
 
@@ -50,11 +52,15 @@ def train(
     recipe_path, override_list = _split_recipe_argument(recipe, overrides)
     override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
-    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile), nproc=nproc)
+    if facts and not dry_run:
+        raise DeepfleetError("--facts is for --dry-run only", where="--facts",
+                             fix="add --dry-run, or drop --facts: a real run asks the hosts themselves")
+    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile), nproc=nproc,
+                                facts_file=facts)
     if prepared.note:
         print(f"# {prepared.note}")
     if dry_run:
-        print(render_training_plan(prepared.job))
+        print(dry_run_report(prepared).table(), end="")
         return
     seconds = run_training(prepared.job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs)
     print(f"done in {seconds:.0f} s: {prepared.recipe.output_path / 'final'}")

@@ -35,7 +35,7 @@ class _Section(BaseModel):
 class HostDefaults(_Section):
     user: Optional[str] = None
     port: Optional[int] = None
-    slots: int = 1
+    slots: Optional[int] = None      # None: one rank per GPU the host has (1 on a CPU host)
     interface: Optional[str] = None
     python: Optional[str] = None
     env: dict[str, str] = {}
@@ -158,7 +158,8 @@ def render_fleet_yaml(fleet: Fleet) -> str:
         for key in ("user", "port", "interface", "python"):
             if getattr(host, key) is not None:
                 entry[key] = getattr(host, key)
-        entry["slots"] = host.slots
+        if host.slots is not None:
+            entry["slots"] = host.slots
         if host.env:
             entry["env"] = dict(host.env)
         hosts.append(entry)

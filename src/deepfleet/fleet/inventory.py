@@ -30,7 +30,7 @@ class Host:
     address: str
     user: str | None = None          # None: ssh's own default (~/.ssh/config, then $USER)
     port: int | None = None          # None: ssh's own default
-    slots: int = 1                   # ranks to start here (GPUs, or configured count on CPU)
+    slots: int | None = None         # ranks to start here; None: one per GPU found there (1 on a CPU host)
     interface: str | None = None     # NCCL/GLOO socket interface override
     python: str | None = None        # interpreter on this host; None: the fleet's
     env: tuple[tuple[str, str], ...] = ()
@@ -117,7 +117,7 @@ def validate_host(host: Host, where: str) -> list[Problem]:
             break
     if host.user is not None and (message := user_problem(host.user)):
         problems.append(Problem(what=message, where=where, fix="use the login name, e.g. user: ubuntu"))
-    if not 1 <= host.slots <= MAX_SLOTS:
+    if host.slots is not None and not 1 <= host.slots <= MAX_SLOTS:
         problems.append(Problem(what=f"slots={host.slots} for host {host.name!r}", where=where,
                                 fix=f"slots is the number of ranks on that host: 1 to {MAX_SLOTS} "
                                     "(remove the host to skip it)"))

@@ -66,7 +66,7 @@ def rank_command(command: list[str], python: str) -> list[str]:
     return list(command)
 
 
-def _nproc(host: Host, settings: LaunchSettings) -> int:
+def _nproc(host: Host, settings: LaunchSettings) -> int | None:
     return settings.nproc_per_node or host.slots
 
 
@@ -77,6 +77,11 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
     if not settings.command:
         raise DeepfleetError("no command to launch", where="command line",
                              fix="put the command after --, e.g. deepfleet launch -- python train.py")
+    unknown = [host.name for host in fleet.hosts if _nproc(host, settings) is None]
+    if unknown:
+        raise DeepfleetError(f"slots of host(s) {', '.join(unknown)} unknown", where=fleet.source,
+                             fix="set slots: for them (one rank per GPU), or use the torchrun backend, which asks "
+                                 "each host for its GPUs")
     counts = {_nproc(host, settings) for host in fleet.hosts}
     if len(counts) > 1:
         raise DeepfleetError(f"hosts have different slot counts {sorted(counts)}", where=fleet.source,

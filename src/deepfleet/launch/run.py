@@ -7,10 +7,12 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.fleet.facts import probe_hosts
+from deepfleet.fleet.discover import probe_fleet
+from deepfleet.fleet.facts import HostFacts
+from deepfleet.fleet.host_hardware import hardware_from_facts, with_slots
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
 from deepfleet.fleet.ssh import SshOptions, ssh_option_args
@@ -25,19 +27,22 @@ from deepfleet.launch.supervisor import JobOutcome, Supervisor, SupervisorOption
 SAME_HOST_FAILURE_LIMIT = 2
 
 
-async def detect_interface(fleet: Fleet, options: SshOptions, *, timeout: float = 30.0) -> InterfaceChoice | None:
-    """The subnet every host shares (one probe round trip), or None for a single host."""
+def interface_from_facts(fleet: Fleet, facts: Sequence[HostFacts]) -> InterfaceChoice | None:
+    """The subnet every host shares, from the hosts' probe facts; None for a single host."""
     if len(fleet.hosts) == 1:
         return None
-    facts = await probe_hosts(fleet.hosts, python_for=fleet.python_for, params_for=lambda host: {},
-                              options=options, timeout=timeout)
-    problems = [f"{f.host.name}: {f.failure.what if f.failure else f.error}" for f in facts if not f.ok]
-    if problems:
-        raise DeepfleetError(f"cannot reach {'; '.join(problems)}", where=fleet.source,
-                             fix="run `deepfleet doctor` for the full diagnosis")
     preferred = {host.name: host.interface for host in fleet.hosts if host.interface}
     known = {f.host.name: f.get("interfaces") for f in facts if f.get("interfaces") is not None}
     return select_shared_interface(known, preferred, {host.name: host.address for host in fleet.hosts})
+
+
+def inspect_hosts(fleet: Fleet, options: SshOptions) -> tuple[Fleet, InterfaceChoice | None]:
+    """The fleet with unconfigured slots set to each host's GPU count, and the subnet every host shares:
+    one probe round trip, none for a single host whose slots are known."""
+    if len(fleet.hosts) == 1 and fleet.hosts[0].slots is not None:
+        return fleet, None
+    facts = probe_fleet(fleet, options)
+    return with_slots(fleet, [hardware_from_facts(f) for f in facts]), interface_from_facts(fleet, facts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,9 +60,12 @@ def plan_for(fleet: Fleet, settings: LaunchSettings, *, ssh_options: SshOptions,
 
 
 def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOptions, *, ssh_options: SshOptions,
-                      extra_env: Mapping[str, str], write: Callable[[str], None] = print) -> JobOutcome:
-    """Launch, supervise, and relaunch up to `max_restarts` times; returns the last attempt's outcome."""
-    interface = asyncio.run(detect_interface(fleet, ssh_options))
+                      extra_env: Mapping[str, str], interface: InterfaceChoice | None = None,
+                      write: Callable[[str], None] = print) -> JobOutcome:
+    """Launch, supervise, and relaunch up to `max_restarts` times; returns the last attempt's outcome.
+    `interface`: the shared subnet when the caller already inspected the hosts."""
+    if interface is None:
+        fleet, interface = inspect_hosts(fleet, ssh_options)
     if interface and interface.network:
         write(f"interface: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}")
     failed_first: list[str] = []

@@ -20,7 +20,8 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import options_for
 from deepfleet.launch.job import LaunchSettings
-from deepfleet.launch.run import RunOptions, detect_interface, plan_for, run_with_restarts
+from deepfleet.fleet.network import InterfaceChoice
+from deepfleet.launch.run import RunOptions, plan_for, run_with_restarts
 from deepfleet.launch.supervisor import JobOutcome
 
 TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE]
@@ -49,10 +50,6 @@ def training_fleet(fleet: Fleet, *, nproc: int | None, gpus: int) -> Fleet:
     return replace(fleet, hosts=(host,), master_port=0)
 
 
-def fleet_world_size(fleet: Fleet, nproc_per_node: int | None) -> int:
-    return sum(nproc_per_node or host.slots for host in fleet.hosts)
-
-
 def training_env(recipe_json: str, recipe_env: Mapping[str, str], *, cpu_threads: int | None) -> dict[str, str]:
     threads = {"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else {}
     return {RECIPE_ENV: json.dumps(json.loads(recipe_json)), **threads, **recipe_env}
@@ -64,27 +61,27 @@ class TrainingJob:
     recipe_json: str                 # the resolved recipe every rank loads
     recipe_env: Mapping[str, str]    # the recipe's env: section
     output_dir: Path                 # per-host logs go to output_dir/logs/attempt-N/
-    nproc_per_node: int | None = None
     cpu_threads: int | None = None   # OMP_NUM_THREADS per rank on CPU hosts; None leaves it alone
+    interface: InterfaceChoice | None = None   # the subnet the hosts share; None: one host, or not known yet
 
     @property
     def settings(self) -> LaunchSettings:
-        return LaunchSettings(command=TRAIN_COMMAND, nproc_per_node=self.nproc_per_node)
+        return LaunchSettings(command=TRAIN_COMMAND)
+
+    @property
+    def world_size(self) -> int:
+        return sum(host.slots or 0 for host in self.fleet.hosts)
 
     @property
     def env(self) -> dict[str, str]:
         return training_env(self.recipe_json, self.recipe_env, cpu_threads=self.cpu_threads)
 
 
-def render_training_plan(job: TrainingJob, *, probe: bool = True) -> str:
-    """What would run on every host, secrets masked (--dry-run). Without `probe` (deepfleet plan) no
-    host is contacted, so the shared private interface is not known yet."""
-    import asyncio
-
-    ssh_options = options_for(job.fleet)
-    interface = asyncio.run(detect_interface(job.fleet, ssh_options)) if probe else None
-    text = plan_for(job.fleet, job.settings, ssh_options=ssh_options, extra_env=job.env, interface=interface).render()
-    if not probe and len(job.fleet.hosts) > 1:
+def render_training_plan(job: TrainingJob) -> str:
+    """What would run on every host, secrets masked (--dry-run, and the commands `deepfleet plan` shows)."""
+    text = plan_for(job.fleet, job.settings, ssh_options=options_for(job.fleet), extra_env=job.env,
+                    interface=job.interface).render()
+    if job.interface is None and len(job.fleet.hosts) > 1:
         text += "\n(at launch: the master address and NCCL/GLOO interface variables of the subnet all hosts share)"
     return text
 
@@ -94,7 +91,7 @@ def run_training_job(job: TrainingJob, *, max_restarts: int, hang_timeout: float
     options = RunOptions(run_dir=job.output_dir, max_restarts=max_restarts, hang_timeout=hang_timeout,
                          all_logs=all_logs)
     return run_with_restarts(job.fleet, job.settings, options, ssh_options=options_for(job.fleet),
-                             extra_env=job.env, write=write)
+                             extra_env=job.env, interface=job.interface, write=write)
 
 
 def run_training(job: TrainingJob, *, max_restarts: int = 0, hang_timeout: float = 60.0, all_logs: bool = False,

@@ -42,8 +42,25 @@ def memory_table(plan: Plan) -> Table:
     return table
 
 
-def render_plan(console: Console, recipe: Recipe, resolved: ResolvedDeepSpeedConfig, commands: list[str]) -> None:
+def optimizer_description(config: dict) -> str:
+    """Which optimizer DeepSpeed will build from a config, and whether it needs a compiled op."""
+    optimizer = config.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    offload = ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        return f"DeepSpeedCPUAdam (optimizer offloaded to {offload}; DeepSpeed op cpu_adam, built at first use)"
+    if params.get("torch_adam"):
+        return "torch AdamW" + (" (fused)" if params.get("fused") else "") + " through DeepSpeed (nothing to build)"
+    if str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        return "DeepSpeed FusedAdam (DeepSpeed op fused_adam, built at first use unless prebuilt)"
+    return str(optimizer.get("type") or "none (the model's own)")
+
+
+def render_plan(console: Console, recipe: Recipe, resolved: ResolvedDeepSpeedConfig, commands: list[str],
+                summary: list[str] = ()) -> None:
     plan, shape = resolved.plan, resolved.plan.shape
+    for line in summary:
+        console.print(line, markup=False, highlight=False)
     console.print(f"model {recipe.model.name}: {shape.total_params / 1e9:.3f}B parameters, "
                   f"{shape.trainable_params / 1e9:.3f}B trainable ({recipe.method}), "
                   f"largest layer {shape.largest_layer_params / 1e6:.1f}M")

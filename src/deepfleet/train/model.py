@@ -34,15 +34,19 @@ class BuiltModel:
     zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
 
 
-def check_method_supported(recipe: Recipe, *, cuda_available: bool | None = None) -> None:
-    """QLoRA needs CUDA and bitsandbytes; say so before any rank starts."""
+def check_method_supported(recipe: Recipe, *, cuda_available: bool | None = None,
+                           bitsandbytes_installed: bool | None = None) -> None:
+    """QLoRA needs CUDA and bitsandbytes (on the hosts: the head passes their facts); say so before any
+    rank starts."""
     if recipe.method != "qlora":
         return
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not cuda:
         raise DeepfleetError("method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible",
                              where="method", fix="use method: lora on this machine, or run on GPU hosts")
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if bitsandbytes_installed is None:
+        bitsandbytes_installed = importlib.util.find_spec("bitsandbytes") is not None
+    if not bitsandbytes_installed:
         raise DeepfleetError("method qlora needs the bitsandbytes package, which is not installed",
                              where="method", fix="pip install 'deepfleet[qlora]', or use method: lora")
     if recipe.deepspeed.zero == 3:

@@ -90,14 +90,17 @@ def resume_problems(recipe: Recipe, *, world_size: int) -> list[Problem]:
     return []
 
 
-def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, cuda_available: bool,
+def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, bf16_supported: bool,
+                        cuda_available: bool, bitsandbytes_installed: bool,
                         checkpoint_size: int | None = None) -> None:
-    """Model source, method, batch layout / DeepSpeed settings, data paths, output dir; all problems at once."""
+    """Model source, method, batch layout / DeepSpeed settings, data paths, output dir; all problems at once.
+    The hardware facts are the fleet's hosts' (not the head's, which may be a login node)."""
     problems: list[Problem] = []
     for check in (lambda: check_model_source(recipe),
-                  lambda: check_method_supported(recipe, cuda_available=cuda_available),
+                  lambda: check_method_supported(recipe, cuda_available=cuda_available,
+                                                 bitsandbytes_installed=bitsandbytes_installed),
                   lambda: deepspeed_config_for_run(recipe, world_size=world_size, total_steps=planning_steps(recipe),
-                                                   accelerator=accelerator, bf16_supported=cuda_available)):
+                                                   accelerator=accelerator, bf16_supported=bf16_supported)):
         try:
             check()
         except DeepfleetError as exc:
