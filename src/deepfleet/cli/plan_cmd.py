@@ -37,7 +37,8 @@ def _summary(shape: ModelShape, plan: Plan) -> dict[str, Any]:
             "choice": {"stage": plan.choice.stage, "offload": plan.choice.offload,
                        "micro_batch": plan.choice.micro_batch, "grad_accum": plan.choice.grad_accum,
                        "reason": plan.choice.reason, "warnings": list(plan.choice.warnings)},
-            "rows": [{"stage": r.stage, "offload": r.offload, "rank_bytes": r.rank_bytes, "host_bytes": r.host_bytes,
+            "rows": [{"stage": r.stage, "offload": r.offload, "model_states_bytes": r.states.device_bytes,
+                      "rank_bytes": r.rank_bytes, "host_bytes": r.host_bytes,
                       "fits": r.fits} for r in plan.rows]}
 
 

@@ -119,7 +119,8 @@ def fleet_hardware_problems(fleet: Fleet, hardware: Sequence[HostHardware], *, p
                  for h in mixed_within]
     models = {h.gpu_model for h in gpu_hosts if len(h.gpu_models) == 1}
     if len(models) > 1:
-        common = max(models, key=lambda m: sum(h.gpu_model == m for h in gpu_hosts))
+        order = [h.gpu_model for h in gpu_hosts]   # ties go to the first host's model
+        common = max(models, key=lambda m: (order.count(m), -order.index(m)))
         problems += [Problem(what=f"host {h.name} has {h.gpu_model}, the others {common}", where=where,
                              fix="train on hosts with one GPU model (ZeRO splits work evenly, so the slowest "
                                  "GPU would set the pace and the smallest its memory): remove or replace the host")

@@ -60,7 +60,7 @@ def render_plan(console: Console, recipe: Recipe, resolved: ResolvedDeepSpeedCon
                 summary: list[str] = ()) -> None:
     plan, shape = resolved.plan, resolved.plan.shape
     for line in summary:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"model {recipe.model.name}: {shape.total_params / 1e9:.3f}B parameters, "
                   f"{shape.trainable_params / 1e9:.3f}B trainable ({recipe.method}), "
                   f"largest layer {shape.largest_layer_params / 1e6:.1f}M")

@@ -1,0 +1,130 @@
+"""`deepfleet plan` and `deepfleet train --dry-run` on recorded facts of GPU fleets, from this GPU-less
+head: what a login node would print for 2 x 8 H100, 1 x 4 A100, and the fleets it must refuse."""
+
+import json
+
+import pytest
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from typer.testing import CliRunner
+
+from deepfleet.cli.app import app
+from deepfleet.errors import DeepfleetError
+from gpu_fleet_facts import A100, A100_40, H100, V100, host_record, write_fleet
+from plan_model_configs import llama3_8b
+
+
+@pytest.fixture(scope="module")
+def llama_recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-plan")
+    llama3_8b().save_pretrained(root / "llama3-8b")
+    (root / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                      '{"role": "assistant", "content": "hello"}]}\n')
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"model: {root / 'llama3-8b'}\ndeepspeed: auto\nmethod: full\n"
+                      f"data: {{train: {root / 'train.jsonl'}, max_length: 4096}}\n"
+                      f"train: {{global_batch: 256, micro_batch: 4, gradient_checkpointing: true}}\n"
+                      f"output_dir: {root / 'runs'}\n")
+    return recipe
+
+
+def invoke(*args):
+    """Exit code and output as the `deepfleet` command gives them (a DeepfleetError: its lines, exit 2)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if isinstance(result.exception, DeepfleetError):
+        return result.exception.exit_code, result.output + result.exception.render() + "\n"
+    return result.exit_code, result.output
+
+
+def two_h100_hosts(tmp_path, **changes):
+    records = [host_record("h100-a", "10.1.0.11", **changes), host_record("h100-b", "10.1.0.12", **changes)]
+    return write_fleet(tmp_path, records)
+
+
+@pytest.mark.parametrize("command", [["plan"], ["train", "--dry-run"]])
+def test_two_hosts_of_eight_h100(llama_recipe, tmp_path, command):
+    fleet, facts = two_h100_hosts(tmp_path)
+    code, out = invoke(*command, llama_recipe, "--fleet", fleet, "--facts", facts)
+    assert code == 0, out
+    assert f"hosts: 2 host(s): 8 rank(s) on 8 x NVIDIA H100 80GB HBM3 (80 GiB, bf16) per host, from {facts}" in out
+    assert "ranks: 16 ranks (8 per host) on cuda, NCCL, precision bf16" in out
+    assert "attention flash_attention_2 (rows flattened)" in out
+    assert "optimizer: torch AdamW" in out
+    assert '"bf16": {\n    "enabled": true' in out or '"enabled": true' in out
+    assert "--nproc-per-node=8" in out and "--nnodes=2" in out
+    # The interface every host shares with the addresses ssh uses; the rendezvous on h100-a's address there.
+    assert "env NCCL_SOCKET_IFNAME=eth0" in out and "env GLOO_SOCKET_IFNAME=eth0" in out
+    assert "--master-addr=10.1.0.11" in out
+    assert "memory per rank (GPU)" in out
+
+
+def test_plan_json_memory_matches_deepspeeds_estimator(llama_recipe, tmp_path):
+    fleet, facts = two_h100_hosts(tmp_path)
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet, "--facts", facts, "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["fleet"] == {"nodes": 2, "ranks_per_node": 8, "accelerator": "cuda",
+                             "device_memory_bytes": 81559 * 2**20}
+    assert plan["deepspeed_config"]["bf16"]["enabled"] is True
+    _, gpu_bytes = estimate_zero2_model_states_mem_needs(plan["total_params"], num_gpus_per_node=8, num_nodes=2,
+                                                         cpu_offload=False)
+    zero2 = next(r for r in plan["rows"] if (r["stage"], r["offload"]) == (2, "none"))
+    assert abs(zero2["model_states_bytes"] - gpu_bytes) <= 0.01 * gpu_bytes
+
+
+def test_one_host_of_four_a100_without_flash_attn(llama_recipe, tmp_path):
+    fleet, facts = write_fleet(tmp_path, [host_record("a100", "10.1.0.21", gpu=A100, gpus=4, flash_attn=False,
+                                                      infiniband=False)])
+    code, out = invoke("train", "--dry-run", llama_recipe, "--fleet", fleet, "--facts", facts)
+    assert code == 0, out
+    assert "ranks: 4 ranks (4 per host) on cuda, NCCL, precision bf16" in out
+    assert "attention sdpa" in out and "flash_attention_2" not in out
+    assert "--nproc-per-node=4" in out and "NCCL_SOCKET_IFNAME" not in out   # one host: no inter-host traffic
+
+
+def test_v100_plans_fp16_and_refuses_bf16(llama_recipe, tmp_path):
+    fleet, facts = write_fleet(tmp_path, [host_record("v100", "10.1.0.31", gpu=V100, gpus=8)])
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet, "--facts", facts, "--json")
+    assert code == 0, out
+    assert json.loads(out)["deepspeed_config"]["fp16"]["enabled"] is True
+    code, out = invoke("plan", llama_recipe, "precision=bf16", "--fleet", fleet, "--facts", facts)
+    assert code == 2
+    assert out.strip().splitlines()[-1] == ("error: precision: precision bf16, but host v100's Tesla V100-SXM2-32GB "
+                                            "has no bf16 (fix: use precision: fp16 (or auto) on these GPUs)")
+
+
+@pytest.mark.parametrize("records,expected", [
+    ([host_record("g1", "10.1.0.11"), host_record("c1", "10.1.0.12", gpus=0)],
+     "host(s) c1 have no GPU, while g1 do"),
+    ([host_record("g1", "10.1.0.11"), host_record("g2", "10.1.0.12", gpu=A100)],
+     "host g2 has NVIDIA A100-SXM4-80GB, the others NVIDIA H100 80GB HBM3"),
+    ([host_record("g1", "10.1.0.11", gpus=4, slots=8)],
+     "slots=8 on host g1, which has 4 GPU(s)"),
+])
+def test_unfit_fleets_are_refused_in_one_line_naming_the_host(llama_recipe, tmp_path, records, expected):
+    fleet, facts = write_fleet(tmp_path, records)
+    for command in (["plan"], ["train", "--dry-run"]):
+        code, out = invoke(*command, llama_recipe, "--fleet", fleet, "--facts", facts)
+        assert code == 2, out
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0] and "fix:" in errors[0], out
+        assert "Traceback" not in out
+
+
+def test_a_host_missing_from_the_record_is_named(llama_recipe, tmp_path):
+    fleet, _ = write_fleet(tmp_path, [host_record("g1", "10.1.0.11"), host_record("g2", "10.1.0.12")])
+    _, facts = write_fleet(tmp_path, [host_record("g1", "10.1.0.11")], name="old")
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet, "--facts", facts)
+    assert code == 2 and f"no facts for host(s) g2 of {fleet}" in out and "doctor --record" in out
+
+
+def test_smallest_gpu_memory_and_slowest_measured_link_plan_the_fleet(llama_recipe, tmp_path):
+    records = [host_record("g1", "10.1.0.11", gpu=A100, bandwidth_gbps=90.0),
+               host_record("g2", "10.1.0.12", gpu=A100, bandwidth_gbps=8.0)]
+    fleet, facts = write_fleet(tmp_path, records)
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet, "--facts", facts, "--json")
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["fleet"]["device_memory_bytes"] == A100[1] * 2**20
+    assert any("Gbit/s" in line or "link" in line for line in [plan["choice"]["reason"], *plan["choice"]["warnings"]])
+    # 40 GB A100s beside 80 GB ones are a different model name: refused (see above); memory comes from the record.
+    assert A100_40[1] < A100[1]
