@@ -39,10 +39,7 @@ class FleetHardware:
 
     def shape(self) -> FleetShape:
         """What the planner needs: ranks, the smallest memory of any rank and host, bf16 on every GPU."""
-        slots = sorted({host.slots or 0 for host in self.fleet.hosts})
-        if len(slots) > 1:
-            raise DeepfleetError(f"hosts have different slot counts {slots}", where=self.fleet.source,
-                                 fix="plan for equal hosts: give every host the same slots")
+        slots = [host.slots or 0 for host in self.fleet.hosts]
         host_memory = [h.host_memory_bytes for h in self.hosts if h.host_memory_bytes]
         smallest_host = min(host_memory) if len(host_memory) == len(self.hosts) else None
         if self.accelerator == "cuda":
@@ -56,7 +53,8 @@ class FleetHardware:
                                  fix="check /proc/meminfo there: deepfleet doctor")
         else:
             device_memory = smallest_host
-        return FleetShape(nodes=len(self.fleet.hosts), ranks_per_node=slots[0],
+        return FleetShape(nodes=len(self.fleet.hosts), ranks_per_node=max(slots),
+                          total_ranks=sum(slots) if len(set(slots)) > 1 else None,
                           accelerator=self.accelerator,  # type: ignore[arg-type]
                           device_memory_bytes=device_memory, host_memory_bytes=smallest_host,
                           bf16_supported=self.accelerator == "cuda" and all(h.bf16 for h in self.hosts),

@@ -123,11 +123,12 @@ def dry_run_report(prepared: PreparedRun) -> "PlanReport":
 def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpeedConfig) -> list[str]:
     from deepfleet.plan.render import optimizer_description
 
-    fleet, config = resolved.plan.fleet if resolved.plan else None, resolved.config
+    config = resolved.config
     precision = "bf16" if config["bf16"].get("enabled") else "fp16" if config["fp16"].get("enabled") else "fp32"
-    ranks = (f"{fleet.world_size} ranks ({fleet.ranks_per_node} per host) on {fleet.accelerator}"
-             if fleet else f"{found.world_size} ranks")
-    backend = "NCCL" if found.accelerator == "cuda" else "gloo"
+    per_host = "+".join(str(r) for r in sorted({host.slots or 0 for host in found.fleet.hosts}, reverse=True))
+    accelerator = resolved.plan.fleet.accelerator if resolved.plan else found.accelerator
+    ranks = f"{found.world_size} ranks ({per_host} per host) on {accelerator}"
+    backend = "NCCL" if accelerator == "cuda" else "gloo"
     return [f"hosts: {found.describe()}", f"ranks: {ranks}, {backend}, precision {precision}",
             f"model: {planned_attention(recipe, found)}", f"optimizer: {optimizer_description(config)}"]
 
@@ -188,7 +189,9 @@ def fleet_shape(found: FleetHardware, *, hypothetical: bool, gpu_mem: str | None
     """The planner's view of the fleet: what the options say first, else the hardware found."""
     known_models = all(h.gpu_models for h in found.hosts)   # bf16 is known too
     if gpu_mem:
-        shape = FleetShape(nodes=len(found.fleet.hosts), ranks_per_node=found.fleet.hosts[0].slots or 1,
+        slots = [host.slots or 1 for host in found.fleet.hosts]
+        shape = FleetShape(nodes=len(slots), ranks_per_node=max(slots),
+                           total_ranks=sum(slots) if len(set(slots)) > 1 else None,
                            accelerator="cuda", device_memory_bytes=parse_memory_size(gpu_mem, "--gpu-mem"),
                            host_memory_bytes=None,
                            bf16_supported=all(h.bf16 for h in found.hosts) if known_models else True)

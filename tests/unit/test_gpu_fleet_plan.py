@@ -128,3 +128,16 @@ def test_smallest_gpu_memory_and_slowest_measured_link_plan_the_fleet(llama_reci
     assert any("Gbit/s" in line or "link" in line for line in [plan["choice"]["reason"], *plan["choice"]["warnings"]])
     # 40 GB A100s beside 80 GB ones are a different model name: refused (see above); memory comes from the record.
     assert A100_40[1] < A100[1]
+
+
+@pytest.mark.parametrize("command", [["plan"], ["train", "--dry-run"]])
+def test_eight_plus_four_h100(llama_recipe, tmp_path, command):
+    """Seed 001's fleet: one host with 4 GPUs beside one with 8; each host's torchrun gets its own count."""
+    fleet, facts = write_fleet(tmp_path, [host_record("h100-a", "10.1.0.11"),
+                                          host_record("h100-b", "10.1.0.12", gpus=4)])
+    code, out = invoke(*command, llama_recipe, "train.global_batch=192", "--fleet", fleet, "--facts", facts)
+    assert code == 0, out
+    assert "ranks: 12 ranks (8+4 per host) on cuda, NCCL, precision bf16" in out
+    assert "--nproc-per-node=8" in out and "--nproc-per-node=4" in out
+    code, out = invoke(*command, llama_recipe, "--fleet", fleet, "--facts", facts)   # 256 rows over 12 ranks
+    assert code == 2 and "cannot be split evenly over 12 ranks" in out

@@ -67,10 +67,10 @@ def test_hostile_values_are_quoted_for_the_remote_shell():
 def test_bad_launch_requests_are_one_line_errors():
     with pytest.raises(DeepfleetError, match="no command"):
         plan(LaunchSettings(command=[]))
-    uneven = Fleet(hosts=(Host(name="a", address="10.0.0.1", slots=2), Host(name="b", address="10.0.0.2", slots=1)),
-                   source="fleet.yaml")
-    with pytest.raises(DeepfleetError, match="different slot counts"):
-        plan_launch(uneven, LaunchSettings(command=["x"]), job_id="j", cwd="/", parent_env={}, extra_env={},
+    unknown = Fleet(hosts=(Host(name="a", address="10.0.0.1", slots=2), Host(name="b", address="10.0.0.2")),
+                    source="fleet.yaml")
+    with pytest.raises(DeepfleetError, match="slots of host.s. b unknown"):
+        plan_launch(unknown, LaunchSettings(command=["x"]), job_id="j", cwd="/", parent_env={}, extra_env={},
                     interface=None, ssh_options=SshOptions())
     split = InterfaceChoice(network="10.0.0.0/24", per_host={"gpu1": "eth0"}, addresses={"gpu1": "10.0.0.1"}, outside=["gpu2"])
     with pytest.raises(DeepfleetError, match="share no subnet"):
@@ -136,3 +136,21 @@ def test_manual_mode_prints_one_line_per_host_with_secret_references():
     lines = manual_commands(plan(parent_env={"HF_TOKEN": "hf_secret_value"}))
     assert len(lines) == 2 and "--node-rank=1" in lines[1] and lines[1].startswith("# on gpu2")
     assert 'HF_TOKEN="$HF_TOKEN"' in lines[0] and "secret_value" not in "".join(lines)
+
+
+def test_hosts_with_different_gpu_counts_get_their_own_nproc():
+    """Seed 001's hostfile: node2 slots=4 beside 8-slot nodes. torchrun numbers ranks host after host."""
+    from deepfleet.launch.backends import deepspeed_runner_command, slurm_script
+
+    uneven = Fleet(hosts=(Host(name="a", address="10.0.0.1", slots=8), Host(name="b", address="10.0.0.2", slots=4)),
+                   source="hostfile", python="/py")
+    launch = plan_launch(uneven, LaunchSettings(command=["python", "t.py"]), job_id="j", cwd="/w", parent_env={},
+                         extra_env={}, interface=None, ssh_options=SshOptions())
+    assert launch.ranks_per_host == (8, 4) and launch.world_size == 12
+    assert ["--nproc-per-node=8" in h.argv[-1] for h in launch.hosts] == [True, False]
+    assert "--nproc-per-node=4" in launch.hosts[1].argv[-1] and "--node-rank=1" in launch.hosts[1].argv[-1]
+    assert "12 rank(s)" in launch.render().splitlines()[0]
+    ds = deepspeed_runner_command(uneven, launch, state_dir="/s", ssh_args=[], cwd="/w")
+    assert ds.files["/s/hostfile"] == "10.0.0.1 slots=8\n10.0.0.2 slots=4\n"
+    with pytest.raises(DeepfleetError, match="different rank counts"):
+        slurm_script(launch)

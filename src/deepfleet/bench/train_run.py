@@ -8,15 +8,14 @@ is the head's machine or shares its filesystem path; see `metrics_path`).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from deepfleet import hardware
 from deepfleet.bench.scaling import NodeResult, summarize, with_efficiency
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, with_hosts
+from deepfleet.fleet_hardware import fleet_hardware
 from deepfleet.launch.training import TrainingJob, cpu_threads_per_rank, run_training_job
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.metrics import METRICS_FILE, read_metrics
@@ -52,18 +51,19 @@ def check_recipe(recipe: Recipe, options: ScalingOptions) -> None:
 def run_scaling_benchmark(recipe: Recipe, fleet: Fleet, options: ScalingOptions, *,
                           write: Callable[[str], None] = print) -> list[NodeResult]:
     check_recipe(recipe, options)
+    found = fleet_hardware(fleet, nproc=options.nproc_per_node)
     results = []
     for nodes in options.node_counts:
-        hosts = list(fleet.hosts[:nodes])
-        part = with_hosts(fleet, hosts)
-        ranks_per_host = options.nproc_per_node or hosts[0].slots
+        hosts = list(found.fleet.hosts[:nodes])
+        part = with_hosts(found.fleet, hosts)
+        ranks_per_host = hosts[0].slots or 1
         count_recipe = recipe_for_count(recipe, nodes, options.steps)
         write(f"--- {nodes} node(s): {', '.join(h.name for h in hosts)}; {options.steps} steps")
         recipe_json = json.dumps({**count_recipe.model_dump(mode="json", exclude={"env"})})
-        threads = cpu_threads_per_rank(cpu_count=os.cpu_count() or 1, nproc=ranks_per_host)
+        threads = cpu_threads_per_rank(cpu_count=found.hosts[0].cpu_count or 1, nproc=ranks_per_host)
         job = TrainingJob(fleet=part, recipe_json=recipe_json, recipe_env=recipe.env,
-                          output_dir=count_recipe.output_path, nproc_per_node=options.nproc_per_node,
-                          cpu_threads=None if hardware.gpu_count() else threads)
+                          output_dir=count_recipe.output_path, interface=found.interface,
+                          cpu_threads=None if found.accelerator == "cuda" else threads)
         code = run_training_job(job, max_restarts=0, hang_timeout=options.hang_timeout, all_logs=False,
                                 write=write).exit_code
         if code != 0:

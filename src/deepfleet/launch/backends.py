@@ -85,7 +85,7 @@ def deepspeed_runner_command(fleet: Fleet, plan: LaunchPlan, *, state_dir: str, 
     # settings; deepfleet (doctor, and the interface probe before launch) has already checked ssh.
     argv = [job.python, "-m", "deepspeed.launcher.runner", "--hostfile", hostfile, "--launcher", "pdsh",
             "--master_addr", job.master_addr, "--master_port", str(job.master_port), "--no_ssh_check", *script]
-    hosts = [replace(host, slots=job.nproc_per_node) for host in fleet.hosts]
+    hosts = [replace(host, slots=ranks) for host, ranks in zip(fleet.hosts, plan.ranks_per_host)]
     env = {"DS_ENV_FILE": env_file, "PDSH_SSH_ARGS_APPEND": shlex.join(ssh_args)}
     env_lines = "".join(f"{name}={value}\n" for name, value in sorted(exported.items()))
     return DeepSpeedLaunch(argv=argv, env=env, files={hostfile: render_hostfile(hosts), env_file: env_lines},
@@ -98,6 +98,10 @@ def slurm_script(plan: LaunchPlan) -> str:
     Secrets are not written into the script: sbatch/srun pass the submitting shell's environment.
     """
     job, env = plan.job, plan.hosts[0].env
+    if len(set(plan.ranks_per_host)) > 1:
+        raise DeepfleetError(f"hosts have different rank counts {list(plan.ranks_per_host)}", where="--backend slurm",
+                             fix="an sbatch job gives every node the same GPUs: use equal hosts, or the torchrun "
+                                 "backend")
     exports = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items())
                       if not is_secret(name))
     # Evaluated per task: every node gets its own SLURM_NODEID.

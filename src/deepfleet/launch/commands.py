@@ -25,7 +25,7 @@ class JobSpec:
     master_addr: str
     master_port: int
     nnodes: int
-    nproc_per_node: int
+    nproc_per_node: int             # ranks on this host (the job's: on the master host)
     lifeline_timeout: float = 15.0  # agent tears down by itself after this long without the head
     grace: float = 60.0             # SIGTERM -> SIGKILL on a graceful stop (ranks checkpoint meanwhile)
     env: dict[str, str] = field(default_factory=dict)   # job environment, sent on stdin

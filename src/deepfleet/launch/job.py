@@ -31,10 +31,15 @@ class LaunchPlan:
     job: JobSpec
     hosts: list[HostProcess]
     interface: InterfaceChoice | None
+    ranks_per_host: tuple[int, ...]        # in fleet order; hosts may differ (8 + 4 GPUs)
+
+    @property
+    def world_size(self) -> int:
+        return sum(self.ranks_per_host)
 
     def render(self) -> str:
         """Exactly what would run on each host, secrets masked (the --dry-run output)."""
-        lines = [f"job {self.job.job_id}: {self.job.nnodes} host(s), master {self.job.master_addr}:"
+        lines = [f"job {self.job.job_id}: {self.job.nnodes} host(s), {self.world_size} rank(s), master {self.job.master_addr}:"
                  f"{self.job.master_port}"]
         for host in self.hosts:
             lines.append(f"[{host.label}] {shlex.join(host.argv)}")
@@ -82,10 +87,7 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
         raise DeepfleetError(f"slots of host(s) {', '.join(unknown)} unknown", where=fleet.source,
                              fix="set slots: for them (one rank per GPU), or use the torchrun backend, which asks "
                                  "each host for its GPUs")
-    counts = {_nproc(host, settings) for host in fleet.hosts}
-    if len(counts) > 1:
-        raise DeepfleetError(f"hosts have different slot counts {sorted(counts)}", where=fleet.source,
-                             fix="give every host the same slots, or pass --nproc-per-node")
+    ranks = tuple(_nproc(host, settings) or 0 for host in fleet.hosts)
     if interface and interface.outside:
         raise DeepfleetError(f"host(s) {', '.join(interface.outside)} share no subnet with the others",
                              where=fleet.source, fix="run `deepfleet doctor`; set `interface:` per host in fleet.yaml")
@@ -93,15 +95,16 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
                   workdir=fleet.workdir or cwd, master_addr=master_address(fleet, interface),
                   master_port=fleet.master_port if settings.master_port is None else settings.master_port,
                   nnodes=len(fleet.hosts),
-                  nproc_per_node=counts.pop(), lifeline_timeout=settings.lifeline_timeout, grace=settings.grace)
+                  nproc_per_node=ranks[0], lifeline_timeout=settings.lifeline_timeout, grace=settings.grace)
     hosts = []
     for node_rank, host in enumerate(fleet.hosts):
         chosen = host.interface or (interface.per_host.get(host.name) if interface else None)
         env = job_environment(parent_env, interface=chosen, extra={**dict(host.env), **dict(extra_env)})
         python = fleet.python_for(host)
-        host_job = JobSpec(**{**vars(job), "python": python, "env": env,
+        # torchrun gives each host its own rank count; global ranks stay contiguous in host order.
+        host_job = JobSpec(**{**vars(job), "python": python, "env": env, "nproc_per_node": ranks[node_rank],
                               "command": rank_command(settings.command, python)})
         hosts.append(HostProcess(label=host.name, argv=host_argv(host, agent_argv(host_job, node_rank=node_rank),
                                                                  options=ssh_options),
                                  env=agent_env(host_job)))
-    return LaunchPlan(job=job, hosts=hosts, interface=interface)
+    return LaunchPlan(job=job, hosts=hosts, interface=interface, ranks_per_host=ranks)

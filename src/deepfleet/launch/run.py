@@ -72,7 +72,9 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
     for attempt in range(options.max_restarts + 1):
         plan = plan_for(fleet, settings, ssh_options=ssh_options, extra_env=extra_env, interface=interface)
         log_dir = options.run_dir / "logs" / f"attempt-{attempt}"
-        write(f"launching {plan.job.job_id} on {plan.job.nnodes} host(s) x {plan.job.nproc_per_node} rank(s)"
+        ranks = (f"x {plan.job.nproc_per_node} rank(s)" if len(set(plan.ranks_per_host)) == 1
+                 else f"({'+'.join(map(str, plan.ranks_per_host))} ranks)")
+        write(f"launching {plan.job.job_id} on {plan.job.nnodes} host(s) {ranks}"
               + (f" (restart {attempt}/{options.max_restarts})" if attempt else "") + f"; logs in {log_dir}")
         supervisor = Supervisor(plan.hosts, SupervisorOptions(log_dir=log_dir, hang_timeout=options.hang_timeout,
                                                               all_logs=options.all_logs), write=write)

@@ -44,16 +44,17 @@ SLOW_LINK_TIERS: tuple[tuple[Setting, ...], ...] = (
 class FleetShape:
     """What the planner needs to know about the fleet."""
     nodes: int
-    ranks_per_node: int
+    ranks_per_node: int                   # the most ranks on one host (what host memory must hold)
     accelerator: Literal["cuda", "cpu"]
     device_memory_bytes: int              # per GPU; for CPU ranks: the host's memory
     host_memory_bytes: Optional[int]      # per host; None when unknown (host memory not checked)
     bf16_supported: bool = False
     inter_host_gbps: Optional[float] = None   # measured; None when not measured
+    total_ranks: Optional[int] = None     # hosts with different rank counts (8 + 4): their sum
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.ranks_per_node
+        return self.total_ranks or self.nodes * self.ranks_per_node
 
     @property
     def slow_link(self) -> bool:
@@ -156,7 +157,8 @@ def micro_batch_candidates(*, global_batch: int, world_size: int, most: int) -> 
 def evaluate_setting(shape: ModelShape, fleet: FleetShape, workload: Workload, *, stage: int, offload: Offload,
                      micro_batch: int) -> PlanRow:
     states = estimate_model_state_bytes(shape, stage=stage, offload=offload, nodes=fleet.nodes,
-                                        ranks_per_node=fleet.ranks_per_node, precision=workload.precision)
+                                        ranks_per_node=fleet.ranks_per_node, precision=workload.precision,
+                                        world_size=fleet.world_size)
     acts = estimate_activation_bytes(shape, micro_batch=micro_batch, seq_len=workload.seq_len,
                                      precision=workload.precision, eager_attention=workload.eager_attention)
     activation = acts.with_checkpointing if workload.gradient_checkpointing else acts.without_checkpointing

@@ -130,7 +130,8 @@ def _gradient_bytes(trainable: int, *, stage: int, world: int, precision: Precis
 
 def estimate_model_state_bytes(shape: ModelShape, *, stage: int, offload: Offload, nodes: int,
                                ranks_per_node: int, precision: Precision = "bf16",
-                               frozen_bytes_per_param: float | None = None) -> ModelStateBytes:
+                               frozen_bytes_per_param: float | None = None,
+                               world_size: int | None = None) -> ModelStateBytes:
     """Model-state bytes per rank (device) and per host (CPU) for one ZeRO stage and offload setting.
 
     Mixed precision (bf16/fp16), as DeepSpeed's estimators assume: 16-bit weights, gradients (see
@@ -138,11 +139,12 @@ def estimate_model_state_bytes(shape: ModelShape, *, stage: int, offload: Offloa
     18/N at ZeRO-3. fp32 (CPU ranks): the model's own fp32 weights are the working copy; ZeRO-1/2/3 still
     keep a cloned fp32 partition for the optimizer. Only trainable parameters (LoRA) get gradients and
     optimizer states. Frozen weights are `frozen_bytes_per_param` wide when given, else the shape's (QLoRA),
-    else as wide as the working weights.
+    else as wide as the working weights. `world_size` defaults to nodes x ranks_per_node; hosts with
+    different rank counts pass their sum (ranks_per_node is then the most on one host).
     """
     if not is_valid_zero_setting(stage, offload):
         raise ValueError(f"ZeRO-{stage} cannot offload {offload}")
-    world = nodes * ranks_per_node
+    world = world_size or nodes * ranks_per_node
     total, trainable = shape.total_params, shape.trainable_params
     weight = FP32_BYTES if precision == "fp32" else 2
     frozen_width = next((w for w in (frozen_bytes_per_param, shape.frozen_bytes_per_param) if w is not None), weight)
@@ -159,13 +161,14 @@ def estimate_model_state_bytes(shape: ModelShape, *, stage: int, offload: Offloa
                            optimizer_states=optimizer,
                            largest_layer=FP32_BYTES * shape.largest_layer_params if stage == 3 else 0,
                            host_bytes=_host_bytes(shape, stage=stage, offload=offload, nodes=nodes,
-                                                  ranks_per_node=ranks_per_node))
+                                                  ranks_per_node=ranks_per_node, world=world))
 
 
-def _host_bytes(shape: ModelShape, *, stage: int, offload: Offload, nodes: int, ranks_per_node: int) -> int:
+def _host_bytes(shape: ModelShape, *, stage: int, offload: Offload, nodes: int, ranks_per_node: int,
+                world: int) -> int:
     """Host (CPU) memory per node, as DeepSpeed estimates it: every rank loads an fp32 copy of the model
     (ZeRO-3 with zero.Init only one layer at a time), and offloaded states live in host memory."""
-    total, world = shape.total_params, nodes * ranks_per_node
+    total = shape.total_params
     optimizer_bytes = (2 * FP32_BYTES + ADAM_STATE_BYTES) * shape.trainable_params  # fp32 grads, master, Adam
     if stage == 3:
         if offload == "none":
