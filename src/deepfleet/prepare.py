@@ -200,13 +200,15 @@ class PlanReport:
 
 def build_plan(recipe: Recipe, fleet_file: str | None = None, *, nodes: int | None = None,
                gpus_per_node: int | None = None, gpu_mem: str | None = None, host_mem: str | None = None,
-               link_gbps: float | None = None, bf16: bool | None = None) -> PlanReport:
+               link_gbps: float | None = None, bf16: bool | None = None,
+               prebuilt_ops: frozenset[str] = frozenset()) -> PlanReport:
     """Memory per ZeRO stage and offload, the chosen setting, its DeepSpeed config and the commands, for
-    `fleet_file` (None: the fleet deepfleet finds) or for `nodes` x `gpus_per_node`."""
+    `fleet_file` (None: the fleet deepfleet finds) or for `nodes` x `gpus_per_node`. `prebuilt_ops`: the
+    DeepSpeed ops prebuilt on every host (`deepfleet doctor` lists them); the ranks read their own."""
     planned, local_only = planned_fleet(fleet_file, nodes, gpus_per_node, hardware.gpu_count())
     shape = fleet_shape(planned, local_only=local_only, gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps,
                         bf16=bf16)
     resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
                                   accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape)
+                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=prebuilt_ops)
     return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, planned, shape))

@@ -44,6 +44,18 @@ def test_plan_json_for_a_local_model_dir(mistral_recipe):
     assert commands[-1].startswith("(at launch:")
 
 
+def test_plan_assumes_no_prebuilt_ops_unless_told(mistral_recipe):
+    def optimizer(*extra):
+        result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--gpus-per-node", "8",
+                                          "--json", *extra])
+        assert result.exit_code == 0, result.output
+        config = json.loads(result.output)["deepspeed_config"]
+        assert "offload_optimizer" not in config["zero_optimization"]
+        return config["optimizer"]["params"]
+    assert optimizer()["torch_adam"] is True and optimizer()["fused"] is True
+    assert "torch_adam" not in optimizer("--prebuilt-ops", "fused_adam,cpu_adam")
+
+
 def test_plan_table_and_local_command(mistral_recipe):
     result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--gpus-per-node", "8"])
     assert result.exit_code == 0, result.output

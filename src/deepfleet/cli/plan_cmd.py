@@ -48,11 +48,14 @@ def plan(
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1, help="Ranks per host"),
     link_gbps: Optional[float] = typer.Option(None, "--link-gbps", min=0.001, help="Measured inter-host bandwidth, Gbit/s"),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Whether the GPUs support bf16"),
+    prebuilt_ops: str = typer.Option("", "--prebuilt-ops", help="DeepSpeed ops prebuilt on every host, e.g. "
+                                     "fused_adam (as `deepfleet doctor` lists them; default: none)"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """Memory per ZeRO stage and offload, the fastest setting that fits, its DeepSpeed JSON and the commands."""
     report = build_plan(load_recipe(recipe, list(overrides or [])), fleet, nodes=nodes, gpus_per_node=gpus_per_node,
-                        gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps, bf16=bf16)
+                        gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps, bf16=bf16,
+                        prebuilt_ops=frozenset(op.strip() for op in prebuilt_ops.split(",") if op.strip()))
     resolved = report.resolved
     if as_json:
         print(json.dumps({**_summary(resolved.plan.shape, resolved.plan), "deepspeed_config": resolved.config,
