@@ -34,6 +34,11 @@ class FleetHardware:
         return "cuda" if self.hosts and all(h.gpu_count for h in self.hosts) else "cpu"
 
     @property
+    def prebuilt_ops(self) -> frozenset[str]:
+        """DeepSpeed ops prebuilt on every host (the ranks check their own again at start)."""
+        return frozenset.intersection(*(h.prebuilt_ops for h in self.hosts)) if self.hosts else frozenset()
+
+    @property
     def world_size(self) -> int:
         return sum(host.slots or 0 for host in self.fleet.hosts)
 

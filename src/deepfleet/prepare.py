@@ -112,10 +112,10 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
 
 def dry_run_report(prepared: PreparedRun) -> "PlanReport":
     """`deepfleet train --dry-run`: the plan of the resolved recipe on the fleet found, and its commands."""
-    recipe, shape = prepared.recipe, prepared.shape
+    recipe, shape, found = prepared.recipe, prepared.shape, prepared.hardware
     resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
                                   accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape)
+                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=found.prebuilt_ops)
     return PlanReport(recipe=recipe, resolved=resolved, commands=render_training_plan(prepared.job).splitlines(),
                       hardware=prepared.hardware, summary=run_summary(recipe, prepared.hardware, resolved))
 
@@ -255,6 +255,6 @@ def build_plan(recipe: Recipe, fleet_file: str | None = None, *, nodes: int | No
                         bf16=bf16)
     resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
                                   accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape)
+                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=found.prebuilt_ops)
     return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, found), hardware=found,
                       summary=run_summary(recipe, found, resolved))

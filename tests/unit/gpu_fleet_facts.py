@@ -21,7 +21,7 @@ def _package(version: str | None) -> dict:
 
 def host_record(name: str, address: str, *, gpu=H100, gpus: int = 8, slots: int | None = None,
                 flash_attn: bool = True, infiniband: bool = True, bandwidth_gbps: float | None = None,
-                memory_gib: int = 1800, ib_address: str | None = None) -> dict:
+                memory_gib: int = 1800, ib_address: str | None = None, prebuilt_ops: tuple[str, ...] = ()) -> dict:
     """One host's record: `gpus` GPUs of model `gpu` (gpus=0: a CPU host), an Ethernet address on
     10.1.0.0/24 and, with `infiniband`, an active IB port with IPoIB on 192.168.100.0/24."""
     model, memory_mib, capability = gpu
@@ -43,6 +43,9 @@ def host_record(name: str, address: str, *, gpu=H100, gpus: int = 8, slots: int 
         "memory_available_bytes": memory_gib * 2**30, "cpu_count": 192, "interfaces": interfaces,
         "infiniband": [{"device": "mlx5_0", "port": "1", "state": "4: ACTIVE", "link_layer": "InfiniBand"}]
         if infiniband else [],
+        "build": {"cuda_home": "/usr/local/cuda" if gpus else None, "nvcc": None, "ninja": None, "cxx": "/usr/bin/c++",
+                  "deepspeed_ops": {"prebuilt": sorted(prebuilt_ops), "accelerator": "cuda", "torch": "2.13",
+                                    "cuda": "12.6", "hip": "0.0"}},
         "network": {"hops": {}, "master": None,
                     "bandwidth": {"tool": "iperf3", "gbit_s": bandwidth_gbps} if bandwidth_gbps else None},
     }

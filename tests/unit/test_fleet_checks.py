@@ -282,3 +282,89 @@ def test_clock_skew_bounds_use_each_hosts_own_ssh_start():
                           seconds=0.2, started_at=1000.9)
     low, high = facts_from_result(result).skew_bounds()
     assert low <= 0 <= high
+
+
+def build_facts(*, prebuilt=(), nvcc="12.8", ninja=True, libaio=False, torch="2.13", cuda="12.8"):
+    """Hand-written `build` facts of a GPU host, in the probe's shape (remote_probe_build.build_facts)."""
+    return {"cuda_home": "/usr/local/cuda" if nvcc else None, "cuda_headers": bool(nvcc),
+            "nvcc": {"path": "/usr/local/cuda/bin/nvcc", "version": nvcc} if nvcc else None,
+            "ninja": "/usr/bin/ninja" if ninja else None, "ninja_in_env": "/work/main/.venv/bin/ninja",
+            "cxx": "/usr/bin/c++", "python_headers": True,
+            "libaio": {"header": "/usr/include/libaio.h", "library": "/usr/lib/x86_64-linux-gnu/libaio.so"} if libaio
+            else {"header": None, "library": None},
+            "deepspeed_ops": {"prebuilt": sorted(prebuilt), "accelerator": "cuda", "torch": torch, "cuda": cuda,
+                              "hip": "0.0"}}
+
+
+def gpu_hosts(**build):
+    def mutate(records):
+        for r in records:
+            r["data"]["accelerators"] = {"count": 1, "vendor": "nvidia", "models": ["NVIDIA H100 80GB HBM3"],
+                                         "memory_bytes": [81559 << 20], "compute_capability": ["9.0"],
+                                         "cuda": "12.8", "nccl": "2.27.3", "hip": None, "torch_sees": 1}
+            r["data"]["packages"]["torch"]["version"] = "2.13.0+cu128"
+            r["data"]["build"] = build_facts(**build)
+    return mutate
+
+
+def ops_findings(mutate):
+    return {(f.message.split()[0], f.host): f for f in run_checks(collected(mutate)) if f.check == "deepspeed-ops"}
+
+
+def test_ops_all_prebuilt_is_one_ok_line_per_op():
+    found = ops_findings(gpu_hosts(prebuilt={"cpu_adam", "fused_adam", "async_io", "pin_memory"}))
+    assert sorted(found) == [("async_io", "(fleet)"), ("cpu_adam", "(fleet)"), ("fused_adam", "(fleet)")]
+    assert all(f.severity == "ok" and "prebuilt (" in f.message and not f.fix for f in found.values())
+
+
+def test_ops_not_prebuilt_but_nvcc_and_ninja_build_at_first_use():
+    found = ops_findings(gpu_hosts())
+    cpu_adam, fused_adam, async_io = (found[(op, "(fleet)")] for op in ("cpu_adam", "fused_adam", "async_io"))
+    assert cpu_adam.severity == "ok" and "built at first use with c++, ninja (optimizer offload)" in cpu_adam.message
+    assert cpu_adam.fix.startswith("optional") and "DS_BUILD_CPU_ADAM=1 /work/main/.venv/bin/python -m pip install" \
+        in cpu_adam.fix and cpu_adam.fix.endswith("deepspeed==0.19.8")
+    assert "nvcc 12.8" in fused_adam.message and fused_adam.severity == "ok"
+    assert (async_io.severity, async_io.fix) == ("ok", "apt install libaio-dev") and "no libaio-dev" in async_io.message
+
+
+def test_ops_without_nvcc_or_ninja_warn_only_for_what_deepfleet_may_choose():
+    found = ops_findings(gpu_hosts(nvcc=None, ninja=False))
+    assert "fail" not in {f.severity for f in found.values()}   # doctor does not know if the run offloads
+    cpu_adam, fused_adam = found[("cpu_adam", "(fleet)")], found[("fused_adam", "(fleet)")]
+    assert cpu_adam.severity == "warn" and "cannot be built here, no ninja on PATH" in cpu_adam.message
+    assert "apt install ninja-build (torch runs `ninja` from PATH; /work/main/.venv/bin/ninja is not on it)" \
+        == cpu_adam.fix
+    assert fused_adam.severity == "ok" and "no ninja on PATH, CUDA_HOME with the CUDA headers, nvcc (" in fused_adam.message
+    assert "install the CUDA toolkit for CUDA 12.8" in fused_adam.fix and "only a DeepSpeed JSON" in fused_adam.message
+
+
+def test_ops_prebuilt_for_another_torch_or_nvcc_of_another_cuda_major():
+    found = ops_findings(gpu_hosts(prebuilt={"cpu_adam"}, torch="2.4", nvcc="13.0"))
+    refused = found[("cpu_adam", "(fleet)")]
+    assert refused.severity == "warn" and "prebuilt for torch 2.4, torch here is 2.13" in refused.message
+    assert refused.fix.startswith("rebuild it for this torch: DS_BUILD_CPU_ADAM=1")
+    assert "nvcc for CUDA 12.8 (found 13.0)" in found[("fused_adam", "(fleet)")].message
+
+
+def test_ops_that_differ_between_hosts_are_reported_per_host_and_cpu_hosts_skip_fused_adam():
+    def one_prebuilt(records):
+        gpu_hosts()(records)
+        records[0]["data"]["build"]["deepspeed_ops"]["prebuilt"] = ["cpu_adam"]
+    found = ops_findings(one_prebuilt)
+    assert ("cpu_adam", "gpu1") in found and ("cpu_adam", "gpu2") in found and ("fused_adam", "(fleet)") in found
+
+    def cpu_hosts(records):
+        for r in records:
+            r["data"]["build"] = {**build_facts(nvcc=None), "deepspeed_ops": {"prebuilt": [], "accelerator": "cpu",
+                                                                              "torch": "0.0", "cuda": "0.0"}}
+    assert sorted(op for op, _ in ops_findings(cpu_hosts)) == ["async_io", "cpu_adam"]
+
+
+def test_amd_host_with_a_rocm_torch_is_a_gpu_host():
+    def amd(records):
+        for r in records:
+            r["data"]["accelerators"] = {"count": 8, "vendor": "amd", "models": ["AMD Instinct MI300X"] * 8,
+                                         "memory_bytes": [205822885888] * 8, "compute_capability": [None] * 8,
+                                         "cuda": None, "hip": "6.4.43482", "nccl": "2.26.6", "torch_sees": 8}
+            r["host"]["slots"] = 8
+    assert not [f for f in failures(collected(amd)) if f.check == "accelerators"]

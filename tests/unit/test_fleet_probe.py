@@ -33,8 +33,17 @@ def test_probe_collects_versions_without_importing_torch_and_sees_the_token(tmp_
     assert facts["checksums"][str(tmp_path / ".tok")]["bytes"] == len("secret-value")
     assert any(i["name"] == "lo" for i in facts["interfaces"])
     assert facts["torch_imported"] is False
+    assert facts["accelerators"]["vendor"] is None and facts["accelerators"]["memory_bytes"] == []
+    assert facts["build"]["deepspeed_ops"]["accelerator"] and facts["build"]["libaio"].keys() == {"header", "library"}
     wrong = run_probe({"python": sys.executable, "output_dir": str(tmp_path), "share_token": [".tok", "other"]})[-1]
     assert wrong["share_token_seen"] is False
+
+
+def test_probe_imports_neither_torch_nor_deepspeed_without_a_gpu():
+    code = ("import sys; from deepfleet.fleet import remote_probe; remote_probe.facts({}); "
+            "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
 
 
 def test_missing_python_falls_back_and_says_so():

@@ -141,3 +141,17 @@ def test_eight_plus_four_h100(llama_recipe, tmp_path, command):
     assert "--nproc-per-node=8" in out and "--nproc-per-node=4" in out
     code, out = invoke(*command, llama_recipe, "--fleet", fleet, "--facts", facts)   # 256 rows over 12 ranks
     assert code == 2 and "cannot be split evenly over 12 ranks" in out
+
+
+def test_fused_adam_only_when_prebuilt_on_every_host(llama_recipe, tmp_path):
+    def optimizer(*prebuilt_per_host):
+        records = [host_record(f"g{i}", f"10.1.0.{11 + i}", prebuilt_ops=ops) for i, ops in enumerate(prebuilt_per_host)]
+        fleet, facts = write_fleet(tmp_path, records)
+        code, out = invoke("plan", llama_recipe, "--fleet", fleet, "--facts", facts, "--json")
+        assert code == 0, out
+        plan = json.loads(out)
+        return plan["deepspeed_config"]["optimizer"]["params"], plan["summary"][-1]
+    params, line = optimizer(("fused_adam",), ())
+    assert params["torch_adam"] is True and line.startswith("optimizer: torch AdamW")
+    params, line = optimizer(("fused_adam", "cpu_adam"), ("fused_adam",))
+    assert "torch_adam" not in params and line.startswith("optimizer: DeepSpeed FusedAdam")

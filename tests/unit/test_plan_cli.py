@@ -44,6 +44,14 @@ def test_plan_json_for_a_local_model_dir(mistral_recipe):
     assert commands[-1].startswith("(at launch:")
 
 
+def test_plan_for_hosts_not_named_yet_assumes_no_prebuilt_ops(mistral_recipe):
+    result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--gpus-per-node", "8",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    params = json.loads(result.output)["deepspeed_config"]["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is True
+
+
 def test_plan_table_and_local_command(mistral_recipe):
     result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "--gpu-mem", "80GiB", "--gpus-per-node", "8"])
     assert result.exit_code == 0, result.output

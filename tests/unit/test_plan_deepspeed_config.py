@@ -137,3 +137,44 @@ def plan_tiny():
 
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        vocab_size=300)
+
+
+def adam(accelerator, offload="none", prebuilt=frozenset()):
+    from deepfleet.plan.deepspeed_config import optimizer_section
+
+    section = optimizer_section(lr=1e-4, weight_decay=0.0, accelerator=accelerator, offload_device=offload,
+                                prebuilt_ops=prebuilt)
+    assert section["type"] == "AdamW" and section["params"]["lr"] == 1e-4
+    return {k: v for k, v in section["params"].items() if k in ("torch_adam", "fused")}
+
+
+def test_optimizer_needs_no_build_unless_the_run_offloads_or_fused_adam_is_prebuilt():
+    assert adam("cpu") == {"torch_adam": True}
+    assert adam("cuda") == {"torch_adam": True, "fused": True}                   # torch's fused AdamW kernel
+    assert adam("cuda", prebuilt=frozenset({"fused_adam", "cpu_adam"})) == {}   # DeepSpeed's FusedAdam, prebuilt
+    assert adam("cuda", offload="cpu") == adam("cuda", offload="nvme") == {}    # DeepSpeedCPUAdam (op cpu_adam)
+    assert adam("cpu", offload="cpu") == {}
+
+
+def test_run_config_takes_the_prebuilt_ops():
+    assert "torch_adam" in run(recipe())["optimizer"]["params"]
+    assert "torch_adam" not in run(recipe(), prebuilt_ops=frozenset({"fused_adam"}))["optimizer"]["params"]
+
+
+def test_deepspeed_passes_fused_through_to_torch_adamw():
+    """What the engine does with the section: torch_adam -> torch.optim.AdamW(params, **rest)."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from deepfleet.plan.deepspeed_config import optimizer_section
+
+    params = dict(optimizer_section(lr=1e-3, weight_decay=0.0, accelerator="cuda", offload_device="none")["params"])
+    kind, kwargs = DeepSpeedEngine.get_optimizer_configuration(SimpleNamespace(), params, True)
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = kind([weight], **params, **kwargs)
+    assert kind is torch.optim.AdamW and optimizer.defaults["fused"] is True
+    weight.grad = torch.ones(4)
+    optimizer.step()   # torch's fused kernel also runs on CPU
+    assert weight.detach().lt(1).all()

@@ -74,3 +74,17 @@ def test_rank_env_from_launcher_variables(tmp_path):
     env = RankEnv.from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "DEEPFLEET_HEARTBEAT_DIR": "/hb"})
     assert (env.rank, env.local_rank, env.world_size, env.heartbeat_dir) == (3, 1, 4, "/hb")
     assert not env.is_main and RankEnv.from_environ({}).is_main
+
+
+def test_prebuilt_ops_count_only_when_deepspeed_would_load_them():
+    from deepfleet.train.distributed import loadable_prebuilt_ops
+
+    installed = {"fused_adam": True, "cpu_adam": True, "async_io": False}
+    built = {"version": "2.13", "cuda_version": "12.8", "hip_version": "0.0"}
+    here = dict(built_for="cuda", built_with=built, accelerator="cuda")
+    assert loadable_prebuilt_ops(installed, **here, runtime={"version": "2.13.0+cu128", "cuda_version": "12.8"}) \
+        == {"fused_adam", "cpu_adam"}
+    assert not loadable_prebuilt_ops(installed, **here, runtime={"version": "2.14.0", "cuda_version": "12.8"})
+    assert not loadable_prebuilt_ops(installed, **here, runtime={"version": "2.13.0", "cuda_version": "13.0"})
+    assert not loadable_prebuilt_ops(installed, built_for="cpu", built_with=built, accelerator="cuda",
+                                     runtime={"version": "2.13.0"})

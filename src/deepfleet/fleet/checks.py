@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from deepfleet.fleet.build_checks import check_deepspeed_ops
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.findings import FLEET, Collected, Finding, Severity, differs
 from deepfleet.fleet.network_checks import check_bandwidth, check_infiniband, check_interface, check_master_port
@@ -163,7 +164,7 @@ def _torch_gpu_problem(f: HostFacts) -> str | None:
     count = f.get("accelerators", "count", default=0)
     if f.get("accelerators", "torch_error"):
         return f"{count} GPU(s), but importing torch failed: {f.get('accelerators', 'torch_error')}"
-    if f.get("accelerators", "cuda") is None:
+    if f.get("accelerators", "cuda") is None and f.get("accelerators", "hip") is None:
         return f"{count} GPU(s), but torch here is a CPU-only build"
     sees = f.get("accelerators", "torch_sees")
     if sees == 0:
@@ -268,7 +269,7 @@ def check_checksums(c: Collected) -> list[Finding]:
 
 
 ALL_CHECKS: list[Callable[[Collected], list[Finding]]] = [
-    check_ssh, check_ssh_matrix, check_python, check_packages, check_accelerators, check_workdir,
+    check_ssh, check_ssh_matrix, check_python, check_packages, check_accelerators, check_deepspeed_ops, check_workdir,
     check_output_dir, check_resources, check_clock_skew, check_interface, check_infiniband,
     check_master_port, check_bandwidth, check_checksums]
 

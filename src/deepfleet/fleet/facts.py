@@ -20,8 +20,11 @@ def probe_argv(python: str) -> list[str]:
     return ["sh", "-c", _PICK_PYTHON, "sh", python]
 
 
+PROBE_FILES = ("remote_probe_gpus.py", "remote_probe_build.py", "remote_probe.py")   # in the order they run
+
+
 def probe_source() -> str:
-    return resources.files("deepfleet.fleet").joinpath("remote_probe.py").read_text()
+    return "\n".join(resources.files("deepfleet.fleet").joinpath(name).read_text() for name in PROBE_FILES)
 
 
 def probe_stdin(params: dict[str, Any]) -> bytes:

@@ -30,6 +30,7 @@ class HostHardware:
     cpu_count: int | None = None
     flash_attn: bool = False             # the flash-attn package is installed
     bitsandbytes: bool = False           # the bitsandbytes package is installed (QLoRA)
+    prebuilt_ops: frozenset[str] = frozenset()   # DeepSpeed ops compiled at install time (fused_adam, ...)
 
     @property
     def gpu_model(self) -> str:
@@ -63,7 +64,8 @@ def hardware_from_facts(facts: HostFacts) -> HostHardware:
                         gpu_memory_bytes=min(memories) if memories else None, bf16=bf16 and bool(names),
                         host_memory_bytes=facts.get("memory_available_bytes"), cpu_count=facts.get("cpu_count"),
                         flash_attn=bool((packages.get("flash_attn") or {}).get("version")),
-                        bitsandbytes=bool((packages.get("bitsandbytes") or {}).get("version")))
+                        bitsandbytes=bool((packages.get("bitsandbytes") or {}).get("version")),
+                        prebuilt_ops=frozenset(facts.get("build", "deepspeed_ops", "prebuilt", default=None) or ()))
 
 
 def local_hardware(name: str) -> HostHardware:

@@ -1,9 +1,10 @@
 """Runs ON each host (sent over ssh stdin, stdlib only, Python >= 3.8): one JSON line of facts.
 
-The head appends `main(<params>)` to this file's text and pipes it to `python -`, so collecting
-everything about a host (versions, devices, dirs, interfaces, ssh to peers, the master port,
-bandwidth to the head) costs one ssh round trip. Mode "listen" instead opens the master port
-and reports who connected. Nothing here imports torch unless an NVIDIA device exists.
+The head sends remote_probe_gpus.py, remote_probe_build.py and this file's text, then `main(<params>)`,
+to `python -`, so collecting everything about a host (versions, GPUs, what building DeepSpeed's ops
+needs, dirs, interfaces, ssh to peers, the master port, bandwidth to the head) costs one ssh round trip.
+Mode "listen" instead opens the master port and reports who connected. Nothing here imports torch
+or deepspeed unless a GPU exists (then torch only).
 """
 
 import hashlib
@@ -17,6 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+
+if __name__ != "__main__":   # imported (tests, the head); over ssh their text comes first on stdin
+    from deepfleet.fleet.remote_probe_build import build_facts
+    from deepfleet.fleet.remote_probe_gpus import accelerator_facts
 
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
 
@@ -79,28 +84,6 @@ def package_facts(name):
     except Exception:
         pass
     return fact
-
-
-def accelerator_facts():
-    gpus_dir = "/proc/driver/nvidia/gpus"
-    count = len(os.listdir(gpus_dir)) if os.path.isdir(gpus_dir) else 0
-    facts = {"count": count, "models": [], "cuda": None, "nccl": None}
-    if count and shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=15).stdout
-            facts["models"] = [line.strip() for line in out.splitlines() if line.strip()]
-        except Exception:
-            pass
-    if count:
-        try:
-            import torch
-            facts["cuda"] = torch.version.cuda
-            facts["torch_sees"] = torch.cuda.device_count()
-            facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception as exc:
-            facts["torch_error"] = str(exc)[:200]
-    return facts
 
 
 def interface_facts():
@@ -313,13 +296,14 @@ def facts(params):
             accepting = threading.Thread(target=accept_peers, daemon=True, args=(
                 server, listener, params["listen"]["expect"], params["listen"]["seconds"], stop))
             accepting.start()
+    packages = {name: package_facts(name) for name in PACKAGES}
     result = {
         "hostname": socket.gethostname(), "time_start": started,
         "python": {"executable": sys.executable, "version": platform.python_version(),
                    "wanted": params.get("python"),
                    "wanted_found": bool(params.get("python")) and os.access(params["python"], os.X_OK)},
-        "packages": {name: package_facts(name) for name in PACKAGES},
-        "accelerators": accelerator_facts(),
+        "packages": packages, "accelerators": accelerator_facts(),
+        "build": build_facts(packages["deepspeed"]["origin"]),
         "workdir": dir_facts(params.get("workdir")),
         "output_dir": dir_facts(params.get("output_dir")),
         "share_token_seen": None, "memory_available_bytes": memory_available_bytes(),

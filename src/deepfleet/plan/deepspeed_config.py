@@ -20,7 +20,7 @@ from deepfleet.plan.memory import ModelShape, Offload, model_shape_from_config
 from deepfleet.plan.recipe import Recipe
 
 Precision = Literal["bf16", "fp16", "fp32"]
-__all__ = ["BatchLayout", "solve_batch_layout", "resolve_precision", "build_deepspeed_config",
+__all__ = ["BatchLayout", "solve_batch_layout", "resolve_precision", "build_deepspeed_config", "optimizer_section",
            "deepspeed_config_for_run", "resolve_run_config", "ResolvedDeepSpeedConfig", "check_deepspeed_json"]
 
 
@@ -115,12 +115,41 @@ def _zero_section(recipe: Recipe, stage: int, devices: dict[str, str], hidden_si
     return section
 
 
+def adam_implementation(*, accelerator: str, offload_device: str, prebuilt_ops: frozenset[str]) -> dict[str, Any]:
+    """The optimizer params that pick the AdamW implementation DeepSpeed builds, so that no op is compiled
+    on a host unless the run needs it.
+
+    `torch_adam` makes DeepSpeed build `torch.optim.AdamW(params, **optimizer.params)` and pass the
+    remaining params through, so `fused: True` reaches torch: its single-kernel CUDA AdamW, the fastest
+    torch path and built into the torch wheel. Without `torch_adam` DeepSpeed uses its FusedAdam, which
+    JIT-compiles at first use (nvcc and CUDA_HOME on every host): only worth it when already prebuilt.
+    """
+    if offload_device != "none":
+        # ZeRO-Offload steps on the CPU with DeepSpeedCPUAdam (op cpu_adam); doctor says if it can build.
+        return {}
+    if accelerator == "cpu":
+        return {"torch_adam": True}
+    if accelerator == "cuda" and "fused_adam" not in prebuilt_ops:
+        return {"torch_adam": True, "fused": True}
+    return {}
+
+
+def optimizer_section(*, lr: float, weight_decay: float, accelerator: str, offload_device: str,
+                      prebuilt_ops: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """AdamW with the recipe's lr and weight decay, in the implementation that needs no build."""
+    return {"type": "AdamW", "params": {
+        "lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": weight_decay,
+        **adam_implementation(accelerator=accelerator, offload_device=offload_device, prebuilt_ops=prebuilt_ops)}}
+
+
 def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total_steps: int,
                            accelerator: str, bf16_supported: bool, offload: Optional[Offload] = None,
-                           micro_batch: Optional[int] = None, hidden_size: Optional[int] = None) -> dict[str, Any]:
+                           micro_batch: Optional[int] = None, hidden_size: Optional[int] = None,
+                           prebuilt_ops: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The DeepSpeed config for a recipe on `world_size` ranks; `stage` is the resolved ZeRO stage.
 
-    `offload` and `micro_batch` default to the recipe's; the planner passes its own choice."""
+    `offload` and `micro_batch` default to the recipe's; the planner passes its own choice. `prebuilt_ops`
+    are the DeepSpeed ops compiled at install time on every host (none unless told)."""
     devices = _offload_devices(recipe, offload)
     _check_offload(recipe, stage, devices)
     layout = solve_batch_layout(global_batch=recipe.train.global_batch,
@@ -132,11 +161,8 @@ def build_deepspeed_config(recipe: Recipe, *, stage: int, world_size: int, total
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": train.max_grad_norm,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay,
-            # DeepSpeed's fused Adam needs CUDA; plain torch AdamW runs everywhere without offload.
-            **({"torch_adam": True} if accelerator == "cpu" and devices["offload_optimizer"] == "none" else {}),
-        }},
+        "optimizer": optimizer_section(lr=train.lr, weight_decay=train.weight_decay, accelerator=accelerator,
+                                       offload_device=devices["offload_optimizer"], prebuilt_ops=prebuilt_ops),
         "scheduler": _scheduler(recipe, total_steps),
         "zero_optimization": _zero_section(recipe, stage, devices, hidden_size),
         "bf16": {"enabled": precision == "bf16"},
@@ -206,16 +232,18 @@ def _user_config(recipe: Recipe, ours: dict[str, Any], text: str, *, source: str
 def resolve_run_config(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
                        bf16_supported: bool, model_shape: Optional[ModelShape] = None,
                        fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
-                       hf_export: bool = True) -> ResolvedDeepSpeedConfig:
+                       hf_export: bool = True, prebuilt_ops: frozenset[str] = frozenset()
+                       ) -> ResolvedDeepSpeedConfig:
     """The config a run uses, with where it came from, what was filled in, and (given a model shape and the
-    fleet) the memory plan."""
+    fleet) the memory plan. `prebuilt_ops`: DeepSpeed ops compiled at install time on every host."""
     if fleet is not None and fleet.world_size != world_size:
         raise ValueError(f"fleet has {fleet.world_size} ranks but world_size is {world_size}")
     precision = resolve_precision(recipe.precision, accelerator=accelerator, bf16_supported=bf16_supported)
     auto = recipe.deepspeed.zero == "auto"
     plan = _plan(recipe, model_shape, fleet, precision) if (auto or recipe.deepspeed.config is None) else None
     common = dict(world_size=world_size, total_steps=total_steps, accelerator=accelerator,
-                  bf16_supported=bf16_supported, hidden_size=model_shape.hidden_size if model_shape else None)
+                  bf16_supported=bf16_supported, hidden_size=model_shape.hidden_size if model_shape else None,
+                  prebuilt_ops=prebuilt_ops)
     if plan is not None and auto:
         ours = build_deepspeed_config(recipe, stage=plan.choice.stage, offload=plan.choice.offload,
                                       micro_batch=plan.choice.micro_batch, **common)
@@ -249,7 +277,7 @@ def check_deepspeed_json(text: str, *, source: str, recipe: Recipe, world_size: 
 def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,
                              bf16_supported: bool, model_config: Any = None, model_shape: Optional[ModelShape] = None,
                              fleet: Optional[FleetShape] = None, user_config_text: Optional[str] = None,
-                             hf_export: bool = True) -> dict[str, Any]:
+                             hf_export: bool = True, prebuilt_ops: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The config a run uses: the recipe's explicit stage, the planner's choice, or the user's JSON.
 
     `deepspeed: auto` needs the model (`model_config`, a transformers config, or a `model_shape`) and the
@@ -259,4 +287,5 @@ def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: in
                                               lora_targets=recipe.lora.target_modules)
     return resolve_run_config(recipe, world_size=world_size, total_steps=total_steps, accelerator=accelerator,
                               bf16_supported=bf16_supported, model_shape=model_shape, fleet=fleet,
-                              user_config_text=user_config_text, hf_export=hf_export).config
+                              user_config_text=user_config_text, hf_export=hf_export,
+                              prebuilt_ops=prebuilt_ops).config

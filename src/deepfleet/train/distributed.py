@@ -52,6 +52,33 @@ def init_distributed(rank_env: RankEnv) -> Device:
                   bf16_supported=name != "cpu" and bool(accelerator.is_bf16_supported()))
 
 
+def loadable_prebuilt_ops(installed_ops: Mapping[str, bool], *, built_for: str, built_with: Mapping[str, str],
+                          accelerator: str, runtime: Mapping[str, str]) -> frozenset[str]:
+    """Ops DeepSpeed's install compiled that it will load here instead of building them (OpBuilder.load):
+    built for this accelerator, and with the major.minor of each `runtime` version (torch_info's keys:
+    torch "version", and on a GPU "cuda_version" or "hip_version"); otherwise it builds them or refuses."""
+    def major_minor(version: str) -> str:
+        return ".".join(version.split(".")[:2])
+    if built_for != accelerator or any(built_with.get(key) != major_minor(v) for key, v in runtime.items()):
+        return frozenset()
+    return frozenset(op for op, built in installed_ops.items() if built)
+
+
+def ops_prebuilt_on_every_rank() -> frozenset[str]:
+    """Prebuilt DeepSpeed ops that every rank has: all ranks must pick the same optimizer (one update
+    rule, one checkpoint format). Reads DeepSpeed's install record; builds nothing."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops, torch_info
+
+    runtime = {"version": torch.__version__}
+    if torch.cuda.is_available():
+        gpu = ("hip_version", torch.version.hip) if torch.version.hip else ("cuda_version", torch.version.cuda)
+        runtime[gpu[0]] = gpu[1]
+    mine = loadable_prebuilt_ops(installed_ops, built_for=accelerator_name, built_with=torch_info,
+                                 accelerator=get_accelerator()._name, runtime=runtime)
+    return frozenset.intersection(*objects_across_ranks(mine))
+
+
 def seed_rank(seed: int, rank: int) -> None:
     """Distinct, reproducible randomness per rank (dropout); data order never depends on it."""
     random.seed(seed + rank)

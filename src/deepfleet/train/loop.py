@@ -23,7 +23,8 @@ from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
 from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
-                                         objects_across_ranks, seed_rank, sum_across_ranks, synchronize)
+                                         objects_across_ranks, ops_prebuilt_on_every_rank, seed_rank,
+                                         sum_across_ranks, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
                                      plot_loss)
 from deepfleet.train.model import BuiltModel, build_model, torch_dtype_for
@@ -89,7 +90,8 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     validation = DataOrder(examples=validation_set, grad_accum=1, **common) if validation_set else None
     total_steps = order.total_steps(epochs=recipe.train.epochs, max_steps=recipe.train.max_steps)
     ds_config = deepspeed_config_for_run(recipe, world_size=rank_env.world_size, total_steps=total_steps,
-                                         accelerator=device.accelerator, bf16_supported=device.bf16_supported)
+                                         accelerator=device.accelerator, bf16_supported=device.bf16_supported,
+                                         prebuilt_ops=ops_prebuilt_on_every_rank())
     if not output_dir_shared_by_all_ranks(recipe.output_path, rank=rank_env.rank, local_rank=rank_env.local_rank,
                                           device=device.device):
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "use_node_local_storage": True}}
