@@ -7,7 +7,7 @@ import torch
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
-from deepfleet.train.generate import load_for_generation
+from deepfleet.train.generate import generation_placement, load_for_generation
 from deepfleet.train.model import build_model
 from deepfleet.train.save import BASE_SUBDIR, write_model_dir
 from deepfleet.train.tokenizer import load_tokenizer
@@ -45,6 +45,20 @@ def test_intact_dirs_load(saved):
     for path in saved.values():
         model, tokenizer = load_for_generation(path)
         assert not model.training and tokenizer.pad_token_id is not None
+
+
+def test_generate_runs_on_the_first_gpu_when_there_is_one():
+    assert generation_placement(cuda_devices=8, bf16_supported=True) == ("cuda:0", torch.bfloat16)
+    assert generation_placement(cuda_devices=1, bf16_supported=False) == ("cuda:0", torch.float16)   # V100, T4
+    assert generation_placement(cuda_devices=0, bf16_supported=False) == ("cpu", torch.float32)
+
+
+def test_loaded_model_is_placed_where_the_placement_says(saved, monkeypatch):
+    moved = []
+    monkeypatch.setattr("deepfleet.train.generate._placement", lambda: ("meta", torch.float32))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, device: moved.append(device) or self)
+    load_for_generation(saved["full"])
+    assert moved == ["meta"]
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))

@@ -35,7 +35,7 @@ def load_for_generation(model_dir: str | Path) -> tuple[torch.nn.Module, PreTrai
         raise _incomplete(path, f"loading it failed ({exception_summary(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.to(_placement()[0]).eval(), tokenizer
 
 
 def check_model_dir(path: Path) -> None:
@@ -68,8 +68,22 @@ def _incomplete(path: Path, detail: str) -> DeepfleetError:
                           fix="export it again (deepfleet export RUN_DIR --to DIR) or re-run training")
 
 
+def generation_placement(*, cuda_devices: int, bf16_supported: bool) -> tuple[str, torch.dtype]:
+    """Where `generate` runs: the first GPU when there is one (bf16, or fp16 on GPUs without bf16),
+    else the CPU in fp32."""
+    if cuda_devices:
+        return "cuda:0", torch.bfloat16 if bf16_supported else torch.float16
+    return "cpu", torch.float32
+
+
+def _placement() -> tuple[str, torch.dtype]:
+    available = torch.cuda.is_available()
+    return generation_placement(cuda_devices=torch.cuda.device_count() if available else 0,
+                                bf16_supported=available and torch.cuda.is_bf16_supported())
+
+
 def _dtype_for_device() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _placement()[1]
 
 
 def _load_adapter_model(path: Path) -> torch.nn.Module:
