@@ -1,6 +1,7 @@
 """`deepfleet generate` on a half-written model dir: one error naming the dir and what is wrong."""
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_generate_runs_on_the_first_gpu_when_there_is_one():
 
 def test_loaded_model_is_placed_where_the_placement_says(saved, monkeypatch):
     moved = []
-    monkeypatch.setattr("deepfleet.train.generate._placement", lambda: ("meta", torch.float32))
+    monkeypatch.setattr(sys.modules[load_for_generation.__module__], "_placement", lambda: ("meta", torch.float32))
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, device: moved.append(device) or self)
     load_for_generation(saved["full"])
     assert moved == ["meta"]
