@@ -27,12 +27,13 @@ pytestmark = pytest.mark.cluster
 LOSS_TOLERANCE = 1e-5
 
 
-def recipe_for(tmp: Path, *, stage: int, output: str, steps: int = 6, **extra) -> Path:
+def recipe_for(tmp: Path, *, stage: int, output: str, steps: int = 6, batch: dict | None = None, **extra) -> Path:
     train, _ = write_task_data(tmp / "data", n_train=800, n_validation=8)
     return write_recipe(
         tmp / f"{output}.yaml", model="builtin:tiny", method="full",
         data={"train": [str(train)], "max_length": 64, "packing": True},
-        train={"max_steps": steps, "global_batch": 8, "micro_batch": 4, "lr": 2e-3, "warmup": 1, "seed": 3},
+        train={"max_steps": steps, "global_batch": 8, "micro_batch": 4, "lr": 2e-3, "warmup": 1, "seed": 3,
+               **(batch or {})},
         deepspeed={"zero": stage}, logging={"tensorboard": False},
         env={"OMP_NUM_THREADS": "1"}, output_dir=str(tmp / output), **extra)
 
@@ -97,6 +98,23 @@ def test_two_host_zero3_training_matches_one_host(namespace_cluster, tmp_path):
     assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
     assert_same_losses(losses(tmp_path / "local"), losses(tmp_path / "multi"), 6)
     assert (tmp_path / "multi" / "final" / "config.json").is_file()
+
+
+def test_hosts_with_different_rank_counts_train_as_one_job(namespace_cluster, tmp_path):
+    """Seed 001's uneven fleet in small: 2 ranks on h1 and 1 on h2 give the losses of 3 ranks on one host."""
+    h1 = namespace_cluster.host("h1").address
+    text = fleet_yaml_text(namespace_cluster, ["h1", "h2"]).replace(f"address: {h1}}}", f"address: {h1}, slots: 2}}")
+    (tmp_path / "uneven.yaml").write_text(text)
+    batch = {"global_batch": 12}
+    local = run("train", str(recipe_for(tmp_path, stage=2, output="local", batch=batch)), "--nproc", "3", cwd=tmp_path)
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+    fleet = run("train", str(recipe_for(tmp_path, stage=2, output="multi", batch=batch)), "--fleet", "uneven.yaml",
+                cwd=tmp_path)
+    assert fleet.returncode == 0, fleet.stdout[-3000:] + fleet.stderr[-2000:]
+    assert "(2+1 ranks)" in fleet.stdout
+    assert_same_losses(losses(tmp_path / "local"), losses(tmp_path / "multi"), 6)
+    ranks_on_h2 = (tmp_path / "multi" / "logs" / "attempt-0" / "h2.log").read_text()
+    assert "[2]:" in ranks_on_h2 and "[0]:" not in ranks_on_h2   # global ranks 0, 1 on h1, then 2 on h2
 
 
 def start_fleet_training(tmp_path: Path, cluster, *extra: str) -> subprocess.Popen:
