@@ -129,8 +129,11 @@ def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpee
     accelerator = resolved.plan.fleet.accelerator if resolved.plan else found.accelerator
     ranks = f"{found.world_size} ranks ({per_host} per host) on {accelerator}"
     backend = "NCCL" if accelerator == "cuda" else "gloo"
-    return [f"hosts: {found.describe()}", f"ranks: {ranks}, {backend}, precision {precision}",
-            f"model: {planned_attention(recipe, found)}", f"optimizer: {optimizer_description(config)}"]
+    lines = [f"hosts: {found.describe()}", f"ranks: {ranks}, {backend}, precision {precision}"]
+    if (interface := found.interface) and interface.network:
+        lines.append(f"network: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}"
+                     + (f"; {interface.fabric.note}" if interface.fabric and accelerator == "cuda" else ""))
+    return lines + [f"model: {planned_attention(recipe, found)}", f"optimizer: {optimizer_description(config)}"]
 
 
 def planned_attention(recipe: Recipe, found: FleetHardware) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from deepfleet.fleet.checks import run_checks
 from deepfleet.fleet.findings import Collected
+from deepfleet.fleet.network import choose_fabric
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import SshFailure
@@ -175,6 +176,17 @@ def test_infiniband_proposes_nccl_variables():
     assert any("NCCL_IB_HCA=mlx5_0" in f.message for f in run_checks(collected(ib)))
 
 
+def test_fabric_choice_is_the_same_for_every_host():
+    active = {"device": "mlx5_0", "port": "1", "state": "4: ACTIVE", "link_layer": "InfiniBand"}
+    roce = {"device": "mlx5_2", "port": "1", "state": "4: ACTIVE", "link_layer": "Ethernet"}
+    down = {"device": "mlx5_1", "port": "1", "state": "1: DOWN", "link_layer": "InfiniBand"}
+    assert choose_fabric({"a": [active], "b": [active, down]}).env == {"NCCL_IB_HCA": "mlx5_0"}
+    assert choose_fabric({"a": [roce], "b": [roce]}).env == {"NCCL_IB_HCA": "mlx5_2", "NCCL_IB_GID_INDEX": "3"}
+    mixed = choose_fabric({"a": [active], "b": [down], "c": []})
+    assert mixed.env == {"NCCL_IB_DISABLE": "1"} and "not on b, c" in mixed.note
+    assert choose_fabric({"a": [], "b": []}).env == {}
+
+
 def test_record_round_trip():
     facts = HostFacts.from_record(RECORDED["facts"][0])
     assert HostFacts.from_record(facts.to_record()) == facts
@@ -244,7 +256,7 @@ def test_infiniband_on_some_hosts_only_fails_and_says_disable_it_everywhere():
     found = [f for f in run_checks(collected(one_hca)) if f.check == "infiniband"]
     assert [(f.host, f.severity) for f in found] == [("gpu2", "fail"), ("(fleet)", "ok")]
     assert "NCCL_IB_DISABLE=1 on every host" in found[0].fix
-    assert "mlx5_1" not in found[-1].message   # a DOWN port beside an ACTIVE one is not proposed, nor warned
+    assert "NCCL_IB_DISABLE=1 on every host" in found[-1].message and "mlx5" not in found[-1].message
 
 
 def test_python_patch_difference_is_a_warning_minor_difference_fails():

@@ -54,7 +54,30 @@ def test_two_hosts_of_eight_h100(llama_recipe, tmp_path, command):
     # The interface every host shares with the addresses ssh uses; the rendezvous on h100-a's address there.
     assert "env NCCL_SOCKET_IFNAME=eth0" in out and "env GLOO_SOCKET_IFNAME=eth0" in out
     assert "--master-addr=10.1.0.11" in out
+    assert "network: 10.1.0.0/24 via eth0; InfiniBand on every host: NCCL_IB_HCA=mlx5_0" in out
+    assert out.count("env NCCL_IB_HCA=mlx5_0") == 2
     assert "memory per rank (GPU)" in out
+
+
+def test_infiniband_on_some_hosts_only_disables_it_on_every_host(llama_recipe, tmp_path):
+    fleet, facts = write_fleet(tmp_path, [host_record("g1", "10.1.0.11"), host_record("g2", "10.1.0.12"),
+                                          host_record("g3", "10.1.0.13", infiniband=False)])
+    code, out = invoke("train", "--dry-run", llama_recipe, "train.global_batch=192", "--fleet", fleet,
+                       "--facts", facts)
+    assert code == 0, out
+    assert "InfiniBand active on g1, g2 but not on g3: NCCL_IB_DISABLE=1 on every host" in out
+    assert out.count("env NCCL_IB_DISABLE=1") == 3 and "NCCL_IB_HCA" not in out
+
+
+def test_infiniband_off_in_the_fleet_file_and_the_users_own_variables_win(llama_recipe, tmp_path, monkeypatch):
+    fleet, facts = two_h100_hosts(tmp_path)
+    fleet.write_text("infiniband: off\n" + fleet.read_text())
+    code, out = invoke("train", "--dry-run", llama_recipe, "--fleet", fleet, "--facts", facts)
+    assert code == 0 and "NCCL_IB" not in out
+    fleet, facts = two_h100_hosts(tmp_path)
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_4")
+    code, out = invoke("train", "--dry-run", llama_recipe, "--fleet", fleet, "--facts", facts)
+    assert code == 0 and out.count("env NCCL_IB_HCA=mlx5_4") == 2 and "env NCCL_IB_HCA=mlx5_0" not in out
 
 
 def test_plan_json_memory_matches_deepspeeds_estimator(llama_recipe, tmp_path):

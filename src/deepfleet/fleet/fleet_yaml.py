@@ -6,6 +6,8 @@ defaults:            # applied to every host unless the host says otherwise
   slots: 8
 python: /opt/venv/bin/python      # same absolute path on every host (default: this interpreter)
 master_port: 29500
+infiniband: auto                  # NCCL_IB_HCA when every host has an active IB port, NCCL_IB_DISABLE=1
+                                  # when only some have; off: set no NCCL_IB_* variable
 output_dir: /shared/runs
 ssh: {config_file: ~/.ssh/config, identity_file: ~/.ssh/id_ed25519, connect_timeout: 5}
 hosts:
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,9 +66,16 @@ class FleetFile(_Section):
     defaults: HostDefaults = HostDefaults()
     python: Optional[str] = None
     master_port: int = Field(DEFAULT_MASTER_PORT, gt=0, lt=65536)
+    infiniband: Literal["auto", "off"] = "auto"   # off: deepfleet sets no NCCL_IB_* variables
     workdir: Optional[str] = None
     output_dir: Optional[str] = None
     ssh: SshSection = SshSection()
+
+    @field_validator("infiniband", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (and `on` as true)."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("hosts", mode="before")
     @classmethod
@@ -133,7 +142,7 @@ def parse_fleet_yaml(text: str, source: str) -> Fleet:
         raise DeepfleetError(problems=problems)
     ssh = parsed.ssh
     return Fleet(hosts=tuple(h for h, _ in entries), source=source,
-                 python=parsed.python or sys.executable, master_port=parsed.master_port,
+                 python=parsed.python or sys.executable, master_port=parsed.master_port, infiniband=parsed.infiniband,
                  workdir=parsed.workdir, output_dir=parsed.output_dir,
                  ssh=SshSettings(config_file=_expand(ssh.config_file), identity_file=_expand(ssh.identity_file),
                                  known_hosts_file=_expand(ssh.known_hosts_file),

@@ -60,6 +60,7 @@ class Fleet:
     workdir: str | None = None                   # None: the current directory of the head
     output_dir: str | None = None
     ssh: SshSettings = field(default_factory=SshSettings)
+    infiniband: str = "auto"                     # "auto": NCCL's IB variables from the hosts' ports; "off": none
 
     @property
     def master(self) -> Host:

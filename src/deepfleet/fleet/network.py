@@ -28,6 +28,7 @@ class InterfaceChoice:
     per_host: dict[str, str]                 # host name -> interface name on that network
     addresses: dict[str, str]                # host name -> its address on that network
     outside: list[str] = field(default_factory=list)   # hosts without an address in the best network
+    fabric: "FabricChoice | None" = None     # InfiniBand variables every host gets; None: not decided
 
     @property
     def same_name_everywhere(self) -> bool:
@@ -37,6 +38,33 @@ class InterfaceChoice:
         """NCCL_/GLOO_SOCKET_IFNAME for one host, or {} when that host has no interface chosen."""
         name = self.per_host.get(host)
         return {"NCCL_SOCKET_IFNAME": name, "GLOO_SOCKET_IFNAME": name} if name else {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FabricChoice:
+    """NCCL's InfiniBand variables for the whole job: the same on every host, since ranks that pick IB
+    and ranks that pick sockets hang in NCCL's init (NVIDIA/nccl#234)."""
+    env: dict[str, str]
+    note: str
+
+
+def choose_fabric(devices_by_host: Mapping[str, Sequence[Mapping[str, object]]]) -> FabricChoice:
+    """From each host's IB ports (`/sys/class/infiniband`): the active HCAs when every host has one,
+    NCCL_IB_DISABLE=1 on every host when only some have, nothing when none has."""
+    active = {host: [d for d in devices if "ACTIVE" in str(d.get("state"))] for host, devices in devices_by_host.items()}
+    with_ib = sorted(host for host, ports in active.items() if ports)
+    if not with_ib:
+        return FabricChoice(env={}, note="no active InfiniBand port: NCCL uses TCP sockets")
+    if len(with_ib) < len(active):
+        without = sorted(set(active) - set(with_ib))
+        return FabricChoice(env={"NCCL_IB_DISABLE": "1"},
+                            note=f"InfiniBand active on {', '.join(with_ib)} but not on {', '.join(without)}: "
+                                 "NCCL_IB_DISABLE=1 on every host, NCCL uses TCP sockets")
+    hcas = sorted({str(d["device"]) for ports in active.values() for d in ports})
+    env = {"NCCL_IB_HCA": ",".join(hcas)}
+    if any(d.get("link_layer") == "Ethernet" for ports in active.values() for d in ports):
+        env["NCCL_IB_GID_INDEX"] = "3"   # RoCE v2
+    return FabricChoice(env=env, note="InfiniBand on every host: " + " ".join(f"{k}={v}" for k, v in env.items()))
 
 
 def _networks(interfaces: Iterable[Interface]) -> dict[ipaddress.IPv4Network, tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from deepfleet.fleet.findings import FLEET, Collected, Finding
+from deepfleet.fleet.network import choose_fabric
 
 
 def check_interface(c: Collected) -> list[Finding]:
@@ -35,19 +36,18 @@ def check_infiniband(c: Collected) -> list[Finding]:
     if not with_ib:
         return [Finding(check="infiniband", host=FLEET, severity="ok",
                         message="no InfiniBand devices: NCCL uses TCP sockets (NCCL_IB_DISABLE=1 skips the IB probe)")]
-    # Ranks that pick IB and ranks that pick sockets hang in NCCL init (NVIDIA/nccl#234): all or none.
-    mixed_fix = "fix the HCA, or set NCCL_IB_DISABLE=1 on every host (in the fleet's env, not on one host)"
+    mixed_fix = ("fix the HCA; until then deepfleet sets NCCL_IB_DISABLE=1 on every host at launch "
+                 "(NCCL over TCP sockets)")
     active = {h: [d for d in devices[h] if "ACTIVE" in str(d.get("state"))] for h in with_ib}
     found = [Finding(check="infiniband", host=h, severity="fail", message="no InfiniBand device, others have one",
                      fix=mixed_fix) for h in sorted(set(devices) - set(with_ib))]
     found += [Finding(check="infiniband", host=h, severity="fail",
                       message=f"no InfiniBand port is ACTIVE ({', '.join(d['device'] + '/' + str(d['port']) for d in devices[h])})",
                       fix="check the cable and subnet manager (`ibstat`); " + mixed_fix) for h in with_ib if not active[h]]
-    hcas = sorted({d["device"] for h in with_ib for d in active[h]})
-    roce = any(d.get("link_layer") == "Ethernet" for h in with_ib for d in devices[h])
-    env = f"NCCL_IB_HCA={','.join(hcas)}" + (" NCCL_IB_GID_INDEX=3" if roce else "")
-    if hcas:
-        found.append(Finding(check="infiniband", host=FLEET, severity="ok", message=f"InfiniBand found: set {env}"))
+    fabric = choose_fabric(devices)
+    if fabric.env:
+        found.append(Finding(check="infiniband", host=FLEET, severity="ok",
+                             message=f"{fabric.note} (set at launch; `infiniband: off` in fleet.yaml to leave NCCL alone)"))
     return found
 
 

@@ -22,8 +22,9 @@ def interface_env(interface: str | None) -> dict[str, str]:
 
 
 def job_environment(parent: Mapping[str, str], *, interface: str | None = None,
-                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The variables every rank gets, in precedence order: interface < launching shell < recipe/fleet env."""
+                    fabric: Mapping[str, str] | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables every rank gets, in precedence order: interface and InfiniBand choice < launching
+    shell < recipe/fleet env (so a user's own NCCL_IB_* always wins)."""
     forwarded = {name: value for name, value in parent.items()
                  if name.startswith(PROPAGATED_PREFIXES) and name not in LOCAL_ONLY}
-    return {**interface_env(interface), **forwarded, **dict(extra or {})}
+    return {**interface_env(interface), **dict(fabric or {}), **forwarded, **dict(extra or {})}

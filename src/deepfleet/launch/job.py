@@ -99,7 +99,8 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
     hosts = []
     for node_rank, host in enumerate(fleet.hosts):
         chosen = host.interface or (interface.per_host.get(host.name) if interface else None)
-        env = job_environment(parent_env, interface=chosen, extra={**dict(host.env), **dict(extra_env)})
+        env = job_environment(parent_env, interface=chosen, fabric=interface.fabric.env if interface and interface.fabric
+                              else None, extra={**dict(host.env), **dict(extra_env)})
         python = fleet.python_for(host)
         # torchrun gives each host its own rank count; global ranks stay contiguous in host order.
         host_job = JobSpec(**{**vars(job), "python": python, "env": env, "nproc_per_node": ranks[node_rank],

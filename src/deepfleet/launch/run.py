@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -14,7 +14,7 @@ from deepfleet.fleet.discover import probe_fleet
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.host_hardware import hardware_from_facts, with_slots
 from deepfleet.fleet.inventory import Fleet
-from deepfleet.fleet.network import InterfaceChoice, select_shared_interface
+from deepfleet.fleet.network import InterfaceChoice, choose_fabric, select_shared_interface
 from deepfleet.fleet.ssh import SshOptions, ssh_option_args
 from deepfleet.launch.backends import (deepspeed_runner_command, deepspeed_runner_environment, render_deepspeed,
                                        slurm_script)
@@ -33,7 +33,10 @@ def interface_from_facts(fleet: Fleet, facts: Sequence[HostFacts]) -> InterfaceC
         return None
     preferred = {host.name: host.interface for host in fleet.hosts if host.interface}
     known = {f.host.name: f.get("interfaces") for f in facts if f.get("interfaces") is not None}
-    return select_shared_interface(known, preferred, {host.name: host.address for host in fleet.hosts})
+    choice = select_shared_interface(known, preferred, {host.name: host.address for host in fleet.hosts})
+    if fleet.infiniband == "off":
+        return choice
+    return replace(choice, fabric=choose_fabric({f.host.name: f.get("infiniband", default=[]) or [] for f in facts}))
 
 
 def inspect_hosts(fleet: Fleet, options: SshOptions) -> tuple[Fleet, InterfaceChoice | None]:
@@ -68,6 +71,8 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
         fleet, interface = inspect_hosts(fleet, ssh_options)
     if interface and interface.network:
         write(f"interface: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}")
+    if interface and interface.fabric:
+        write(f"network: {interface.fabric.note}")
     failed_first: list[str] = []
     for attempt in range(options.max_restarts + 1):
         plan = plan_for(fleet, settings, ssh_options=ssh_options, extra_env=extra_env, interface=interface)
