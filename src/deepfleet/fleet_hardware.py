@@ -5,10 +5,12 @@ without GPUs, such as a login node, thus plans a GPU fleet from the GPU hosts, n
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.discover import probe_fleet, read_facts_record
+from deepfleet.fleet.doctor_store import load_doctor_facts
 from deepfleet.fleet.host_hardware import HostHardware, hardware_from_facts, local_hardware, measured_link_gbps, \
     with_slots
 from deepfleet.fleet.inventory import Fleet
@@ -27,7 +29,8 @@ class FleetHardware:
     hosts: tuple[HostHardware, ...]       # in fleet order
     source: str                           # where the facts came from, for the plan's header
     interface: InterfaceChoice | None = None   # the subnet the hosts share (several hosts)
-    link_gbps: float | None = None        # doctor's measured host->head bandwidth, from a record
+    link_gbps: float | None = None        # doctor's measured host->head bandwidth (its record, or its last run)
+    link_source: str | None = None        # where link_gbps comes from, for the plan's summary
 
     @property
     def accelerator(self) -> str:
@@ -87,6 +90,10 @@ def fleet_hardware(fleet: Fleet, *, nproc: int | None = None, facts_file: str | 
                              source="this machine")
     facts = read_facts_record(facts_file, fleet) if facts_file else probe_fleet(fleet, options_for(fleet))
     hosts = tuple(hardware_from_facts(f) for f in facts)
+    link_gbps, link_source = measured_link_gbps(facts), facts_file
+    if link_gbps is None and (stored := load_doctor_facts(fleet)):
+        link_gbps = measured_link_gbps(stored.facts)
+        link_source = f"deepfleet doctor, {time.strftime('%Y-%m-%d %H:%M', time.localtime(stored.saved_at))}"
     return FleetHardware(fleet=with_slots(fleet, hosts), hosts=hosts,
                          source=facts_file or "the hosts' probe", interface=interface_from_facts(fleet, facts),
-                         link_gbps=measured_link_gbps(facts))
+                         link_gbps=link_gbps, link_source=link_source if link_gbps else None)

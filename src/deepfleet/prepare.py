@@ -133,6 +133,10 @@ def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpee
     if (interface := found.interface) and interface.network:
         lines.append(f"network: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}"
                      + (f"; {interface.fabric.note}" if interface.fabric and accelerator == "cuda" else ""))
+    link = resolved.plan.fleet.inter_host_gbps if resolved.plan else None
+    if link and len(found.fleet.hosts) > 1:
+        source = found.link_source if link == found.link_gbps else "--link-gbps"
+        lines.append(f"link: {link:g} Gbit/s between hosts, from {source}")
     return lines + [f"model: {planned_attention(recipe, found)}", f"optimizer: {optimizer_description(config)}"]
 
 

@@ -178,3 +178,29 @@ def test_fused_adam_only_when_prebuilt_on_every_host(llama_recipe, tmp_path):
     assert params["torch_adam"] is True and line.startswith("optimizer: torch AdamW")
     params, line = optimizer(("fused_adam", "cpu_adam"), ("fused_adam",))
     assert "torch_adam" not in params and line.startswith("optimizer: DeepSpeed FusedAdam")
+
+
+def test_doctors_measured_bandwidth_reaches_the_planner(llama_recipe, tmp_path, monkeypatch):
+    """doctor keeps its facts per fleet; a later plan that asks the hosts (no bandwidth test) uses its link."""
+    import importlib
+
+    from deepfleet.fleet.doctor_store import load_doctor_facts, save_doctor_facts
+    from deepfleet.fleet.facts import HostFacts
+    from deepfleet.fleet.fleet_yaml import load_fleet_yaml
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    measured = [host_record("g1", "10.1.0.11", bandwidth_gbps=3.0), host_record("g2", "10.1.0.12", bandwidth_gbps=2.5)]
+    fleet_file, _ = write_fleet(tmp_path, measured)
+    fleet = load_fleet_yaml(fleet_file)
+    assert load_doctor_facts(fleet) is None
+    save_doctor_facts(fleet, measured)
+    assert oct((tmp_path / "cache" / "deepfleet" / "doctor").stat().st_mode & 0o777) == "0o700"
+    probed = [HostFacts.from_record(host_record(n, a)) for n, a in (("g1", "10.1.0.11"), ("g2", "10.1.0.12"))]
+    hardware_module = importlib.import_module("deepfleet.fleet_hardware")
+    monkeypatch.setattr(hardware_module, "probe_fleet", lambda fleet, options: probed)
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet_file, "--json")
+    assert code == 0, out
+    summary = json.loads(out)["summary"]
+    assert any(line.startswith("link: 2.5 Gbit/s between hosts, from deepfleet doctor, ") for line in summary)
+    code, out = invoke("plan", llama_recipe, "--fleet", fleet_file, "--link-gbps", "100", "--json")
+    assert "link: 100 Gbit/s between hosts, from --link-gbps" in json.loads(out)["summary"]

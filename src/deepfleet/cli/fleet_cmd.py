@@ -15,6 +15,7 @@ from rich.table import Table
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.discover import discover_hosts
+from deepfleet.fleet.doctor_store import save_doctor_facts
 from deepfleet.fleet.doctor import DoctorOptions, DoctorReport, run_doctor
 from deepfleet.fleet.inventory import Fleet, hosts_from_names, render_hostfile
 from deepfleet.fleet.sources import resolve_fleet
@@ -114,6 +115,7 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
     options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
                             network=not no_network, iperf3=not no_iperf3)
     report = run_doctor(fleet, options, options_for(fleet))
+    save_doctor_facts(fleet, report.record())   # the measured bandwidth, for `deepspeed: auto`
     if record:
         Path(record).write_text(json.dumps(report.record(), indent=1))
     print(report.to_json()) if as_json else _render_doctor(report)
