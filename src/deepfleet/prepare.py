@@ -105,19 +105,26 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
                         bf16_supported=shape.bf16_supported, cuda_available=gpus,
                         bitsandbytes_installed=all(h.bitsandbytes for h in found.hosts),
                         checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
-    job = TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
-                      output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
-    return PreparedRun(recipe=recipe, job=job, hardware=found, shape=shape, note=note)
+    return PreparedRun(recipe=recipe, job=training_job(recipe, found), hardware=found, shape=shape, note=note)
+
+
+def training_job(recipe: Recipe, found: FleetHardware) -> TrainingJob:
+    return TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
+                       output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
+
+
+def plan_report(recipe: Recipe, shape: FleetShape, found: FleetHardware, job: TrainingJob) -> "PlanReport":
+    """The memory plan of `recipe` on the fleet found, its DeepSpeed config, and the job's commands."""
+    resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
+                                  accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
+                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=found.prebuilt_ops)
+    return PlanReport(recipe=recipe, resolved=resolved, commands=render_training_plan(job).splitlines(),
+                      hardware=found, summary=run_summary(recipe, found, resolved))
 
 
 def dry_run_report(prepared: PreparedRun) -> "PlanReport":
     """`deepfleet train --dry-run`: the plan of the resolved recipe on the fleet found, and its commands."""
-    recipe, shape, found = prepared.recipe, prepared.shape, prepared.hardware
-    resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
-                                  accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=found.prebuilt_ops)
-    return PlanReport(recipe=recipe, resolved=resolved, commands=render_training_plan(prepared.job).splitlines(),
-                      hardware=prepared.hardware, summary=run_summary(recipe, prepared.hardware, resolved))
+    return plan_report(prepared.recipe, prepared.shape, prepared.hardware, prepared.job)
 
 
 def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpeedConfig) -> list[str]:
@@ -215,13 +222,6 @@ def fleet_shape(found: FleetHardware, *, hypothetical: bool, gpu_mem: str | None
                    inter_host_gbps=link_gbps or shape.inter_host_gbps)
 
 
-def train_commands(recipe: Recipe, found: FleetHardware) -> list[str]:
-    """What `deepfleet train` would run on each host, from the launcher's own builders."""
-    job = TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
-                      output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
-    return render_training_plan(job).splitlines()
-
-
 @dataclass(frozen=True)
 class PlanReport:
     recipe: Recipe
@@ -260,8 +260,4 @@ def build_plan(recipe: Recipe, fleet_file: str | None = None, *, nodes: int | No
         check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision)
     shape = fleet_shape(found, hypothetical=hypothetical, gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps,
                         bf16=bf16)
-    resolved = resolve_run_config(recipe, world_size=shape.world_size, total_steps=planning_steps(recipe),
-                                  accelerator=shape.accelerator, bf16_supported=shape.bf16_supported,
-                                  model_shape=shape_for(recipe), fleet=shape, prebuilt_ops=found.prebuilt_ops)
-    return PlanReport(recipe=recipe, resolved=resolved, commands=train_commands(recipe, found), hardware=found,
-                      summary=run_summary(recipe, found, resolved))
+    return plan_report(recipe, shape, found, training_job(recipe, found))
