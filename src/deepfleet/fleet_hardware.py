@@ -69,7 +69,7 @@ class FleetHardware:
                           inter_host_gbps=self.link_gbps)
 
     def describe(self) -> str:
-        """e.g. `2 host(s): 8 x NVIDIA H100 80GB HBM3 (80 GiB, bf16) each, from the hosts' probe`."""
+        """e.g. `2 host(s): 8 rank(s) on 8 x NVIDIA H100 80GB HBM3 (80 GiB, bf16) per host, from the hosts' probe`."""
         kinds = sorted({(host.slots, h.gpu_count, h.gpu_model, h.gpu_memory_bytes, h.bf16)
                         for host, h in zip(self.fleet.hosts, self.hosts)}, key=str)
         parts = []

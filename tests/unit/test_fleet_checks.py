@@ -380,3 +380,13 @@ def test_amd_host_with_a_rocm_torch_is_a_gpu_host():
                                          "cuda": None, "hip": "6.4.43482", "nccl": "2.26.6", "torch_sees": 8}
             r["host"]["slots"] = 8
     assert not [f for f in failures(collected(amd)) if f.check == "accelerators"]
+
+
+def test_hosts_without_slots_get_one_rank_per_gpu():
+    def unset(records):
+        for r in records:
+            r["host"]["slots"] = None
+            r["data"]["accelerators"] = {"count": 4, "models": ["NVIDIA L4"] * 4, "cuda": "12.4", "nccl": "2.21.5",
+                                         "torch_sees": 4}
+    found = [f for f in run_checks(collected(unset)) if f.check == "accelerators"]
+    assert {(f.severity, f.message) for f in found} == {("ok", "4 GPU(s), one rank each")}

@@ -127,10 +127,13 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def check_accelerators(c: Collected) -> list[Finding]:
-    found, models = [], {}
+    found, models, has_gpus = [], {}, set()
     for f in c.reachable:
         count, slots = f.get("accelerators", "count", default=0), f.host.slots
-        if count == 0:
+        if slots is None:   # not configured: one rank per GPU (1 on a CPU host)
+            found.append(Finding(check="accelerators", host=f.host.name, severity="ok",
+                                 message=f"{count} GPU(s), one rank each" if count else "no GPU: CPU host, 1 rank"))
+        elif count == 0:
             found.append(Finding(check="accelerators", host=f.host.name, severity="ok",
                                  message=f"no GPU: CPU host, {slots} rank(s) as configured"))
         elif slots > count:
@@ -146,16 +149,18 @@ def check_accelerators(c: Collected) -> list[Finding]:
             found.append(Finding(check="accelerators", host=f.host.name, severity="fail", message=problem,
                                  fix="install a CUDA build of torch in this host's environment (same as the others)"))
         gpu_models = sorted(set(f.get("accelerators", "models", default=[])))
-        models[f.host.name] = (",".join(gpu_models) or "GPU (model unknown)") if count else "cpu"
-    kinds = {v == "cpu" for v in models.values()}
-    if len(kinds) > 1:
+        has_gpus.add(bool(count))
+        if gpu_models:   # a GPU model nvidia-smi did not name is compared with nothing
+            models[f.host.name] = ",".join(gpu_models)
+    if len(has_gpus) > 1:
         found.append(Finding(check="accelerators", host=FLEET, severity="fail",
                              message="some hosts have GPUs and some do not",
                              fix="use only GPU hosts in one job (NCCL needs a GPU per rank)"))
     elif (diff := differs(models)):
-        found += [Finding(check="accelerators", host=h, severity="warn",
+        found += [Finding(check="accelerators", host=h, severity="fail",
                           message=f"GPU model {models[h]}, others have {diff[0]}",
-                          fix="mixed GPUs run at the speed of the slowest; expect that") for h in diff[1]]
+                          fix="train on one GPU model (deepfleet train refuses mixed models: the slowest GPU "
+                              "would set the pace and the smallest its memory)") for h in diff[1]]
     return found
 
 
