@@ -154,3 +154,11 @@ def test_hosts_with_different_gpu_counts_get_their_own_nproc():
     assert ds.files["/s/hostfile"] == "10.0.0.1 slots=8\n10.0.0.2 slots=4\n"
     with pytest.raises(DeepfleetError, match="different rank counts"):
         slurm_script(launch)
+
+
+def test_ranks_find_the_environments_own_tools_first():
+    from deepfleet.launch.host_agent import with_environment_bin
+
+    assert with_environment_bin("/usr/bin:/bin", "/opt/venv/bin/python") == "/opt/venv/bin:/usr/bin:/bin"
+    assert with_environment_bin("/opt/venv/bin:/usr/bin", "/opt/venv/bin/python") == "/opt/venv/bin:/usr/bin"
+    assert with_environment_bin("", "/opt/venv/bin/python") == "/opt/venv/bin"

@@ -123,6 +123,13 @@ class Lifeline:
         self.closed = True
 
 
+def with_environment_bin(path: str, python: str) -> str:
+    """PATH with the fleet's environment's bin dir first: DeepSpeed builds an op at first use with the
+    `ninja` its pip package put there, and ssh's non-login shell does not have that dir on PATH."""
+    bin_dir = os.path.dirname(os.path.abspath(python))
+    return os.pathsep.join([bin_dir, *(entry for entry in path.split(os.pathsep) if entry and entry != bin_dir)])
+
+
 def pump_output(stream, out) -> None:
     for line in iter(stream.readline, b""):
         out.write(line)
@@ -133,6 +140,7 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
         grace: float, heartbeat_seconds: float) -> int:
     heartbeat_dir = Path(tempfile.mkdtemp(prefix=f"deepfleet-hb-{job_id}-"))
     child_env = {**os.environ, **env, JOB_ID_ENV: job_id, HEARTBEAT_DIR_ENV: str(heartbeat_dir)}
+    child_env["PATH"] = with_environment_bin(child_env.get("PATH", ""), sys.executable)
     lifeline = Lifeline()
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
     # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.
