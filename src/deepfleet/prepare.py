@@ -97,7 +97,7 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
     from deepfleet.train.preflight import check_before_launch
 
     found = fleet_hardware(fleet, nproc=nproc, facts_file=facts_file)
-    check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision)
+    check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision, method=recipe.method)
     shape = found.shape()
     recipe, note = resolve_auto_zero(recipe, shape)
     gpus = shape.accelerator == "cuda"
@@ -257,7 +257,7 @@ def build_plan(recipe: Recipe, fleet_file: str | None = None, *, nodes: int | No
     found, hypothetical = planned_hardware(fleet_file, nodes=nodes, gpus_per_node=gpus_per_node,
                                            facts_file=facts_file, gpu_mem=gpu_mem)
     if not hypothetical:
-        check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision)
+        check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision, method=recipe.method)
     shape = fleet_shape(found, hypothetical=hypothetical, gpu_mem=gpu_mem, host_mem=host_mem, link_gbps=link_gbps,
                         bf16=bf16)
     return plan_report(recipe, shape, found, training_job(recipe, found))

@@ -204,3 +204,16 @@ def test_doctors_measured_bandwidth_reaches_the_planner(llama_recipe, tmp_path, 
     assert any(line.startswith("link: 2.5 Gbit/s between hosts, from deepfleet doctor, ") for line in summary)
     code, out = invoke("plan", llama_recipe, "--fleet", fleet_file, "--link-gbps", "100", "--json")
     assert "link: 100 Gbit/s between hosts, from --link-gbps" in json.loads(out)["summary"]
+
+
+def test_qlora_needs_bitsandbytes_on_every_host(llama_recipe, tmp_path):
+    with_bnb = host_record("g1", "10.1.0.11")
+    without = host_record("g2", "10.1.0.12")
+    without["data"]["packages"]["bitsandbytes"]["version"] = None
+    fleet, facts = write_fleet(tmp_path, [with_bnb, without])
+    code, out = invoke("plan", llama_recipe, "method=qlora", "deepspeed.zero=2", "--fleet", fleet, "--facts", facts)
+    assert code == 2 and "method qlora needs bitsandbytes, not installed on host(s) g2" in out
+    fleet, facts = write_fleet(tmp_path, [with_bnb, host_record("g2", "10.1.0.12")])
+    code, out = invoke("train", "--dry-run", llama_recipe, "method=qlora", "deepspeed.zero=2", "--fleet", fleet,
+                       "--facts", facts)
+    assert code == 0, out

@@ -104,7 +104,20 @@ def _slots_problem(host: Host, found: HostHardware, where: str) -> Problem | Non
     return None
 
 
-def fleet_hardware_problems(fleet: Fleet, hardware: Sequence[HostHardware], *, precision: str) -> list[Problem]:
+def qlora_problems(hardware: Sequence[HostHardware]) -> list[Problem]:
+    """QLoRA's 4-bit kernels (bitsandbytes) need a CUDA GPU and the package on every host."""
+    without_gpu = [h.name for h in hardware if not h.gpu_count]
+    if without_gpu:
+        return [Problem(what=f"method qlora needs CUDA GPUs; host(s) {', '.join(without_gpu)} have none",
+                        where="method", fix="use method: lora there, or train on GPU hosts")]
+    missing = [h.name for h in hardware if not h.bitsandbytes]
+    return [Problem(what=f"method qlora needs bitsandbytes, not installed on host(s) {', '.join(missing)}",
+                    where="method", fix="pip install bitsandbytes in the fleet's environment on every host "
+                                        "(or use method: lora)")] if missing else []
+
+
+def fleet_hardware_problems(fleet: Fleet, hardware: Sequence[HostHardware], *, precision: str,
+                            method: str = "full") -> list[Problem]:
     """What makes the hosts unfit to train together, one line each naming the host and the fix."""
     where = fleet.source
     problems = [p for host, found in zip(fleet.hosts, hardware) if (p := _slots_problem(host, found, where))]
@@ -130,11 +143,14 @@ def fleet_hardware_problems(fleet: Fleet, hardware: Sequence[HostHardware], *, p
     if precision == "bf16":
         problems += [Problem(what=f"precision bf16, but host {h.name}'s {h.gpu_model} has no bf16", where="precision",
                              fix="use precision: fp16 (or auto) on these GPUs") for h in gpu_hosts if not h.bf16]
+    if method == "qlora" and not problems:
+        problems += qlora_problems(hardware)
     return problems
 
 
-def check_fleet_hardware(fleet: Fleet, hardware: Sequence[HostHardware], *, precision: str) -> None:
-    if problems := fleet_hardware_problems(fleet, hardware, precision=precision):
+def check_fleet_hardware(fleet: Fleet, hardware: Sequence[HostHardware], *, precision: str,
+                         method: str = "full") -> None:
+    if problems := fleet_hardware_problems(fleet, hardware, precision=precision, method=method):
         raise DeepfleetError(problems=problems)
 
 

@@ -23,7 +23,8 @@ if __name__ != "__main__":   # imported (tests, the head); over ssh their text c
     from deepfleet.fleet.remote_probe_build import build_facts
     from deepfleet.fleet.remote_probe_gpus import accelerator_facts
 
-PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
+# The last two decide the attention kernel and whether QLoRA can run (planning reads them).
+PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes")
 
 
 _LISTINGS = {}
