@@ -86,8 +86,8 @@ def fleet_hardware(fleet: Fleet, *, nproc: int | None = None, facts_file: str | 
         fleet = replace(fleet, hosts=tuple(replace(h, slots=nproc) for h in fleet.hosts))
     if is_local_only(fleet) and facts_file is None:
         found = local_hardware(fleet.hosts[0].name)
-        return FleetHardware(fleet=training_fleet(fleet, nproc=nproc, gpus=found.gpu_count), hosts=(found,),
-                             source="this machine")
+        return FleetHardware(fleet=with_slots(training_fleet(fleet, nproc=nproc, gpus=found.gpu_count), [found]),
+                             hosts=(found,), source="this machine")
     facts = read_facts_record(facts_file, fleet) if facts_file else probe_fleet(fleet, options_for(fleet))
     hosts = tuple(hardware_from_facts(f) for f in facts)
     link_gbps, link_source = measured_link_gbps(facts), facts_file

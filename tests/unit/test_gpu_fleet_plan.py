@@ -217,3 +217,17 @@ def test_qlora_needs_bitsandbytes_on_every_host(llama_recipe, tmp_path):
     code, out = invoke("train", "--dry-run", llama_recipe, "method=qlora", "deepspeed.zero=2", "--fleet", fleet,
                        "--facts", facts)
     assert code == 0, out
+
+
+def test_include_pins_gpus_and_exclude_drops_a_host(llama_recipe, tmp_path):
+    fleet, facts = write_fleet(tmp_path, [host_record("h100-a", "10.1.0.11"), host_record("h100-b", "10.1.0.12"),
+                                          host_record("h100-c", "10.1.0.13")])
+    code, out = invoke("train", "--dry-run", llama_recipe, "train.global_batch=192", "--fleet", fleet,
+                       "--facts", facts, "--include", "h100-a:0,1,2,3@h100-b")
+    assert code == 0, out
+    assert "ranks: 12 ranks (8+4 per host)" in out and "h100-c" not in out
+    assert "[h100-a]   env CUDA_VISIBLE_DEVICES=0,1,2,3" in out and "[h100-b]   env CUDA_VISIBLE_DEVICES" not in out
+    code, out = invoke("plan", llama_recipe, "train.global_batch=192", "--fleet", fleet, "--facts", facts, "--json")
+    assert json.loads(out)["fleet"]["nodes"] == 3
+    code, out = invoke("train", "--dry-run", llama_recipe, "--fleet", fleet, "--facts", facts, "--exclude", "h100-c")
+    assert code == 0 and "ranks: 16 ranks (8 per host)" in out and "[h100-c]" not in out

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from deepfleet.bench.comm import DEFAULT_SIZES, OPERATIONS, parse_sizes
+from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
 from deepfleet import hardware
 from deepfleet.errors import DeepfleetError
 
@@ -41,6 +42,8 @@ def _operations(text: str) -> list[str]:
 def comm(
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, or this machine)"),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
     sizes: str = typer.Option(DEFAULT_SIZES, "--sizes", help="SMALL..LARGE (x4 steps) or a list: 1MiB,64MiB"),
     ops: str = typer.Option(",".join(OPERATIONS), "--ops", help="collectives to measure"),
     budget: float = typer.Option(2.0, "--budget", min=0.01, help="seconds of timed iterations per size"),
@@ -56,7 +59,7 @@ def comm(
     from deepfleet.bench.comm_run import CommOptions, ranks_per_host, run_comm_benchmark
     from deepfleet.fleet.sources import resolve_fleet
 
-    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include, exclude=exclude)
     gpus = hardware.gpu_count()
     options = CommOptions(sizes=parse_sizes(sizes), operations=_operations(ops), run_dir=run_dir,
                           budget_seconds=budget, deadline_seconds=deadline,
@@ -78,6 +81,8 @@ def train(
     nodes: str = typer.Option("1,2", "--nodes", help="node counts to compare, e.g. 1,2,4 (the fleet's first N hosts)"),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, or this machine)"),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
     steps: int = typer.Option(20, "--steps", min=2, help="optimizer steps per node count"),
     warmup_steps: int = typer.Option(3, "--warmup-steps", min=0, help="first steps left out of the figures"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="ranks per host (default: slots)"),
@@ -91,7 +96,7 @@ def train(
     from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.plan.recipe_io import load_recipe
 
-    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include, exclude=exclude)
     options = ScalingOptions(node_counts=parse_node_counts(nodes, fleet_size=len(resolved.hosts)), steps=steps,
                              warmup_steps=warmup_steps, nproc_per_node=nproc_per_node)
     # The launcher prints progress; with --json it goes to stderr so stdout is only the JSON.

@@ -25,6 +25,8 @@ from deepfleet.env_vars import masked
 
 FleetOpt = typer.Option(None, "--fleet", help="fleet.yaml (default: ./fleet.yaml, SLURM, PBS, or this machine)")
 HostfileOpt = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
+IncludeOpt = typer.Option(None, "--include", help="only these hosts (and GPUs), DeepSpeed style: gpu1:0,1@gpu2")
+ExcludeOpt = typer.Option(None, "--exclude", help="leave out these hosts (or GPUs), DeepSpeed style: gpu3 or gpu1:7")
 SshConfigOpt = typer.Option(None, "--ssh-config", help="ssh config file for every ssh call (ssh -F)")
 SEVERITY_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
 
@@ -36,8 +38,9 @@ def _file_to_write(path: Optional[str]) -> Optional[str]:
     return path
 
 
-def _fleet(fleet_file: Optional[str], hostfile: Optional[str], ssh_config: Optional[str] = None) -> Fleet:
-    fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile)
+def _fleet(fleet_file: Optional[str], hostfile: Optional[str], ssh_config: Optional[str] = None,
+           include: Optional[str] = None, exclude: Optional[str] = None) -> Fleet:
+    fleet = resolve_fleet(fleet_file=fleet_file, hostfile=hostfile, include=include, exclude=exclude)
     if ssh_config:
         if not Path(ssh_config).is_file():
             raise DeepfleetError("ssh config file not found", where=ssh_config, fix="check the --ssh-config path")
@@ -101,7 +104,8 @@ def hostfile_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[st
 
 
 def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
-                   ssh_config: Optional[str] = SshConfigOpt,
+                   ssh_config: Optional[str] = SshConfigOpt, include: Optional[str] = IncludeOpt,
+                   exclude: Optional[str] = ExcludeOpt,
                    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="dir checkpoints go to"),
                    checksum: List[str] = typer.Option([], "--checksum", help="data/model file to compare across hosts"),
                    no_matrix: bool = typer.Option(False, "--no-matrix", help="skip host->host ssh"),
@@ -111,7 +115,7 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                    record: Optional[str] = typer.Option(None, "--record", callback=_file_to_write,
                                                         help="also save the raw facts here")) -> None:
     """Check every host in parallel; every finding has a fix. Exit 2 on any fail."""
-    fleet = _fleet(fleet_file, hostfile, ssh_config)
+    fleet = _fleet(fleet_file, hostfile, ssh_config, include, exclude)
     options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
                             network=not no_network, iperf3=not no_iperf3)
     report = run_doctor(fleet, options, options_for(fleet))

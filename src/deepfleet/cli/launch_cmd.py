@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
+
 LAUNCH_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -22,6 +24,8 @@ def launch(
     command: List[str] = typer.Argument(None, help="The command every rank runs, after --"),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml"),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile (host slots=N)"),
+    include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1, help="Ranks per host (default: slots)"),
     master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure this many times"),
@@ -39,7 +43,7 @@ def launch(
     from deepfleet.launch.run import (RunOptions, inspect_hosts, plan_for, run_deepspeed_backend,
                                       run_slurm_backend, run_with_restarts)
 
-    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile)
+    resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include, exclude=exclude)
     settings = LaunchSettings(command=list(command or []), nproc_per_node=nproc_per_node, master_port=master_port)
     ssh_options = options_for(resolved)
     if dry_run or backend is not Backend.torchrun:

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.sources import resolve_fleet
 from deepfleet.launch.training import run_training
@@ -39,6 +40,8 @@ def train(
     no_resume: bool = typer.Option(False, "--no-resume", help="Start over even when output_dir has checkpoints"),
     fleet: Optional[str] = typer.Option(None, "--fleet", help="fleet.yaml: train on every host of it"),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile: train on every host of it"),
+    include: Optional[str] = IncludeOpt,
+    exclude: Optional[str] = ExcludeOpt,
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Relaunch after a failure (training resumes from the last checkpoint)"),
     hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without a training step before the job is torn down"),
     all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank, not only rank 0"),
@@ -55,8 +58,8 @@ def train(
     if facts and not dry_run:
         raise DeepfleetError("--facts is for --dry-run only", where="--facts",
                              fix="add --dry-run, or drop --facts: a real run asks the hosts themselves")
-    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile), nproc=nproc,
-                                facts_file=facts)
+    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include,
+                                                      exclude=exclude), nproc=nproc, facts_file=facts)
     if prepared.note:
         print(f"# {prepared.note}")
     if dry_run:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.facts import HostFacts
+from deepfleet.fleet.host_selection import gpu_indices
 from deepfleet.fleet.inventory import Fleet, Host
 
 # GPUs without bf16 (compute capability below 8.0), for facts that lack the capability (old drivers).
@@ -89,12 +90,21 @@ def default_slots(hardware: HostHardware) -> int:
     return hardware.gpu_count or 1
 
 
+def _placed(host: Host, found: HostHardware) -> tuple[Host, Problem | None]:
+    indices, problem = gpu_indices(host, found.gpu_count)
+    if indices is not None:   # --include / --exclude chose GPUs: one rank on each
+        env = dict(host.env) | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, indices))}
+        return replace(host, slots=len(indices), env=tuple(sorted(env.items()))), None
+    return (host if host.slots is not None else replace(host, slots=default_slots(found))), problem
+
+
 def with_slots(fleet: Fleet, hardware: Sequence[HostHardware]) -> Fleet:
-    """The fleet with every unconfigured `slots` set from its host's GPUs."""
-    by_name = {h.name: h for h in hardware}
-    hosts = tuple(host if host.slots is not None else replace(host, slots=default_slots(by_name[host.name]))
-                  for host in fleet.hosts)
-    return replace(fleet, hosts=hosts)
+    """The fleet with every host's rank count known: GPUs chosen with --include/--exclude, else the
+    configured `slots`, else one per GPU (1 on a CPU host)."""
+    placed = [_placed(host, found) for host, found in zip(fleet.hosts, hardware)]
+    if problems := [problem for _, problem in placed if problem]:
+        raise DeepfleetError(problems=problems)
+    return replace(fleet, hosts=tuple(host for host, _ in placed))
 
 
 def _slots_problem(host: Host, found: HostHardware, where: str) -> Problem | None:

@@ -35,6 +35,8 @@ class Host:
     python: str | None = None        # interpreter on this host; None: the fleet's
     env: tuple[tuple[str, str], ...] = ()
     local: bool = False              # the machine deepfleet runs on: no ssh needed
+    gpus: tuple[int, ...] | None = None   # GPU indices chosen with --include; None: all
+    skip_gpus: tuple[int, ...] = ()       # GPU indices left out with --exclude
 
     @property
     def destination(self) -> str:

@@ -12,6 +12,7 @@ from typing import Mapping
 
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.fleet_yaml import load_fleet_yaml
+from deepfleet.fleet.host_selection import HostSelection, select_hosts
 from deepfleet.fleet.inventory import Fleet, Host, check_unique, host_name_problem, validate_host
 from deepfleet.user_text import read_user_text
 
@@ -142,8 +143,18 @@ def count_local_gpus() -> int:
 
 
 def resolve_fleet(*, fleet_file: str | None = None, hostfile: str | None = None,
-                  environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Fleet:
-    """The fleet from the first source that applies (see the module docstring)."""
+                  environ: Mapping[str, str] | None = None, cwd: Path | None = None,
+                  include: str | None = None, exclude: str | None = None) -> Fleet:
+    """The fleet from the first source that applies (see the module docstring), narrowed to the hosts
+    and GPUs of `include` / without those of `exclude` (DeepSpeed's `gpu1:0,1@gpu2` form)."""
+    fleet = _resolve_fleet(fleet_file=fleet_file, hostfile=hostfile, environ=environ, cwd=cwd)
+    if include or exclude:
+        fleet = select_hosts(fleet, HostSelection.parse(include, exclude))
+    return fleet
+
+
+def _resolve_fleet(*, fleet_file: str | None, hostfile: str | None, environ: Mapping[str, str] | None,
+                   cwd: Path | None) -> Fleet:
     environ = os.environ if environ is None else environ
     cwd = cwd or Path.cwd()
     if fleet_file and hostfile:

@@ -42,7 +42,8 @@ def interface_from_facts(fleet: Fleet, facts: Sequence[HostFacts]) -> InterfaceC
 def inspect_hosts(fleet: Fleet, options: SshOptions) -> tuple[Fleet, InterfaceChoice | None]:
     """The fleet with unconfigured slots set to each host's GPU count, and the subnet every host shares:
     one probe round trip, none for a single host whose slots are known."""
-    if len(fleet.hosts) == 1 and fleet.hosts[0].slots is not None:
+    host = fleet.hosts[0]
+    if len(fleet.hosts) == 1 and host.slots is not None and host.gpus is None and not host.skip_gpus:
         return fleet, None
     facts = probe_fleet(fleet, options)
     return with_slots(fleet, [hardware_from_facts(f) for f in facts]), interface_from_facts(fleet, facts)
