@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""   # read when CUDA starts: keeps generate and the ranks on CPU too
+        os.environ["DS_ACCELERATOR"] = "cpu"      # DeepSpeed would warn that it found no GPU
     from gpu_smoke_target import cpu_target, cuda_target, no_gpu_reason   # torch only: the skip stays fast
 
     reason = no_gpu_reason() if args.device == "cuda" else None
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def header(target, root: Path) -> str:
     if target.device_type == "cpu":
-        attention = "CPU development run, fp32"
+        attention = "development run on CPU: proves nothing about GPUs"
     elif target.flash_installed:
         attention = "flash-attn installed"
     else:
@@ -86,7 +87,7 @@ def run_checks(target, root: Path):
     for family in SMOKE_FAMILIES:
         report.check(f"packing isolation {family}", partial(check_packing_isolation, family, target))
     report.check("mfu", partial(training.check_mfu, target, workspace))
-    report.check(f"generate on {target.device_type}", partial(training.check_generation_placement, target, workspace))
+    report.check("load_for_generation", partial(training.check_generation_placement, target, workspace))
     report.check("deepfleet generate", partial(training.check_generate_cli, workspace))
     report.check("export", partial(training.check_export, target, workspace))
     return report

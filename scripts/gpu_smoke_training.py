@@ -6,6 +6,7 @@ Every check returns its figures as text, or raises `CheckFailed` with them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import statistics
@@ -88,7 +89,7 @@ def run_deepfleet(args: list[str], *, log: Path, timeout: float) -> CommandResul
     command = [sys.executable, "-m", "deepfleet.cli.app", *args]
     started = time.perf_counter()
     with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=log.parent)
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=log.parent, env=local_only_environment())
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -99,6 +100,12 @@ def run_deepfleet(args: list[str], *, log: Path, timeout: float) -> CommandResul
             raise
     return CommandResult(returncode=returncode, seconds=time.perf_counter() - started, log=log,
                          stdout=log.with_suffix(".out").read_text(), stderr=log.with_suffix(".err").read_text())
+
+
+def local_only_environment() -> dict[str, str]:
+    """This environment without the batch-system variables that would make `deepfleet train` launch on
+    every host of a SLURM/PBS allocation: the smoke test is about this machine's GPUs."""
+    return {name: value for name, value in os.environ.items() if name not in ("SLURM_JOB_NODELIST", "PBS_NODEFILE")}
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -251,10 +258,15 @@ def check_generation_placement(target: Target, workspace: Workspace) -> str:
     model, tokenizer = load_for_generation(workspace.final)
     parameter = next(model.parameters())
     answer = generate_answers(model, tokenizer, [[{"role": "user", "content": PROMPT}]], max_new_tokens=16)[0]
-    figures = f"model on {parameter.device} in {str(parameter.dtype).removeprefix('torch.')}, answer {answer!r}"
+    expected = f"{target.device_type} in {dtype_name(target.dtype)}"
+    figures = f"model on {parameter.device} in {dtype_name(parameter.dtype)} (expected {expected}), answer {answer!r}"
     if parameter.device.type != target.device_type or parameter.dtype != target.dtype:
-        raise CheckFailed(f"{figures}; expected {target.device_type} in {str(target.dtype).removeprefix('torch.')}")
+        raise CheckFailed(figures)
     return figures
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_generate_cli(workspace: Workspace) -> str:
