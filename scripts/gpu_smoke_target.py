@@ -9,8 +9,11 @@ import importlib.util
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +108,8 @@ class Report:
         except CheckFailed as exc:
             self._fail(name, str(exc))
         except Exception as exc:   # a smoke test reports every failure and goes on to the next check
-            where = traceback.extract_tb(exc.__traceback__)[-1]
             message = (str(exc).splitlines() or [""])[0]
-            self._fail(name, f"{type(exc).__name__}: {message} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
+            self._fail(name, f"{type(exc).__name__}: {message} (at {_smoke_frame(exc)})")
         else:
             self.passed += 1
             print(f"ok: {name} {figures}", flush=True)
@@ -115,3 +117,10 @@ class Report:
     def _fail(self, name: str, detail: str) -> None:
         self.failed.append(name)
         print(f"FAIL: {name} {detail}", flush=True)
+
+
+def _smoke_frame(exc: Exception) -> str:
+    """file:line of the innermost frame in these scripts (a library's own frame says little)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [frame for frame in frames if Path(frame.filename).parent == SCRIPTS_DIR] or frames
+    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno}"
