@@ -23,7 +23,7 @@ def assert_one_clean_error(done, *expected_fragments):
 
 @pytest.mark.parametrize("overrides,fragments", [
     (["model.name=/nonexistent/model-dir"], ["model.name", "/nonexistent/model-dir", "does not exist"]),
-    (["method=qlora"], ["method", "qlora needs a CUDA GPU"]),
+    (["method=qlora"], ["method", "qlora needs CUDA GPUs"]),
     (["train.global_batch=7"], ["train.global_batch", "not micro_batch"]),
     (["data.train=missing.jsonl"], ["data.train", "missing.jsonl"]),
 ])
