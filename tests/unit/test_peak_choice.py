@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deepfleet.train.peak import (CPU_MATMUL_SIZE, GPU_MATMUL_SIZE, PeakChoice, choose_peak, flops_text,
+from deepfleet.train.peak import (CPU_MATMUL_SIZE, GPU_MATMUL_SIZE, PeakChoice, RankPeak, choose_peak, flops_text,
                                   measure_matmul_flops, peak_summary, rank_peak)
 
 
@@ -56,12 +56,18 @@ def test_measuring_on_cpu_gives_a_plausible_figure_and_says_so():
     assert 1e8 < measure_matmul_flops(torch.device("cpu"), dtype=torch.float32, size=128, seconds=0.05) < 1e13
     choice = PeakChoice(source="measure", tflops=None, matmul_dtype="fp32", matmul_size=128, description="measured x")
     peak = rank_peak(choice, torch.device("cpu"))
-    assert peak.flops > 0 and peak.description.startswith("measured x: ") and "FLOP/s" in peak.description
+    assert peak.flops > 0 and peak.measured and peak.description == f"measured x: {flops_text(peak.flops)}"
     known = rank_peak(choose(), torch.device("cpu"))
     assert known.flops == pytest.approx(989.4e12) and known.description == choose().description
 
 
 def test_flops_text_and_the_summary_of_ranks_that_differ():
     assert flops_text(989.4e12) == "989.4 TFLOP/s" and flops_text(88.74e9) == "88.7 GFLOP/s"
-    assert peak_summary("table: X", [1e12, 1e12]) == "table: X"
-    assert peak_summary("measured", [88e9, 80e9]) == "measured on rank 0 (ranks 80.0 GFLOP/s to 88.0 GFLOP/s)"
+    assert flops_text(146.7e9, 137.1e9) == "137.1 to 146.7 GFLOP/s"
+    measured = RankPeak(flops=137.1e9, source="measured fp32 matmul 1024x1024 (CPU)", measured=True)
+    assert peak_summary(measured, [137.1e9, 137.2e9]) == "measured fp32 matmul 1024x1024 (CPU): 137.1 GFLOP/s"
+    assert peak_summary(measured, [137.1e9, 146.7e9]) == ("measured fp32 matmul 1024x1024 (CPU): "
+                                                         "137.1 to 146.7 GFLOP/s per rank")
+    table = RankPeak(flops=989.4e12, source="table: NVIDIA H100 80GB HBM3 bf16 989.4 TFLOP/s", measured=False)
+    assert peak_summary(table, [989.4e12] * 8) == table.source
+    assert peak_summary(table, [989.4e12, 312e12]) == f"{table.source} on rank 0; 312.0 to 989.4 TFLOP/s over the ranks"

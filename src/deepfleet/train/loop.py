@@ -64,7 +64,7 @@ class TrainingRun:
 
     @property
     def peak_summary(self) -> str:
-        return peak_summary(self.peak.description, self.rank_peak_flops)
+        return peak_summary(self.peak, self.rank_peak_flops)
 
 
 @dataclass(frozen=True, kw_only=True)

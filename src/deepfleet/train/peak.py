@@ -58,15 +58,20 @@ def choose_peak(*, recipe_peak_tflops: float | None, device_type: str, device_na
 @dataclass(frozen=True, kw_only=True)
 class RankPeak:
     flops: float                # FLOP/s this rank can do at most
-    description: str            # where that figure came from, with the figure
+    source: str                 # where that figure came from (PeakChoice.description)
+    measured: bool              # the figure was measured here (so ranks' figures differ a little)
+
+    @property
+    def description(self) -> str:
+        return f"{self.source}: {flops_text(self.flops)}" if self.measured else self.source
 
 
 def rank_peak(choice: PeakChoice, device: torch.device) -> RankPeak:
     """The chosen peak, measuring the matmul when the choice asks for it."""
     if choice.tflops is not None:
-        return RankPeak(flops=choice.tflops * 1e12, description=choice.description)
+        return RankPeak(flops=choice.tflops * 1e12, source=choice.description, measured=False)
     flops = measure_matmul_flops(device, dtype=MATMUL_DTYPES[choice.matmul_dtype], size=choice.matmul_size)
-    return RankPeak(flops=flops, description=f"{choice.description}: {flops_text(flops)}")
+    return RankPeak(flops=flops, source=choice.description, measured=True)
 
 
 def device_name(device: torch.device) -> str | None:
@@ -92,13 +97,18 @@ def measure_matmul_flops(device: torch.device, *, dtype: torch.dtype, size: int,
         batch = min(2 * batch, 64)
 
 
-def flops_text(flops: float) -> str:
-    return f"{flops / 1e12:,.1f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.1f} GFLOP/s"
+def flops_text(flops: float, low: float | None = None) -> str:
+    """"989.4 TFLOP/s", or a range "137.1 to 146.7 GFLOP/s" from `low`."""
+    scale, unit = (1e12, "TFLOP/s") if flops >= 1e12 else (1e9, "GFLOP/s")
+    start = "" if low is None else f"{low / scale:,.1f} to "
+    return f"{start}{flops / scale:,.1f} {unit}"
 
 
-def peak_summary(description: str, rank_flops: Sequence[float]) -> str:
-    """Rank 0's peak, and the ranks' range when they differ (MFU divides by their sum)."""
+def peak_summary(peak: RankPeak, rank_flops: Sequence[float]) -> str:
+    """How the header and metrics.jsonl name the peak: rank 0's, or the ranks' range when they differ."""
     low, high = min(rank_flops), max(rank_flops)
     if high <= low * 1.005:
-        return description
-    return f"{description} on rank 0 (ranks {flops_text(low)} to {flops_text(high)})"
+        return peak.description
+    if peak.measured:
+        return f"{peak.source}: {flops_text(high, low)} per rank"
+    return f"{peak.description} on rank 0; {flops_text(high, low)} over the ranks"
