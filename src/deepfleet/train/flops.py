@@ -2,7 +2,7 @@
 
 For one sequence of real length s (padding never counts; each packed sequence counts alone):
 
-    6 x N_trainable x s  +  4 x N_frozen x s  +  3 x n_layers x 2 x d_attn x s^2
+    6 x N_trainable x s  +  4 x N_frozen x s  +  6 x n_layers x d_attn x s^2
 
 - N: the parameters used in matmuls, i.e. all of them except the input embedding lookup tables
   (token and learned position embeddings). The output head counts, tied to the input embedding
