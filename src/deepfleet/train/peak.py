@@ -18,7 +18,7 @@ from deepfleet.gpu_peaks import gpu_peak
 from deepfleet.train.distributed import synchronize
 
 GPU_MATMUL_SIZE = 4096   # enough work per matmul to approach a tensor-core peak
-# One CPU core: ~22 ms per fp32 matmul, 89 GFLOP/s vs 92-99 at 512-1536 (2-core EPYC, 2026-12-02);
+# One CPU core: ~22 ms per fp32 matmul, 89 GFLOP/s vs 92-99 at 512-1536 (2-core Xeon, 2026-12-01);
 # so 0.3 s of measurement holds >= 3 matmuls even with two ranks sharing a core.
 CPU_MATMUL_SIZE = 1024
 MEASURE_SECONDS = 0.3
