@@ -7,7 +7,8 @@ The seed documents' way: plain `deepspeed.initialize`, a DistributedSampler-styl
 sequences, each micro batch padded either to max_length (`max_length`) or to its longest sequence
 (`dynamic`), attention_mask for the padding, pad labels = -100. Timing matches deepfleet's
 metrics.jsonl: from fetching the first micro batch of a step to the end of engine.step(), slowest
-rank; real tokens are the non-pad tokens of every rank.
+rank; real tokens are the non-pad tokens of every rank, and model FLOPs their standard count
+(`deepfleet.train.flops`, the function deepfleet's metrics use).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deepfleet.train.flops import training_flops_of
+
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     config = json.load(open(args.ds_config))
@@ -71,13 +74,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
+    counts = training_flops_of(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     engine.train()
     pad_id = tokenizer.pad_token_id
-    cursor, timed_tokens, timed_seconds, losses = 0, 0.0, 0.0, []
+    cursor, timed_tokens, timed_flops, timed_seconds, losses = 0, 0.0, 0.0, 0.0, []
     for step in range(args.steps):
         started = time.perf_counter()
-        real = 0
+        real, flops = 0, 0.0
         for _ in range(accum):
             batch = [sequences[i] for i in mine[cursor:cursor + micro]]
             cursor += micro
@@ -87,19 +91,22 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
             real += int(tensors["attention_mask"].sum())
+            flops += counts.of_sequences(len(ids) for ids in batch)   # padding costs time, not model FLOPs
             losses.append(loss.item())
         seconds = time.perf_counter() - started
-        stats = torch.tensor([seconds, float(real)], dtype=torch.float64)
+        stats = torch.tensor([seconds, float(real), flops], dtype=torch.float64)
         slowest = stats.clone()
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         if step >= args.warmup_steps:
             timed_seconds += slowest[0].item()
             timed_tokens += stats[1].item()
+            timed_flops += stats[2].item()
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
         json.dump({"mode": args.mode, "tokens": timed_tokens, "seconds": timed_seconds,
                    "tokens_per_second": timed_tokens / timed_seconds, "n_params": n_params,
+                   "flops_per_second": timed_flops / timed_seconds,
                    "timed_steps": args.steps - args.warmup_steps, "last_loss": losses[-1]}, open(args.out, "w"))
     dist.destroy_process_group()
 

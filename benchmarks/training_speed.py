@@ -12,8 +12,10 @@ runs, in turn:
 and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before and after.
 With --compare-block-mask, deepfleet also runs with `model.attn_implementation: sdpa` (packed rows
 through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
-Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = 6 x params x tokens/s over the peak,
-per round and as the median over rounds.
+Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = model FLOPs/s over the peak, per
+round and as the median over rounds. Model FLOPs are the standard count of `deepfleet.train.flops`
+(6 x matmul parameters per token plus causal attention per real sequence): deepfleet records them in
+metrics.jsonl, the seed-style loops count their own batches with the same function.
 """
 
 from __future__ import annotations
@@ -72,12 +74,15 @@ def write_corpus(path: Path, seed: int = 0) -> list[int]:
     return lengths
 
 
-def write_model(directory: Path) -> int:
-    """A ~5M-parameter Llama with deepfleet's character tokenizer, saved as a local HF model dir."""
+def write_model(directory: Path):
+    """A ~5M-parameter Llama with deepfleet's character tokenizer, saved as a local HF model dir.
+
+    Returns its parameter count and its FLOP counts (`TrainingFlops`)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from deepfleet.plan.recipe import ModelSpec
+    from deepfleet.train.flops import training_flops_of
     from deepfleet.train.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec())
@@ -89,7 +94,7 @@ def write_model(directory: Path) -> int:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()), training_flops_of(model)
 
 
 def recipe_for(work: Path, model_dir: Path, data: Path, steps: int, output: str) -> dict:
@@ -125,8 +130,9 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str) -> dict
     records = [json.loads(line) for line in (work / tag / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r.get("kind") == "train" and r["step"] > warmup_steps]
     tokens, seconds = sum(r["tokens"] for r in timed), sum(r["step_seconds"] for r in timed)
+    flops = sum(r["model_flops"] for r in timed)
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "timed_steps": len(timed), "last_loss": timed[-1]["loss"]}
+            "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"]}
 
 
 def run_seed_loop(work: Path, mode: str, model_dir: Path, data: Path, ds_config: Path, steps: int,
@@ -183,9 +189,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine_description()}")
     lengths = write_corpus(work / "train.jsonl")
-    n_params = write_model(work / "model")
+    n_params, counts = write_model(work / "model")
     mean_length = statistics.mean(lengths)
-    print(f"model: Llama {HIDDEN}x{LAYERS} layers, {n_params:,} params; corpus: {N_TEXTS} texts, lognormal lengths "
+    attention_share = counts.of_sequences(lengths) / (6 * counts.trainable_matmul_params * sum(lengths)) - 1
+    print(f"model: Llama {HIDDEN}x{LAYERS} layers, {n_params:,} params, {counts.trainable_matmul_params:,} in "
+          f"matmuls; causal attention adds {attention_share:.1%} to 6N FLOPs on this corpus")
+    print(f"corpus: {N_TEXTS} texts, lognormal lengths "
           f"(median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}) clipped to {MIN_LENGTH}..{MAX_LENGTH}: mean "
           f"{mean_length:.0f} tokens, so padding to {MAX_LENGTH} wastes {1 - mean_length / MAX_LENGTH:.0%}")
     print(f"{RANKS} CPU ranks x 1 thread, ZeRO-2 fp32, micro batch {MICRO_BATCH} x accumulation {GRAD_ACCUM}, "
@@ -208,14 +217,14 @@ def main() -> None:
                                                  for name, r in result.items()), flush=True)
     peaks.append(measure_machine_peak())
     peak = max(peaks)
-    report(rounds, n_params=n_params, peak=peak, peaks=peaks)
+    report(rounds, peak=peak, peaks=peaks)
 
 
-def report(rounds: list[dict], *, n_params: int, peak: float, peaks: list[float]) -> None:
+def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
     ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds]
     ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds]
     names = list(rounds[0])
-    mfu = {name: [6 * n_params * r[name]["tokens_per_second"] / peak for r in rounds] for name in names}
+    mfu = {name: [r[name]["flops_per_second"] / peak for r in rounds] for name in names}
     print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3): "
           + " / ".join(f"{p / 1e9:.1f}" for p in peaks) + f" GFLOP/s (before / after); using {peak / 1e9:.1f}")
     print(f"{'':28}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(len(rounds))) + f"{'median':>12}")

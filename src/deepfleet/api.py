@@ -62,7 +62,7 @@ class TrainResult:
 
     @property
     def metrics(self) -> list[dict]:
-        """metrics.jsonl's records (training steps and validations)."""
+        """metrics.jsonl's records: the run's (MFU peak), then training steps and validations."""
         from deepfleet.train.metrics import METRICS_FILE, read_metrics
 
         path = self.run_dir / METRICS_FILE

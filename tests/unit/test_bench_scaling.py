@@ -16,7 +16,8 @@ from deepfleet.plan.recipe import Recipe
 
 
 def records(rank_seconds: list[list[float]], tokens: int = 1000) -> list[dict]:
-    out = [{"kind": "validation", "step": 1, "val_loss": 1.0}]
+    out = [{"kind": "run", "step": 0, "peak": "table: NVIDIA A10G bf16 70 TFLOP/s"},
+           {"kind": "validation", "step": 1, "val_loss": 1.0}]
     for step, ranks in enumerate(rank_seconds, start=1):
         out.append({"kind": "train", "step": step, "tokens": tokens, "step_seconds": max(ranks),
                     "rank_step_seconds": ranks, "mfu": 0.25})
@@ -31,6 +32,7 @@ def test_summary_skips_warmup_and_maps_ranks_to_hosts():
     assert result.tokens_per_second == pytest.approx(2000 / 4.0)
     assert [(h.host, h.mean_step_seconds) for h in result.hosts] == [("a", 1.0), ("b", 2.0)]
     assert result.slow_host.host == "b" and result.mfu == pytest.approx(0.25)
+    assert result.mfu_peak == "table: NVIDIA A10G bf16 70 TFLOP/s"
 
 
 def test_no_slow_host_within_the_margin():
@@ -72,6 +74,7 @@ def test_rendering(tmp_path: Path):
     console.print(scaling_table(results))
     text = console.export_text()
     assert "56%" in text and "b (slow)" in text and "1,111" in text   # 1000/0.9 tok/s; /(2 x 1000)
+    assert "MFU peak: table: NVIDIA A10G bf16 70 TFLOP/s" in text
     data = json.loads(scaling_json(results))
     assert data[1]["slow_host"] == "b" and data[1]["scaling_efficiency"] == pytest.approx(1000 / 0.9 / 2000)
     plot_scaling(results, tmp_path / "scaling.png")

@@ -58,6 +58,16 @@ def test_a_fresh_order_at_step_k_feeds_exactly_what_the_running_one_fed():
     assert resumed.micro_batches(7).__next__().real_tokens > 0
 
 
+def test_micro_batches_know_each_packed_sequence_length_without_padding():
+    for packing in (True, False):
+        for batch in order(0, packing=packing, n=200).micro_batches(3):
+            rows = batch.tensors["input_ids"]
+            lengths = batch.sequence_lengths
+            assert sum(lengths) == batch.real_tokens == int((rows != 0).sum())   # pad id 0, token ids from 1
+            assert len(lengths) >= len(rows) if packing else len(lengths) == len(rows)
+            assert all(3 <= length <= 9 for length in lengths)
+
+
 def test_too_little_data_for_one_global_batch_is_a_clear_error():
     with pytest.raises(DeepfleetError) as info:
         order(0, n=5).check_enough_rows()

@@ -7,7 +7,8 @@ import pytest
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
 from deepfleet.train.distributed import RankEnv
-from deepfleet.train.metrics import Heartbeat, MetricsWriter, StepMetrics, mfu, plot_loss, read_metrics
+from deepfleet.train.metrics import (Heartbeat, MetricsWriter, StepMetrics, mfu, mfu_above_one_warning, plot_loss,
+                                     read_metrics)
 from deepfleet.train.model import check_method_supported, check_model_source
 
 
@@ -33,8 +34,16 @@ def test_model_source_checks_local_dirs_but_not_hub_ids(tmp_path):
     check_model_source(parse_recipe(f"model: {tmp_path}\n"))
 
 
-def test_mfu_is_six_n_tokens_over_peak_of_all_ranks():
-    assert mfu(n_params=1_000_000, tokens_per_second=1000, peak_flops_per_rank=6e9, world_size=2) == pytest.approx(0.5)
+def test_mfu_is_model_flops_per_second_over_the_ranks_summed_peak():
+    assert mfu(model_flops=6e9, seconds=1.0, peak_flops=2 * 6e9) == pytest.approx(0.5)
+    assert mfu(model_flops=3e9, seconds=0.5, peak_flops=6e9) == pytest.approx(1.0)
+
+
+def test_mfu_above_one_is_called_a_wrong_peak_not_clamped():
+    assert mfu_above_one_warning(1.0, "table: X") is None and mfu_above_one_warning(0.4, "table: X") is None
+    warning = mfu_above_one_warning(1.3, "measured fp32 matmul 1024x1024 (CPU): 50.0 GFLOP/s")
+    assert warning.startswith("warning: MFU 130% is above 100%") and "(measured fp32 matmul" in warning
+    assert "logging.peak_tflops" in warning
 
 
 def test_heartbeat_only_when_asked_and_throttled(tmp_path, monkeypatch):
@@ -51,21 +60,23 @@ def test_heartbeat_only_when_asked_and_throttled(tmp_path, monkeypatch):
 
 def step(n, loss):
     return StepMetrics(step=n, epoch=0, loss=loss, lr=1e-3, grad_norm=1.0, tokens=100, step_seconds=0.1,
-                       tokens_per_second=1000.0, mfu=0.1, rank_step_seconds=[0.1, 0.09])
+                       tokens_per_second=1000.0, model_flops=6e8, mfu=0.1, rank_step_seconds=[0.1, 0.09])
 
 
 def test_metrics_file_resume_drops_steps_after_the_checkpoint_and_plot(tmp_path):
-    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer = MetricsWriter(tmp_path, tensorboard=False, run_info={"peak": "first attempt"})
     for n in range(1, 6):
         writer.write_step(step(n, 5.0 - n))
     writer.write_validation(step=5, val_loss=0.5)
     writer.close()
-    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after_step=3)
+    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after_step=3, run_info={"peak": "resumed"})
     resumed.write_step(step(4, 0.25))
     resumed.close()
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("train", 4)]
-    assert records[-1]["loss"] == 0.25 and records[0]["rank_step_seconds"] == [0.1, 0.09]
+    assert [(r["kind"], r["step"]) for r in records] == [("run", 0), ("train", 1), ("train", 2), ("train", 3),
+                                                         ("train", 4)]
+    assert records[0]["peak"] == "resumed"   # one run record: this attempt's
+    assert records[-1]["loss"] == 0.25 and records[1]["rank_step_seconds"] == [0.1, 0.09]
     plot_loss(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 

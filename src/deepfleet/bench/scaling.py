@@ -43,6 +43,7 @@ class NodeResult:
     tokens_per_second: float
     mfu: float
     mean_step_seconds: float          # slowest rank per step, averaged
+    mfu_peak: str                     # the peak MFU divides by, as the run's metrics.jsonl names it
     hosts: list[HostStep]
     scaling_efficiency: float | None = None
 
@@ -74,6 +75,7 @@ def summarize(records: Sequence[dict[str, Any]], *, nodes: int, hosts: Sequence[
         host_steps.append(HostStep(host=host, mean_step_seconds=statistics.mean(v for rank in ranks for v in rank)))
     return NodeResult(nodes=nodes, ranks=len(per_rank), timed_steps=len(timed), tokens_per_second=tokens / seconds,
                       mfu=statistics.mean(r["mfu"] for r in timed), mean_step_seconds=seconds / len(timed),
+                      mfu_peak=next((r.get("peak", "") for r in records if r.get("kind") == "run"), ""),
                       hosts=host_steps)
 
 

@@ -23,6 +23,9 @@ def scaling_table(results: list[NodeResult]) -> Table:
                       "" if r.scaling_efficiency is None else f"{r.scaling_efficiency:.0%}",
                       ", ".join(f"{h.host} {h.mean_step_seconds:.3f}" for h in r.hosts),
                       f"[bold red]{slow.host} (slow)[/]" if slow else r.slowest.host)
+    peaks = list(dict.fromkeys(r.mfu_peak for r in results if r.mfu_peak))
+    if peaks:
+        table.caption = "MFU peak: " + "; ".join(peaks)
     return table
 
 

@@ -130,7 +130,7 @@ class CheckpointSpec(Section):
 class LoggingSpec(Section):
     every_steps: int = Field(1, gt=0)
     tensorboard: bool = True
-    peak_tflops: Optional[float] = Field(None, gt=0)   # per rank, for MFU; measured when unset
+    peak_tflops: Optional[float] = Field(None, gt=0)   # per rank, for MFU; unset: the GPU peak table, else measured
     heartbeat_seconds: float = Field(5.0, gt=0)
 
 

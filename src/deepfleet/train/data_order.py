@@ -22,6 +22,7 @@ from deepfleet.train.dataset import TokenizedExample
 class MicroBatch:
     tensors: dict[str, torch.Tensor]
     real_tokens: int           # tokens that are not padding
+    sequence_lengths: tuple[int, ...] = ()   # real length of each sequence, packed ones apart (for model FLOPs)
 
 
 @dataclass(kw_only=True)
@@ -93,8 +94,8 @@ class DataOrder:
     def collate(self, rows: list[Row]) -> MicroBatch:
         tensors = collate(rows, self.examples, pad_id=self.pad_id, max_length=self.max_length,
                           packing=self.packing)
-        real = sum(len(self.examples[index]) for row in rows for index in row)
-        return MicroBatch(tensors=tensors, real_tokens=real)
+        lengths = tuple(len(self.examples[index]) for row in rows for index in row)
+        return MicroBatch(tensors=tensors, real_tokens=sum(lengths), sequence_lengths=lengths)
 
 
 def validation_batches(order: DataOrder) -> Iterator[MicroBatch]:

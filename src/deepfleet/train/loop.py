@@ -25,10 +25,11 @@ from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
 from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
                                          objects_across_ranks, ops_prebuilt_on_every_rank, seed_rank,
                                          sum_across_ranks, synchronize)
-from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, measure_peak_flops, mfu,
+from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, mfu, mfu_above_one_warning,
                                      plot_loss)
 from deepfleet.train.model import BuiltModel, build_model, torch_dtype_for
 from deepfleet.train.packed_attention import model_inputs
+from deepfleet.train.peak import RankPeak, choose_peak, device_name, peak_summary, rank_peak
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
@@ -58,8 +59,13 @@ class TrainingRun:
     ds_config: dict
     built: BuiltModel
     engine: Any
-    peak_flops: float
     precision: str
+    peak: RankPeak             # this rank's peak FLOP/s and where it came from
+    rank_peak_flops: list[float]   # every rank's peak, in rank order: MFU divides by their sum
+
+    @property
+    def peak_summary(self) -> str:
+        return peak_summary(self.peak, self.rank_peak_flops)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,11 +110,12 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
     seed_rank(recipe.train.seed, rank_env.rank)
-    peak = (recipe.logging.peak_tflops * 1e12 if recipe.logging.peak_tflops
-            else measure_peak_flops(device.device))
+    peak = rank_peak(choose_peak(recipe_peak_tflops=recipe.logging.peak_tflops, device_type=device.device.type,
+                                 device_name=device_name(device.device), precision=precision), device.device)
+    rank_peak_flops = [values[0] for values in gather_across_ranks([peak.flops], device.device)]
     return TrainingRun(recipe=recipe, rank_env=rank_env, device=device, tokenizer=tokenizer, report=report,
                        order=order, validation=validation, total_steps=total_steps, ds_config=ds_config,
-                       built=built, engine=engine, peak_flops=peak, precision=precision)
+                       built=built, engine=engine, precision=precision, peak=peak, rank_peak_flops=rank_peak_flops)
 
 
 def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool):
@@ -141,7 +148,7 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     synchronize(device)
     started = time.perf_counter()
     lr = engine.get_lr()[0]
-    loss_sum, aux_sum, real_tokens = 0.0, 0.0, 0
+    loss_sum, aux_sum, real_tokens, model_flops = 0.0, 0.0, 0, 0.0
     norm_before_step = None
     for batch in run.order.micro_batches(state.step):
         output = _forward(run, batch, training=True)
@@ -154,6 +161,7 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
         if run.built.family.is_moe:
             aux_sum += float(output.aux_loss)
         real_tokens += batch.real_tokens
+        model_flops += run.built.flops.of_sequences(batch.sequence_lengths)
     synchronize(device)
     seconds = time.perf_counter() - started
     grad_norm = engine.get_global_grad_norm()
@@ -161,9 +169,9 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     world = run.rank_env.world_size
     accum = run.order.grad_accum
     per_rank = gather_across_ranks([loss_sum / accum, float(real_tokens), float(stop_requested), aux_sum / accum,
-                                    seconds], device)
-    loss_total, tokens, stop_votes, aux_total = (sum(values[i] for values in per_rank) for i in range(4))
-    rank_seconds = [values[4] for values in per_rank]
+                                    model_flops, seconds], device)
+    loss_total, tokens, stop_votes, aux_total, flops = (sum(values[i] for values in per_rank) for i in range(5))
+    rank_seconds = [values[5] for values in per_rank]
     step_seconds = max(rank_seconds)
     tokens_per_second = tokens / max(step_seconds, 1e-9)
     state.tokens_seen += int(tokens)
@@ -171,9 +179,8 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     state.epoch = run.order.locate(state.step)[0]
     metrics = StepMetrics(step=state.step, epoch=state.epoch, loss=loss_total / world, lr=lr,
                        grad_norm=float("nan") if grad_norm is None else grad_norm, tokens=int(tokens),
-                       step_seconds=step_seconds, tokens_per_second=tokens_per_second,
-                       mfu=mfu(n_params=run.built.n_params, tokens_per_second=tokens_per_second,
-                               peak_flops_per_rank=run.peak_flops, world_size=world),
+                       step_seconds=step_seconds, tokens_per_second=tokens_per_second, model_flops=flops,
+                       mfu=mfu(model_flops=flops, seconds=step_seconds, peak_flops=sum(run.rank_peak_flops)),
                        rank_step_seconds=rank_seconds,
                        router_aux_loss=aux_total / world if run.built.family.is_moe else None)
     return metrics, stop_votes > 0
@@ -220,13 +227,15 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
     state = resume_or_start(run, console)
     writer = None
     if rank_env.is_main:
-        writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard, resume_after_step=state.step)
+        writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard, resume_after_step=state.step,
+                               run_info={"peak": run.peak_summary, "peak_flops_per_rank": run.rank_peak_flops})
     heartbeat = Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds)
     heartbeat.beat(state.step, force=True)
     policy = SavePolicy(every_steps=recipe.checkpoint.every_steps, every_minutes=recipe.checkpoint.every_minutes,
                         keep=recipe.checkpoint.keep)
     stop = StopRequest(recipe.checkpoint.preempt_signal)
     first_loss = last_loss = math.nan
+    mfu_warning = None
     val_every = recipe.data.validation.every_steps
     seconds_since_save = 0.0   # sum of all-reduced step times: the same on every rank, so saves agree
     console.start(state.step)
@@ -240,6 +249,8 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
             if writer and (state.step % recipe.logging.every_steps == 0 or state.step == run.total_steps):
                 writer.write_step(metrics)
             console.step(metrics)
+            if mfu_warning is None and (mfu_warning := mfu_above_one_warning(metrics.mfu, run.peak_summary)):
+                console.say(mfu_warning)
             if stop_now:
                 heartbeat.busy()
                 path = _save_checkpoint(run, state)
@@ -325,6 +336,6 @@ def _startup_line(run: TrainingRun) -> str:
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "
             f"{run.device.accelerator} | {model} | {built.n_params:,} params ({built.n_trainable:,} trainable) | "
             f"{report.n_train} train / {report.n_validation} validation examples ({report.format}) | "
-            f"{run.total_steps} steps of {recipe.train.global_batch} rows"
+            f"{run.total_steps} steps of {recipe.train.global_batch} rows | MFU peak: {run.peak_summary}"
             + (f" | warning: {report.n_truncated} sequences truncated to data.max_length {report.max_length}"
                if report.n_truncated else ""))

@@ -1,7 +1,7 @@
 """Training metrics: metrics.jsonl and TensorBoard on rank 0, heartbeats on every rank, loss.png at the end.
 
-MFU is 6 x parameters x tokens/s over the peak FLOP/s of the ranks; the peak comes from the recipe
-(`logging.peak_tflops`, per rank) or from a short matmul benchmark when unset.
+MFU is the step's model FLOPs (`flops.py`, the standard count) over the step time and the sum of
+the ranks' peak FLOP/s (`peak.py`). metrics.jsonl starts with a "run" record naming that peak.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deepfleet.contract import HEARTBEAT_BUSY_STEP, heartbeat_file_name, heartbeat_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
+RUN_KIND = "run"          # metrics.jsonl's first record; then "train" and "validation" records
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,34 +32,23 @@ class StepMetrics:
     tokens: int                # real (non-pad) tokens this step, all ranks
     step_seconds: float        # slowest rank
     tokens_per_second: float
-    mfu: float
+    model_flops: float         # training FLOPs of this step, all ranks, by the standard count (flops.py)
+    mfu: float                 # model_flops / step_seconds / the ranks' summed peak FLOP/s
     rank_step_seconds: list[float]
     router_aux_loss: float | None = None   # MoE load-balancing loss before its coefficient (already in `loss`)
 
 
-def model_flops_per_second(*, n_params: int, tokens_per_second: float) -> float:
-    """Training FLOP/s by the usual 6N rule (forward 2N, backward 4N per token)."""
-    return 6.0 * n_params * tokens_per_second
+def mfu(*, model_flops: float, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilization: `model_flops` done in `seconds` over `peak_flops` (all ranks' peaks summed)."""
+    return model_flops / max(seconds, 1e-9) / peak_flops
 
 
-def mfu(*, n_params: int, tokens_per_second: float, peak_flops_per_rank: float, world_size: int) -> float:
-    return model_flops_per_second(n_params=n_params, tokens_per_second=tokens_per_second) / (
-        peak_flops_per_rank * world_size)
-
-
-def measure_peak_flops(device: torch.device, *, size: int = 512, seconds: float = 0.3,
-                       dtype: torch.dtype = torch.float32) -> float:
-    """Achievable matmul FLOP/s of one rank on `device`, from a short benchmark."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm-up
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
-        torch.matmul(a, b)
-        count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return 2.0 * size ** 3 * count / max(elapsed, 1e-9)
+def mfu_above_one_warning(value: float, peak_description: str) -> str | None:
+    """MFU above 100% means the peak is wrong (too low), never that the run beat the hardware."""
+    if value <= 1.0:
+        return None
+    return (f"warning: MFU {value:.0%} is above 100%, so the peak it divides by ({peak_description}) is too low; "
+            "set logging.peak_tflops to the hardware's dense peak per rank")
 
 
 class Heartbeat:
@@ -87,17 +75,23 @@ class Heartbeat:
 
 
 class MetricsWriter:
-    """Rank 0's sinks: one JSON object per line in metrics.jsonl, and TensorBoard scalars."""
+    """Rank 0's sinks: one JSON object per line in metrics.jsonl, and TensorBoard scalars.
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool, resume_after_step: int = 0):
+    The first line is a "run" record (step 0, so readers indexing every record's step still work)
+    with `run_info`: what this attempt's MFU divides by."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool, resume_after_step: int = 0,
+                 run_info: dict[str, Any] | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / METRICS_FILE
         kept = []
         if resume_after_step and self.path.is_file():
-            # Steps after the checkpoint are trained again: drop their old records.
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_after_step]
+            # Steps after the checkpoint are trained again: drop their old records, and the old
+            # attempt's "run" record (this attempt writes its own).
+            kept = [r for r in read_metrics(self.path)
+                    if r["step"] <= resume_after_step and r.get("kind") != RUN_KIND]
         self.file = self.path.open("w", encoding="utf-8")
-        for record in kept:
+        for record in [{"kind": RUN_KIND, "step": 0, **(run_info or {})}, *kept]:
             self.file.write(json.dumps(record) + "\n")
         self.board = None
         if tensorboard:

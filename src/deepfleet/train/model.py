@@ -22,13 +22,15 @@ from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train import packed_attention  # noqa: F401  (registers the per-sequence attention)
 from deepfleet.train.families import (AttentionChoice, Family, check_packing, choose_attention, family_of,
                                       remote_code_refusal)
+from deepfleet.train.flops import TrainingFlops, training_flops_of
 
 
 @dataclass(kw_only=True)
 class BuiltModel:
     model: torch.nn.Module
-    n_params: int              # all parameters, for MFU (ZeRO-3: counted from the partitions' full sizes)
+    n_params: int              # all parameters (ZeRO-3: counted from the partitions' full sizes)
     n_trainable: int
+    flops: TrainingFlops       # what a training step costs per sequence, for MFU
     family: Family
     attention: AttentionChoice
     zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
@@ -156,7 +158,8 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
     if zero3_config is not None and family.is_moe:
         _register_moe_leaves(model, family)
     return BuiltModel(model=model, n_params=count_parameters(model), zero3_config=zero3_config,
-                      n_trainable=count_parameters(model, trainable_only=True), family=family, attention=attention)
+                      n_trainable=count_parameters(model, trainable_only=True), flops=training_flops_of(model, config),
+                      family=family, attention=attention)
 
 
 def _register_moe_leaves(model: torch.nn.Module, family: Family) -> None:
