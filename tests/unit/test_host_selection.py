@@ -47,3 +47,4 @@ def test_bad_selections_are_one_line_errors(include, exclude, message):
     with pytest.raises(DeepfleetError) as error:
         placed(include, exclude)
     assert len(error.value.problems) == 1 and message in error.value.render()
+

@@ -5,7 +5,6 @@ facts, never the head's own hardware.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -13,9 +12,7 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.host_selection import gpu_indices
 from deepfleet.fleet.inventory import Fleet, Host
-
-# GPUs without bf16 (compute capability below 8.0), for facts that lack the capability (old drivers).
-_NO_BF16_NAMES = re.compile(r"V100|T4\b|P100|P40|P4\b|K80|M60|TITAN V|Quadro RTX|RTX 20\d0|GTX", re.IGNORECASE)
+from deepfleet.gpu_peaks import bf16_supported_by_name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,15 +36,14 @@ class HostHardware:
 
 
 def bf16_capable(compute_capability: str | None, name: str, vendor: str | None) -> bool:
-    """bf16 needs compute capability 8.0 (Ampere) on NVIDIA; every AMD Instinct since MI100 has it."""
-    if compute_capability:
-        try:
-            return float(compute_capability) >= 8.0
-        except ValueError:
-            pass
-    if vendor == "amd":
-        return True
-    return not _NO_BF16_NAMES.search(name)
+    """bf16 needs compute capability 8.0 (Ampere) on NVIDIA; without it (old drivers) the GPU table
+    decides; an unknown NVIDIA GPU gets fp16, the choice that runs everywhere."""
+    try:
+        return float(compute_capability or "") >= 8.0
+    except ValueError:
+        pass
+    known = bf16_supported_by_name(name)
+    return known if known is not None else vendor == "amd"   # every AMD Instinct since MI100 has bf16
 
 
 def hardware_from_facts(facts: HostFacts) -> HostHardware:
