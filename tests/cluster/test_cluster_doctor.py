@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import asyncio
+import shlex
 import shutil
 import subprocess
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster_support import FAKE_DEEPSPEED_VERSION, skip_or_fail
-from namespace_cluster import firewall_tool, fleet_for, fleet_yaml_text
+from namespace_cluster import HostSpec, firewall_tool, fleet_for, fleet_yaml_text
 
 from deepfleet.fleet.doctor import DoctorOptions, run_doctor
 from deepfleet.fleet.ssh import SshOptions, run_on_hosts
@@ -137,3 +138,28 @@ def test_connections_are_multiplexed(fault_cluster):
         assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
         subprocess.run(["ssh", "-F", str(fault_cluster.ssh_config), "-o", f"ControlPath={control}/%C",
                         "-O", "exit", f"root@{host.address}"], capture_output=True, timeout=10)
+
+
+def write_on_host(cluster, name: str, path: Path, data: bytes) -> None:
+    """Write a file as host `name` sees it: inside its sshd's mount namespace (its private dirs)."""
+    sshd = cluster.host(name).sshd_pid_file.read_text().strip()
+    script = f"mkdir -p {shlex.quote(str(path.parent))} && cat > {shlex.quote(str(path))}"
+    subprocess.run(["nsenter", "-t", sshd, "-m", "sh", "-c", script], input=data, check=True, timeout=10)
+
+
+def test_model_dir_on_hosts_without_shared_storage_is_compared_file_by_file(cluster_factory, tmp_path):
+    private = tmp_path / "node-local"
+    cluster = cluster_factory([HostSpec(name=n, private_dirs=(str(private),)) for n in ("h1", "h2")])
+    model = private / "model"
+    weights = bytes(range(256)) * 4096
+    for name in ("h1", "h2"):
+        write_on_host(cluster, name, model / "config.json", b'{"model_type": "llama"}')
+        write_on_host(cluster, name, model / "shards" / "model-1.safetensors", weights)
+    write_on_host(cluster, "h2", model / "shards" / "model-2.safetensors", b"only here")
+    report = doctor(cluster, ["h1", "h2"], checksum_paths=(str(model),), matrix=False, network=False)
+    assert [(f.host, f.severity, f.message) for f in by(report, "data")] == [
+        ("h2", "fail", f"{model} differs from h1's: 1 extra: shards/model-2.safetensors")]
+    write_on_host(cluster, "h1", model / "shards" / "model-2.safetensors", b"only here")
+    report = doctor(cluster, ["h1", "h2"], checksum_paths=(str(model),), matrix=False, network=False)
+    assert [f.message for f in by(report, "data")] == [
+        f"{model} identical on all hosts (3 file(s), {len(weights) + 23 + 9:,} bytes)"]

@@ -162,10 +162,23 @@ def test_missing_matrix_answers_are_failures_not_silence():
 
 def test_checksums_that_differ_fail():
     def changed(records):
-        records[1]["data"]["checksums"]["/work/main/pyproject.toml"]["sha256"] = "f" * 64
+        summary = records[1]["data"]["checksums"]["/work/main/pyproject.toml"]
+        summary["files"]["pyproject.toml"], summary["digest"] = "f" * 64, "0" * 64
     c = collected(changed, checksum_paths=("/work/main/pyproject.toml",))
     found = [f for f in failures(c) if f.check == "data"]
-    assert found and found[0].message.startswith("/work/main/pyproject.toml differs")
+    assert [f.message for f in found] == ["/work/main/pyproject.toml differs from gpu1's: 1 differ: pyproject.toml"]
+
+
+def test_model_dir_difference_names_the_files():
+    from deepfleet.fleet.data_checks import describe_difference
+
+    reference = {"exists": True, "files": {f"shard-{i}": "a" for i in range(5)} | {"config.json": "c"},
+                 "links": {"latest": "shard-0"}}
+    other = {"exists": True, "files": {f"shard-{i}": "b" for i in range(4)} | {"notes.txt": "n"}, "links": {}}
+    assert describe_difference(reference, other) == ("4 differ: shard-0, shard-1, shard-2 and 1 more; "
+                                                     "2 missing: config.json, shard-4; 1 extra: notes.txt; "
+                                                     "1 links differ: latest")
+    assert describe_difference(reference, {"exists": False}) == "missing"
 
 
 def test_infiniband_proposes_nccl_variables():

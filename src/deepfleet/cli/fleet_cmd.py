@@ -107,7 +107,7 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                    ssh_config: Optional[str] = SshConfigOpt, include: Optional[str] = IncludeOpt,
                    exclude: Optional[str] = ExcludeOpt,
                    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="dir checkpoints go to"),
-                   checksum: List[str] = typer.Option([], "--checksum", help="data/model file to compare across hosts"),
+                   checksum: List[str] = typer.Option([], "--checksum", help="data file or model dir to compare across hosts"),
                    no_matrix: bool = typer.Option(False, "--no-matrix", help="skip host->host ssh"),
                    no_network: bool = typer.Option(False, "--no-network", help="skip master port and bandwidth"),
                    no_iperf3: bool = typer.Option(False, "--no-iperf3", help="built-in bandwidth test even with iperf3"),

@@ -10,6 +10,7 @@ import os
 from typing import Callable
 
 from deepfleet.fleet.build_checks import check_deepspeed_ops
+from deepfleet.fleet.data_checks import check_checksums
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.findings import FLEET, Collected, Finding, Severity, differs
 from deepfleet.fleet.network_checks import check_bandwidth, check_infiniband, check_interface, check_master_port
@@ -254,22 +255,6 @@ def check_clock_skew(c: Collected, limit_seconds: float = 1.0) -> list[Finding]:
     if not found and c.reachable:
         found.append(Finding(check="clock", host=FLEET, severity="ok",
                              message=f"clocks agree with the head within {limit_seconds:g}s"))
-    return found
-
-
-def check_checksums(c: Collected) -> list[Finding]:
-    found = []
-    for path in c.checksum_paths:
-        sums = {f.host.name: (f.get("checksums", path, default={}) or {}).get("sha256") for f in c.reachable}
-        if (diff := differs(sums)):
-            found += [Finding(check="data", host=h, severity="fail",
-                              message=f"{path} differs ({'missing' if sums[h] is None else sums[h][:12]})",
-                              fix=f"copy {path} from a host with sha256 {str(diff[0])[:12]}…") for h in diff[1]]
-        elif None in sums.values():
-            found.append(Finding(check="data", host=FLEET, severity="fail", message=f"{path} missing everywhere",
-                                 fix="check the path"))
-        else:
-            found.append(Finding(check="data", host=FLEET, severity="ok", message=f"{path} identical on all hosts"))
     return found
 
 

@@ -20,7 +20,7 @@ def probe_argv(python: str) -> list[str]:
     return ["sh", "-c", _PICK_PYTHON, "sh", python]
 
 
-PROBE_FILES = ("remote_probe_gpus.py", "remote_probe_build.py", "remote_probe.py")   # in the order they run
+PROBE_FILES = ("remote_probe_gpus.py", "remote_probe_build.py", "remote_probe_manifest.py", "remote_probe.py")   # in the order they run
 
 
 def probe_source() -> str:

@@ -1,13 +1,13 @@
 """Runs ON each host (sent over ssh stdin, stdlib only, Python >= 3.8): one JSON line of facts.
 
-The head sends remote_probe_gpus.py, remote_probe_build.py and this file's text, then `main(<params>)`,
+The head sends remote_probe_gpus.py, remote_probe_build.py, remote_probe_manifest.py and this file's
+text, then `main(<params>)`,
 to `python -`, so collecting everything about a host (versions, GPUs, what building DeepSpeed's ops
 needs, dirs, interfaces, ssh to peers, the master port, bandwidth to the head) costs one ssh round trip.
 Mode "listen" instead opens the master port and reports who connected. Nothing here imports torch
 or deepspeed unless a GPU exists (then torch only).
 """
 
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +22,7 @@ import time
 if __name__ != "__main__":   # imported (tests, the head); over ssh their text comes first on stdin
     from deepfleet.fleet.remote_probe_build import build_facts
     from deepfleet.fleet.remote_probe_gpus import accelerator_facts
+    from deepfleet.fleet.remote_probe_manifest import path_summary
 
 # The last two decide the attention kernel and whether QLoRA can run (planning reads them).
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes")
@@ -157,21 +158,6 @@ def memory_available_bytes():
     except OSError:
         pass
     return None
-
-
-def checksum(path, limit_bytes):
-    digest, size = hashlib.sha256(), 0
-    try:
-        with open(path, "rb") as handle:
-            while size < limit_bytes:
-                block = handle.read(1 << 20)
-                if not block:
-                    return {"sha256": digest.hexdigest(), "bytes": size}
-                digest.update(block)
-                size += len(block)
-        return {"sha256": None, "error": "larger than the checksum limit"}
-    except OSError as exc:
-        return {"sha256": None, "error": exc.strerror}
 
 
 def ssh_hop(argv, timeout):
@@ -310,7 +296,8 @@ def facts(params):
         "share_token_seen": None, "memory_available_bytes": memory_available_bytes(),
         "cpu_count": os.cpu_count(), "interfaces": interface_facts(), "infiniband": infiniband_facts(),
         "iperf3": shutil.which("iperf3") is not None,
-        "checksums": {path: checksum(path, params.get("checksum_limit", 1 << 34)) for path in params.get("checksum", [])},
+        "checksums": {path: path_summary(path, params.get("checksum_limit", 1 << 34))
+                      for path in params.get("checksum", [])},
     }
     token = params.get("share_token")
     if token and params.get("output_dir"):
