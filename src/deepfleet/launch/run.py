@@ -72,7 +72,7 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
         fleet, interface = inspect_hosts(fleet, ssh_options)
     if interface and interface.network:
         write(f"interface: {interface.network} via {', '.join(sorted(set(interface.per_host.values())))}")
-    if interface and interface.fabric:
+    if interface and interface.fabric and interface.fabric.env:
         write(f"network: {interface.fabric.note}")
     failed_first: list[str] = []
     for attempt in range(options.max_restarts + 1):
