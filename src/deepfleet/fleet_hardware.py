@@ -17,7 +17,7 @@ from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.network import InterfaceChoice
 from deepfleet.fleet.ssh import options_for
 from deepfleet.launch.run import interface_from_facts
-from deepfleet.launch.training import is_local_only, training_fleet
+from deepfleet.launch.training import cpu_threads_per_rank, is_local_only, training_fleet
 from deepfleet.plan.choose import FleetShape
 
 GiB = 2**30
@@ -45,9 +45,21 @@ class FleetHardware:
     def world_size(self) -> int:
         return sum(host.slots or 0 for host in self.fleet.hosts)
 
+    def rank_layout(self) -> dict[str, int | None]:
+        """FleetShape's rank fields: hosts, the most ranks on one host, and their sum when hosts differ."""
+        slots = [host.slots or 1 for host in self.fleet.hosts]
+        return {"nodes": len(slots), "ranks_per_node": max(slots),
+                "total_ranks": sum(slots) if len(set(slots)) > 1 else None}
+
+    def cpu_threads(self) -> int | None:
+        """OMP_NUM_THREADS per rank on CPU hosts: the smallest host's cores over its ranks."""
+        if self.accelerator != "cpu":
+            return None
+        return min(cpu_threads_per_rank(cpu_count=h.cpu_count or 1, nproc=host.slots or 1)
+                   for host, h in zip(self.fleet.hosts, self.hosts))
+
     def shape(self) -> FleetShape:
         """What the planner needs: ranks, the smallest memory of any rank and host, bf16 on every GPU."""
-        slots = [host.slots or 0 for host in self.fleet.hosts]
         host_memory = [h.host_memory_bytes for h in self.hosts if h.host_memory_bytes]
         smallest_host = min(host_memory) if len(host_memory) == len(self.hosts) else None
         if self.accelerator == "cuda":
@@ -61,9 +73,7 @@ class FleetHardware:
                                  fix="check /proc/meminfo there: deepfleet doctor")
         else:
             device_memory = smallest_host
-        return FleetShape(nodes=len(self.fleet.hosts), ranks_per_node=max(slots),
-                          total_ranks=sum(slots) if len(set(slots)) > 1 else None,
-                          accelerator=self.accelerator,  # type: ignore[arg-type]
+        return FleetShape(**self.rank_layout(), accelerator=self.accelerator,  # type: ignore[arg-type]
                           device_memory_bytes=device_memory, host_memory_bytes=smallest_host,
                           bf16_supported=self.accelerator == "cuda" and all(h.bf16 for h in self.hosts),
                           inter_host_gbps=self.link_gbps)

@@ -14,8 +14,7 @@ from deepfleet.fleet.host_hardware import HostHardware, check_fleet_hardware, lo
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.sources import local_host, resolve_fleet
 from deepfleet.fleet_hardware import FleetHardware, fleet_hardware
-from deepfleet.launch.training import (TrainingJob, cpu_threads_per_rank, default_nproc, is_local_only,
-                                       render_training_plan)
+from deepfleet.launch.training import TrainingJob, default_nproc, is_local_only, render_training_plan
 from deepfleet.plan.choose import FleetShape
 from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, planning_steps, resolve_run_config
 from deepfleet.plan.memory import ModelShape, model_shape_from_config
@@ -82,14 +81,6 @@ def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: bool) -> int | None:
                             precision_bytes=precision_bytes)
 
 
-def cpu_threads(found: FleetHardware) -> int | None:
-    """OMP_NUM_THREADS per rank on CPU hosts: the smallest host's cores over its ranks."""
-    if found.accelerator != "cpu":
-        return None
-    return min(cpu_threads_per_rank(cpu_count=h.cpu_count or 1, nproc=host.slots or 1)
-               for host, h in zip(found.fleet.hosts, found.hosts))
-
-
 def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_file: str | None = None
                      ) -> PreparedRun:
     """The run on `fleet` (this machine alone: `nproc` ranks, default one per GPU or 2 CPU ranks), planned
@@ -110,7 +101,7 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
 
 def training_job(recipe: Recipe, found: FleetHardware) -> TrainingJob:
     return TrainingJob(fleet=found.fleet, recipe_json=resolved_recipe_json(recipe), recipe_env=dict(recipe.env),
-                       output_dir=recipe.output_path, cpu_threads=cpu_threads(found), interface=found.interface)
+                       output_dir=recipe.output_path, cpu_threads=found.cpu_threads(), interface=found.interface)
 
 
 def plan_report(recipe: Recipe, shape: FleetShape, found: FleetHardware, job: TrainingJob) -> "PlanReport":
@@ -203,10 +194,7 @@ def fleet_shape(found: FleetHardware, *, hypothetical: bool, gpu_mem: str | None
     """The planner's view of the fleet: what the options say first, else the hardware found."""
     known_models = all(h.gpu_models for h in found.hosts)   # bf16 is known too
     if gpu_mem:
-        slots = [host.slots or 1 for host in found.fleet.hosts]
-        shape = FleetShape(nodes=len(slots), ranks_per_node=max(slots),
-                           total_ranks=sum(slots) if len(set(slots)) > 1 else None,
-                           accelerator="cuda", device_memory_bytes=parse_memory_size(gpu_mem, "--gpu-mem"),
+        shape = FleetShape(**found.rank_layout(), accelerator="cuda", device_memory_bytes=parse_memory_size(gpu_mem, "--gpu-mem"),
                            host_memory_bytes=None,
                            bf16_supported=all(h.bf16 for h in found.hosts) if known_models else True)
     elif hypothetical and found.accelerator == "cpu":

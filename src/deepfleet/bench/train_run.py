@@ -16,7 +16,7 @@ from deepfleet.bench.scaling import NodeResult, summarize, with_efficiency
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.inventory import Fleet, with_hosts
 from deepfleet.fleet_hardware import fleet_hardware
-from deepfleet.launch.training import TrainingJob, cpu_threads_per_rank, run_training_job
+from deepfleet.launch.training import TrainingJob, run_training_job
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.metrics import METRICS_FILE, read_metrics
 
@@ -60,10 +60,9 @@ def run_scaling_benchmark(recipe: Recipe, fleet: Fleet, options: ScalingOptions,
         count_recipe = recipe_for_count(recipe, nodes, options.steps)
         write(f"--- {nodes} node(s): {', '.join(h.name for h in hosts)}; {options.steps} steps")
         recipe_json = json.dumps({**count_recipe.model_dump(mode="json", exclude={"env"})})
-        threads = cpu_threads_per_rank(cpu_count=found.hosts[0].cpu_count or 1, nproc=ranks_per_host)
         job = TrainingJob(fleet=part, recipe_json=recipe_json, recipe_env=recipe.env,
                           output_dir=count_recipe.output_path, interface=found.interface,
-                          cpu_threads=None if found.accelerator == "cuda" else threads)
+                          cpu_threads=found.cpu_threads())
         code = run_training_job(job, max_restarts=0, hang_timeout=options.hang_timeout, all_logs=False,
                                 write=write).exit_code
         if code != 0:
