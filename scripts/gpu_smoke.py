@@ -78,7 +78,7 @@ def run_checks(target, root: Path):
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    workspace = training.Workspace(root)
+    workspace = training.Workspace.under(root)
     training.write_training_data(workspace.data)
     report = Report()
     report.check("train", partial(training.check_tiny_training, target, workspace))

@@ -41,33 +41,21 @@ PROMPT = "upper hello"
 TRAIN_TIMEOUT, CLI_TIMEOUT = 150.0, 90.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Workspace:
+    """Where each check reads and writes, under one temp root."""
     root: Path
+    data: Path
+    tiny_run: Path
+    final: Path
+    exported: Path
+    mfu_model: Path
+    mfu_run: Path
 
-    @property
-    def data(self) -> Path:
-        return self.root / "train.jsonl"
-
-    @property
-    def tiny_run(self) -> Path:
-        return self.root / "tiny-run"
-
-    @property
-    def final(self) -> Path:
-        return self.tiny_run / "final"
-
-    @property
-    def exported(self) -> Path:
-        return self.root / "exported"
-
-    @property
-    def mfu_model(self) -> Path:
-        return self.root / "mfu-model"
-
-    @property
-    def mfu_run(self) -> Path:
-        return self.root / "mfu-run"
+    @classmethod
+    def under(cls, root: Path) -> "Workspace":
+        return cls(root=root, data=root / "train.jsonl", tiny_run=root / "tiny-run", final=root / "tiny-run" / "final",
+                   exported=root / "exported", mfu_model=root / "mfu-model", mfu_run=root / "mfu-run")
 
 
 @dataclass(frozen=True, kw_only=True)
