@@ -34,6 +34,8 @@ class HostSpec:
     sshd_options: tuple[str, ...] = ()       # extra sshd_config lines; "{root}" is the session dir
     password_only: bool = False              # sshd refuses keys, offers passwords only
     private_dirs: tuple[str, ...] = ()       # tmpfs over these paths for this host only: storage not shared
+    private_size: str = "512m"               # each private tmpfs's size (a small one is a full disk)
+    readonly_dirs: tuple[str, ...] = ()      # read-only tmpfs over these paths: a host that refuses writes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,11 +130,22 @@ def start_sshd(cluster: Cluster, host: ClusterHost) -> None:
     # `ip netns exec` gives sshd its own mount namespace, so these mounts are seen by this host only.
     for directory in host.spec.private_dirs:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        binds += f" mount -t tmpfs -o size=512m tmpfs {directory} &&"
+        binds += f" mount -t tmpfs -o size={host.spec.private_size} tmpfs {directory} &&"
+    for directory in host.spec.readonly_dirs:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        binds += f" mount -t tmpfs -o ro,size=1m tmpfs {directory} &&"
     log = cluster.root / f"{host.name}.sshd.log"
     _run(["ip", "netns", "exec", host.namespace, "sh", "-c",
           f"{binds} exec /usr/sbin/sshd -f {host.sshd_config} -E {log}"])
     wait_for_port(host.address, 22, 10)
+
+
+def on_host(cluster: Cluster, name: str, script: str, *, input: bytes | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a shell script as host `name` sees the filesystem: inside its sshd's mount namespace."""
+    sshd = cluster.host(name).sshd_pid_file.read_text().strip()
+    return subprocess.run(["nsenter", "-t", sshd, "-m", "sh", "-c", script], input=input, capture_output=True,
+                          timeout=timeout)
 
 
 def stop_sshd(host: ClusterHost) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 
 MANIFEST_NAME = ".deepfleet-manifest.json"
+STAGING_DIR = ".deepfleet-sync"       # `deepfleet sync`'s partial files, beside the data; never content
 MANIFEST_VERSION = 1
 
 
@@ -42,7 +43,7 @@ def file_sha256(path, limit_bytes=None):
 def _walk(root):
     """(relative path, absolute path) of every entry under root, in a stable order; symlinks not followed."""
     for directory, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if d != STAGING_DIR)
         for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(directory, d))]:
             full = os.path.join(directory, name)
             if not is_manifest_file(name):

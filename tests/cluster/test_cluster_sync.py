@@ -1,0 +1,174 @@
+"""`deepfleet sync` on hosts that do not share a filesystem: each host's sshd has a private tmpfs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from namespace_cluster import HostSpec, fleet_yaml_text, on_host
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
+from training_fixtures import DEEPFLEET  # noqa: E402
+
+BIG = 200 * 2**20
+
+
+def write_tree(root: Path, big_bytes: int) -> None:
+    """Nested dirs, links inside the tree (to a file and to a dir), and one big file."""
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (root / "a" / "one.json").write_text('{"x": 1}\n')
+    (root / "empty.txt").write_bytes(b"")
+    (root / "latest").symlink_to("a/b")
+    (root / "a" / "same.json").symlink_to("one.json")
+    block = hashlib.sha256(b"seed").digest() * 32768   # 1 MiB, not all zeros
+    with open(root / "weights.bin", "wb") as handle:
+        for index in range(big_bytes // len(block)):
+            handle.write(block[:-1] + bytes([index % 256]))
+
+
+def listing_on_host(cluster, name: str, root: Path) -> str:
+    """Every file's sha256 and every link's target under root, as host `name` sees it."""
+    script = (f"cd {shlex.quote(str(root))} && find . -path ./.deepfleet-sync -prune -o -type f "
+              f"! -name '.deepfleet-manifest.json' -print | sort | xargs -r sha256sum && "
+              f"find . -type l | sort | while read l; do echo \"$l -> $(readlink \"$l\")\"; done")
+    done = on_host(cluster, name, script)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode()
+
+
+def listing_here(root: Path) -> str:
+    done = subprocess.run(["sh", "-c", f"cd {shlex.quote(str(root))} && find . -type f ! -name "
+                           f"'.deepfleet-manifest.json' -print | sort | xargs -r sha256sum && find . -type l | sort | "
+                           f"while read l; do echo \"$l -> $(readlink \"$l\")\"; done"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def exists_on_host(cluster, name: str, path: Path) -> bool:
+    return on_host(cluster, name, f"test -e {shlex.quote(str(path))}").returncode == 0
+
+
+def throttle(cluster, name: str, rate: str | None) -> None:
+    """Slow what the head sends to a host (its veth's egress), so a test can cut a transfer midway."""
+    veth = cluster.host(name).veth
+    subprocess.run(["tc", "qdisc", "del", "dev", veth, "root"], capture_output=True, timeout=10)
+    if rate:
+        subprocess.run(["tc", "qdisc", "add", "dev", veth, "root", "tbf", "rate", rate, "burst", "64kb",
+                        "latency", "2s"], check=True, timeout=10)
+
+
+def partial_bytes(cluster, name: str, staging: Path) -> int:
+    done = on_host(cluster, name, f"cat {shlex.quote(str(staging))}/*.partial 2>/dev/null | wc -c")
+    return int(done.stdout.decode().strip() or 0)
+
+
+def wait_for_partial(cluster, name: str, staging: Path, at_least: int, process) -> None:
+    deadline = time.monotonic() + 60
+    while partial_bytes(cluster, name, staging) < at_least:
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def private_cluster(cluster_factory, tmp_path_factory):
+    private = tmp_path_factory.mktemp("sync") / "node-local"
+    cluster = cluster_factory([HostSpec(name=f"s{i}", private_dirs=(str(private),)) for i in (1, 2, 3)])
+    return cluster, private
+
+
+def test_sync_tree_to_three_hosts_then_resync_and_repair(private_cluster, deepfleet, tmp_path):
+    cluster, private = private_cluster
+    source = tmp_path / "dataset"
+    write_tree(source, BIG)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml_text(cluster, ["s1", "s2", "s3"]))
+    dest = private / "dataset"
+
+    done = deepfleet("sync", str(source), "--to", str(private), "--fleet", str(fleet))
+    assert done.returncode == 0, done.stderr
+    assert "chain: head -> s1 -> s2 -> s3" in done.stdout
+    expected = listing_here(source)
+    for name in ("s1", "s2", "s3"):
+        assert listing_on_host(cluster, name, dest) == expected, name
+        assert not exists_on_host(cluster, name, dest / ".deepfleet-sync"), name
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│ s")]
+    assert len(rows) == 3 and all("verified" in row and "200.0 MiB" in row for row in rows), done.stdout
+    assert not dest.exists(), "the head saw a host's private dir: storage was shared after all"
+
+    started = time.monotonic()
+    again = deepfleet("sync", str(source), "--to", str(private), "--fleet", str(fleet))
+    assert again.returncode == 0 and again.stdout.count("unchanged") == 3, again.stdout
+    assert "nothing to send" in again.stdout and time.monotonic() - started < 10
+
+    on_host(cluster, "s2", f"printf X | dd of={dest}/weights.bin bs=1 seek=4096 conv=notrunc status=none")
+    repaired = deepfleet("sync", str(source), "--to", str(private), "--fleet", str(fleet))
+    assert repaired.returncode == 0, repaired.stderr
+    rows = {line.split()[1]: line for line in repaired.stdout.splitlines() if line.startswith("│ s")}
+    assert "verified" in rows["s2"] and "200.0 MiB" in rows["s2"], repaired.stdout
+    assert "unchanged" in rows["s1"] and "unchanged" in rows["s3"], repaired.stdout
+    assert listing_on_host(cluster, "s2", dest) == expected
+
+    # Damage that keeps size and mtime is invisible to the stored manifest; --rehash finds it.
+    on_host(cluster, "s3", f"cd {dest}/a && cp -p one.json keep && printf '{{\"x\": 2}}\\n' > one.json && "
+                           f"touch -r keep one.json && rm keep")
+    trusting = deepfleet("sync", str(source), "--to", str(private), "--fleet", str(fleet))
+    assert trusting.stdout.count("unchanged") == 3
+    rehashed = deepfleet("sync", str(source), "--to", str(private), "--fleet", str(fleet), "--rehash")
+    assert rehashed.returncode == 0 and listing_on_host(cluster, "s3", dest) == expected
+
+
+def test_tree_shape_forwards_between_hosts(private_cluster, deepfleet, tmp_path):
+    cluster, private = private_cluster
+    source = tmp_path / "model"
+    write_tree(source, 3 * 2**20)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml_text(cluster, ["s1", "s2", "s3"]))
+    done = deepfleet("sync", str(source), "--to", str(private / "tree"), "--fleet", str(fleet), "--shape", "tree")
+    assert done.returncode == 0, done.stderr
+    assert "tree: head -> s1, s2; s1 -> s3" in done.stdout
+    for name in ("s1", "s2", "s3"):
+        assert listing_on_host(cluster, name, private / "tree" / "model") == listing_here(source), name
+
+
+def test_killed_head_leaves_nothing_visible_and_the_next_sync_resumes(private_cluster, deepfleet, tmp_path):
+    cluster, private = private_cluster
+    source = tmp_path / "shard.bin"
+    source.write_bytes(os.urandom(24 * 2**20))
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml_text(cluster, ["s1", "s2"]))
+    target, staging = private / "resume" / "shard.bin", private / "resume" / ".deepfleet-sync"
+    for name in ("s1", "s2"):
+        throttle(cluster, name, "40mbit")
+    try:
+        head = subprocess.Popen([DEEPFLEET, "sync", str(source), "--to", str(private / "resume"), "--fleet", str(fleet)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_partial(cluster, "s1", staging, 4 * 2**20, head)
+        head.send_signal(signal.SIGKILL)
+        head.wait(10)
+    finally:
+        for name in ("s1", "s2"):
+            throttle(cluster, name, None)
+    time.sleep(0.5)
+    kept = partial_bytes(cluster, "s1", staging)
+    assert 4 * 2**20 <= kept < source.stat().st_size
+    assert not exists_on_host(cluster, "s1", target) and not exists_on_host(cluster, "s2", target)
+
+    done = deepfleet("sync", str(source), "--to", str(private / "resume"), "--fleet", str(fleet))
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[1]: line.split("│") for line in done.stdout.splitlines() if line.startswith("│ s")}
+    sent_mib = float(rows["s1"][2].split()[0])
+    assert sent_mib <= (source.stat().st_size - kept) / 2**20 + 0.1, done.stdout   # resumed, not restarted
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    for name in ("s1", "s2"):
+        assert on_host(cluster, name, f"sha256sum {target}").stdout.decode().split()[0] == digest
+        assert not exists_on_host(cluster, name, staging)
