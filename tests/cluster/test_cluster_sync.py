@@ -172,3 +172,78 @@ def test_killed_head_leaves_nothing_visible_and_the_next_sync_resumes(private_cl
     for name in ("s1", "s2"):
         assert on_host(cluster, name, f"sha256sum {target}").stdout.decode().split()[0] == digest
         assert not exists_on_host(cluster, name, staging)
+
+
+@pytest.fixture(scope="module")
+def fault_hosts(cluster_factory, tmp_path_factory):
+    """`full`: a 32 MiB private disk; `ro`: a read-only one."""
+    private = tmp_path_factory.mktemp("sync-faults") / "node-local"
+    cluster = cluster_factory([HostSpec(name="full", private_dirs=(str(private),), private_size="32m"),
+                               HostSpec(name="ro", readonly_dirs=(str(private),))])
+    return cluster, private
+
+
+def one_error_line(done, *parts: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (done.returncode, done.stderr)
+    assert "Traceback" not in done.stdout and all(part in lines[0] for part in parts), lines[0]
+    return lines[0]
+
+
+def test_bad_input_gets_one_line_and_leaves_nothing_partial(fault_hosts, deepfleet, tmp_path):
+    cluster, private = fault_hosts
+    full, ro = tmp_path / "full.yaml", tmp_path / "ro.yaml"
+    full.write_text(fleet_yaml_text(cluster, ["full"]))
+    ro.write_text(fleet_yaml_text(cluster, ["ro"]))
+    one_error_line(deepfleet("sync", str(tmp_path / "absent"), "--to", str(private), "--fleet", str(full)),
+                   f"head:{tmp_path / 'absent'}: no such file or directory")
+    one_error_line(deepfleet("sync", str(tmp_path), "--to", "relative/dir", "--fleet", str(full)), "absolute")
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\1" * (40 * 2**20))
+    one_error_line(deepfleet("sync", str(big), "--to", str(private), "--fleet", str(full)),
+                   f"full:{private}: no space: needs 40.0 MiB", "fix: free space on full")
+    one_error_line(deepfleet("sync", str(big), "--to", str(private / "x"), "--fleet", str(ro)),
+                   f"ro:{private}: is not writable")
+    assert not exists_on_host(cluster, "full", private / "big.bin")
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f.txt").write_text("f\n")
+    (tree / "hostname").symlink_to("/etc/hostname")
+    one_error_line(deepfleet("sync", str(tree), "--to", str(private), "--fleet", str(full)),
+                   f"head:{tree / 'hostname'}: symlink to /etc/hostname points outside", "--outside-links keep")
+    kept = deepfleet("sync", str(tree), "--to", str(private), "--fleet", str(full), "--outside-links", "keep")
+    assert kept.returncode == 0, kept.stderr
+    assert "hostname -> /etc/hostname" in listing_on_host(cluster, "full", private / "tree")
+
+    # A directory of the tree that is a symlink on the host would take the writes outside the destination.
+    on_host(cluster, "full", f"rm -r {private}/tree/sub && mkdir -p {private}/elsewhere && "
+                             f"ln -s {private}/elsewhere {private}/tree/sub")
+    (tree / "sub" / "g.txt").write_text("g\n")
+    one_error_line(deepfleet("sync", str(tree), "--to", str(private), "--fleet", str(full), "--outside-links", "keep"),
+                   f"full:{private}/tree/sub: is a symlink to {private}/elsewhere")
+    assert not exists_on_host(cluster, "full", private / "elsewhere" / "g.txt")
+
+
+def test_disk_filling_up_mid_transfer_is_one_line_and_no_partial_file(fault_hosts, deepfleet, tmp_path):
+    cluster, private = fault_hosts
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(fleet_yaml_text(cluster, ["full"]))
+    source = tmp_path / "shard.bin"
+    source.write_bytes(os.urandom(16 * 2**20))
+    staging = private / "fill" / ".deepfleet-sync"
+    throttle(cluster, "full", "40mbit")
+    try:
+        head = subprocess.Popen([DEEPFLEET, "sync", str(source), "--to", str(private / "fill"), "--fleet", str(fleet)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_partial(cluster, "full", staging, 2 * 2**20, head)
+        on_host(cluster, "full", f"dd if=/dev/zero of={private}/filler bs=1M status=none; true")
+        out, err = head.communicate(timeout=120)
+    finally:
+        throttle(cluster, "full", None)
+        on_host(cluster, "full", f"rm -f {private}/filler")
+    done = subprocess.CompletedProcess(head.args, head.returncode, out, err)
+    one_error_line(done, f"full:{private}/fill/shard.bin: No space left on device", "fix: free space on full")
+    assert not exists_on_host(cluster, "full", private / "fill" / "shard.bin")
+    assert partial_bytes(cluster, "full", staging) == 0
