@@ -31,6 +31,7 @@ class FleetHardware:
     interface: InterfaceChoice | None = None   # the subnet the hosts share (several hosts)
     link_gbps: float | None = None        # doctor's measured host->head bandwidth (its record, or its last run)
     link_source: str | None = None        # where link_gbps comes from, for the plan's summary
+    held: dict[str, dict[str, dict]] | None = None   # host -> path -> content summary of the checked paths
 
     @property
     def accelerator(self) -> str:
@@ -89,16 +90,20 @@ class FleetHardware:
         return f"{len(self.hosts)} host(s): {'; '.join(parts)} per host, from {self.source}"
 
 
-def fleet_hardware(fleet: Fleet, *, nproc: int | None = None, facts_file: str | None = None) -> FleetHardware:
+def fleet_hardware(fleet: Fleet, *, nproc: int | None = None, facts_file: str | None = None,
+                   checksum_paths: tuple[str, ...] = (), probe_timeout: float = 30.0) -> FleetHardware:
     """The fleet's hardware (`nproc`: ranks per host, overriding slots). This machine alone is asked
-    directly; other hosts through their probe facts, or `facts_file`."""
+    directly; other hosts through their probe facts, or `facts_file`. The probe also summarises the
+    content of `checksum_paths` on every host (`held`), in the same round trip."""
     if nproc:
         fleet = replace(fleet, hosts=tuple(replace(h, slots=nproc) for h in fleet.hosts))
     if is_local_only(fleet) and facts_file is None:
         found = local_hardware(fleet.hosts[0].name)
         return FleetHardware(fleet=with_slots(training_fleet(fleet, nproc=nproc, gpus=found.gpu_count), [found]),
                              hosts=(found,), source="this machine")
-    facts = read_facts_record(facts_file, fleet) if facts_file else probe_fleet(fleet, options_for(fleet))
+    facts = read_facts_record(facts_file, fleet) if facts_file else probe_fleet(fleet, options_for(fleet),
+                                                                                 checksum_paths=checksum_paths,
+                                                                                 timeout=probe_timeout)
     hosts = tuple(hardware_from_facts(f) for f in facts)
     link_gbps, link_source = measured_link_gbps(facts), facts_file
     if link_gbps is None and (stored := load_doctor_facts(fleet)):
@@ -106,4 +111,5 @@ def fleet_hardware(fleet: Fleet, *, nproc: int | None = None, facts_file: str | 
         link_source = f"deepfleet doctor, {time.strftime('%Y-%m-%d %H:%M', time.localtime(stored.saved_at))}"
     return FleetHardware(fleet=with_slots(fleet, hosts), hosts=hosts,
                          source=facts_file or "the hosts' probe", interface=interface_from_facts(fleet, facts),
-                         link_gbps=link_gbps, link_source=link_source if link_gbps else None)
+                         link_gbps=link_gbps, link_source=link_source if link_gbps else None,
+                         held=None if facts_file else {f.host.name: f.get("checksums", default={}) or {} for f in facts})

@@ -1,24 +1,31 @@
 """Head-side preparation of a training run, the same for this machine alone and for a fleet:
 resolve `deepspeed: auto` once, check everything checkable before any rank starts, and build the
-job every host runs. Nothing here writes anything.
+job every host runs. Nothing here writes anything but content manifests beside the model and data
+(the cache that makes comparing them across hosts cheap).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 
 from deepfleet.errors import DeepfleetError
+from deepfleet.fleet.data_checks import identity_problems
 from deepfleet.fleet.host_hardware import HostHardware, check_fleet_hardware, local_hardware
 from deepfleet.fleet.inventory import Fleet, Host
+from deepfleet.fleet.remote_probe_manifest import path_summary
+from deepfleet.fleet.sync import SyncReport, run_sync
 from deepfleet.fleet.sources import local_host, resolve_fleet
 from deepfleet.fleet_hardware import FleetHardware, fleet_hardware
 from deepfleet.launch.training import TrainingJob, default_nproc, is_local_only, render_training_plan
 from deepfleet.plan.choose import FleetShape
 from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, planning_steps, resolve_run_config
 from deepfleet.plan.memory import ModelShape, model_shape_from_config
-from deepfleet.plan.recipe import Recipe
+from deepfleet.plan.recipe import BUILTIN_MODEL_PREFIX, Recipe
+
+SYNC_FIX = "run `deepfleet sync {path}` with this fleet, or `deepfleet train --sync`"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,13 +88,40 @@ def estimated_checkpoint_bytes(recipe: Recipe, *, gpus: bool) -> int | None:
                             precision_bytes=precision_bytes)
 
 
+def recipe_paths(recipe: Recipe, workdir: str) -> tuple[str, ...]:
+    """The model dir and data files the ranks read, as absolute paths (relative ones are relative to
+    the ranks' working dir); only those this machine has: hub ids and builtins are not paths."""
+    names = [recipe.model.name, *recipe.data.train, *recipe.data.validation.files]
+    paths = [os.path.join(workdir, os.path.expanduser(n)) for n in names if not n.startswith(BUILTIN_MODEL_PREFIX)]
+    return tuple(dict.fromkeys(os.path.normpath(p) for p in paths if os.path.exists(p)))
+
+
+def check_same_inputs(fleet: Fleet, head: dict[str, dict], held: dict[str, dict[str, dict]] | None) -> None:
+    """The model dir and data on every other host must be the head's, byte for byte (without shared
+    storage, a host with stale data trains on it in silence)."""
+    remote = {h.name for h in fleet.hosts if not h.local}
+    problems = identity_problems(head, {h: s for h, s in (held or {}).items() if h in remote}, SYNC_FIX)
+    if problems:
+        raise DeepfleetError(problems=problems)
+
+
+def sync_inputs(recipe: Recipe, fleet: Fleet) -> SyncReport | None:
+    """`train --sync`: the recipe's model dir and data files to every host; None when nothing is to copy."""
+    paths = recipe_paths(recipe, fleet.workdir or os.getcwd())
+    return None if is_local_only(fleet) or not paths else run_sync(fleet, paths)
+
+
 def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_file: str | None = None
                      ) -> PreparedRun:
     """The run on `fleet` (this machine alone: `nproc` ranks, default one per GPU or 2 CPU ranks), planned
     from the hosts' own hardware and checked before launch; a DeepfleetError lists every problem found."""
     from deepfleet.train.preflight import check_before_launch
 
-    found = fleet_hardware(fleet, nproc=nproc, facts_file=facts_file)
+    checked = () if facts_file or is_local_only(fleet) else recipe_paths(recipe, fleet.workdir or os.getcwd())
+    head = {path: summary for path in checked if (summary := path_summary(path)).get("digest")}
+    found = fleet_hardware(fleet, nproc=nproc, facts_file=facts_file, checksum_paths=tuple(head),
+                           probe_timeout=30 + sum(s["bytes"] for s in head.values()) / 50e6)
+    check_same_inputs(found.fleet, head, found.held)
     check_fleet_hardware(found.fleet, found.hosts, precision=recipe.precision, method=recipe.method)
     shape = found.shape()
     recipe, note = resolve_auto_zero(recipe, shape)

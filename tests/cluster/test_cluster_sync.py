@@ -16,7 +16,7 @@ import pytest
 from namespace_cluster import HostSpec, fleet_yaml_text, on_host
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
-from training_fixtures import DEEPFLEET  # noqa: E402
+from training_fixtures import DEEPFLEET, run_cli, write_recipe, write_task_data  # noqa: E402
 
 BIG = 200 * 2**20
 
@@ -247,3 +247,28 @@ def test_disk_filling_up_mid_transfer_is_one_line_and_no_partial_file(fault_host
     one_error_line(done, f"full:{private}/fill/shard.bin: No space left on device", "fix: free space on full")
     assert not exists_on_host(cluster, "full", private / "fill" / "shard.bin")
     assert partial_bytes(cluster, "full", staging) == 0
+
+
+def test_training_refuses_hosts_whose_data_differs_then_sync_trains(private_cluster, tmp_path):
+    cluster, private = private_cluster
+    train, _ = write_task_data(private / "train-data", n_train=120, n_validation=4)   # the head's own copy
+    on_host(cluster, "s1", f"mkdir -p {train.parent} && cat > {train}", input=train.read_bytes())
+    on_host(cluster, "s2", f"mkdir -p {train.parent} && cat > {train}", input=train.read_bytes()[:-500])
+    recipe = write_recipe(tmp_path / "recipe.yaml", model="builtin:tiny", method="full",
+                          data={"train": [str(train)], "max_length": 64},
+                          train={"max_steps": 2, "global_batch": 4, "micro_batch": 2, "warmup": 1},
+                          deepspeed={"zero": 0}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+                          output_dir=str(private / "run"))
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["s1", "s2"]))
+
+    refused = run_cli("train", str(recipe), "--fleet", "fleet.yaml", cwd=tmp_path)
+    line = one_error_line(refused, f"s2:{train}: differs from the head's copy: 1 differ: train.jsonl",
+                          f"deepfleet sync {train}", "train --sync")
+    assert "s1" not in line
+
+    trained = run_cli("train", str(recipe), "--fleet", "fleet.yaml", "--sync", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    rows = {row.split()[1]: row for row in trained.stdout.splitlines() if row.startswith("│ s")}
+    assert "unchanged" in rows["s1"] and "verified" in rows["s2"], trained.stdout
+    assert "done in" in trained.stdout
+    assert on_host(cluster, "s2", f"cat {train}").stdout == train.read_bytes()

@@ -11,11 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
+from deepfleet.cli.sync_cmd import render as render_sync
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.sources import resolve_fleet
 from deepfleet.launch.training import run_training
 from deepfleet.plan.recipe_io import load_recipe
-from deepfleet.prepare import dry_run_report, prepare_training
+from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs
 
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
 
@@ -46,6 +47,7 @@ def train(
     hang_timeout: float = typer.Option(60.0, "--hang-timeout", min=1, help="Seconds without a training step before the job is torn down"),
     all_logs: bool = typer.Option(False, "--all-logs", help="Stream every rank, not only rank 0"),
     facts: Optional[str] = typer.Option(None, "--facts", help="With --dry-run: the hosts' facts from a `deepfleet doctor --record` file instead of asking them over ssh"),
+    sync: bool = typer.Option(False, "--sync", help="First copy the model dir and data files to every host that lacks them (deepfleet sync)"),
 ) -> None:
     """Train on this machine or on every host (./fleet.yaml, --fleet, --hostfile, SLURM/PBS); saves output_dir/final.
 
@@ -58,8 +60,19 @@ def train(
     if facts and not dry_run:
         raise DeepfleetError("--facts is for --dry-run only", where="--facts",
                              fix="add --dry-run, or drop --facts: a real run asks the hosts themselves")
-    prepared = prepare_training(loaded, resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include,
-                                                      exclude=exclude), nproc=nproc, facts_file=facts)
+    if sync and dry_run:
+        raise DeepfleetError("--sync copies files and --dry-run changes nothing", where="--sync",
+                             fix="run `deepfleet sync` first, or drop --dry-run")
+    hosts = resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include, exclude=exclude)
+    if sync:
+        report = sync_inputs(loaded, hosts)
+        if report is None:
+            print("sync: nothing to copy (this machine alone, or no local model dir or data files)")
+        else:
+            render_sync(report)
+            if (error := report.error()):
+                raise error
+    prepared = prepare_training(loaded, hosts, nproc=nproc, facts_file=facts)
     if prepared.note:
         print(f"# {prepared.note}")
     if dry_run:

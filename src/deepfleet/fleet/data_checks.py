@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deepfleet.errors import Problem
 from deepfleet.fleet.findings import FLEET, Collected, Finding, differs
 
 NAMED_FILES = 3   # files named in a finding; the rest are counted
@@ -47,7 +48,7 @@ def check_checksums(c: Collected) -> list[Finding]:
             found += [Finding(check="data", host=h, severity="fail",
                               message=f"{path} differs from {reference_host}'s: "
                                       f"{describe_difference(reference, summaries[h])}",
-                              fix=f"copy {path} from {reference_host} to {h}") for h in diff[1]]
+                              fix=f"`deepfleet sync {path}` from a host that has it right") for h in diff[1]]
         elif digests and None in digests.values():
             found.append(Finding(check="data", host=FLEET, severity="fail", message=f"{path} missing everywhere",
                                  fix="check the path"))
@@ -57,3 +58,21 @@ def check_checksums(c: Collected) -> list[Finding]:
             found.append(Finding(check="data", host=FLEET, severity="ok",
                                  message=f"{path} identical on all hosts ({count} file(s), {summary.get('bytes', 0):,} bytes)"))
     return found
+
+
+def identity_problems(head: dict[str, dict[str, Any]], held: dict[str, dict[str, dict[str, Any]]],
+                      fix: str) -> list[Problem]:
+    """Each host whose copy of a path differs from the head's (`head`: path -> the head's own summary;
+    `held`: host -> path -> that host's), one line naming the host, the path and the files."""
+    problems = []
+    for path, mine in head.items():
+        for host, summaries in held.items():
+            theirs = summaries.get(path) or {"exists": False}
+            if theirs.get("error"):
+                problems.append(Problem(where=f"{host}:{path}", what=f"cannot compare with the head's: {theirs['error']}",
+                                        fix="make it readable there"))
+            elif theirs.get("digest") != mine.get("digest"):
+                problems.append(Problem(where=f"{host}:{path}",
+                                        what=f"differs from the head's copy: {describe_difference(mine, theirs)}",
+                                        fix=fix.format(path=path)))
+    return problems

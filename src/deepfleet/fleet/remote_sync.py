@@ -471,6 +471,7 @@ def inspect_item(item, host, rehash):
             return found
         write_manifest(dest, held)
         found["files"] = {rel: entry["sha256"] for rel, entry in held["files"].items()}
+        found["sizes"] = {rel: entry["size"] for rel, entry in held["files"].items()}
         found["links"] = {rel: link["target"] for rel, link in held["links"].items()}
     staging, suffix = staging_dir(item), ".%s.partial" % host
     try:
@@ -486,6 +487,25 @@ def inspect_item(item, host, rehash):
     found["writable"] = os.access(existing, os.W_OK | os.X_OK) and not stats.f_flag & os.ST_RDONLY
     found["nearest"], found["device"] = existing, os.stat(existing).st_dev
     return found
+
+
+def send_main():
+    """The other way round: this host streams files it holds (the head collecting them), each from
+    the byte the head already has: request {root, files: {rel: offset}}."""
+    request, out = read_frame(sys.stdin.buffer), sys.stdout.buffer
+    for rel, offset in sorted(request["files"].items()):
+        with open(os.path.join(request["root"], rel), "rb") as handle:
+            remaining = os.fstat(handle.fileno()).st_size - offset
+            write_frame(out, {"t": "file", "i": 0, "rel": rel, "off": offset})
+            handle.seek(offset)
+            while remaining > 0:
+                block = handle.read(min(CHUNK, remaining))
+                if not block:
+                    raise OSError("%s shrank while it was being sent" % rel)
+                out.write(block)
+                remaining -= len(block)
+    write_frame(out, {"t": "end"})
+    out.flush()
 
 
 def inspect_main():
