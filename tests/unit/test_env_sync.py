@@ -184,3 +184,27 @@ def test_remote_report_runs_in_a_plain_python(tmp_path):
     answer = json.loads(done.stdout.decode().splitlines()[-1])
     assert answer["versions"]["No_Such-Thing"] is None and answer["versions"]["pip"]
     assert answer["prefix"] != answer["base_prefix"] and not answer["conda"]   # the test venv
+
+
+def run_remote_install(requirements: list[str], before: str = "") -> dict:
+    """The host side of `env sync`, run here on an empty tar: pip with --no-index changes nothing."""
+    import io
+    import tarfile
+    from deepfleet.fleet.env_sync import remote_source
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w").close()
+    program = remote_source().replace('if __name__ == "__main__" and len(sys.argv) > 1:', before + "\nif True:")
+    done = subprocess.run([sys.executable, "-c", program, json.dumps({"requirements": requirements})],
+                          input=empty.getvalue(), capture_output=True, timeout=120)
+    return json.loads(done.stdout.decode().splitlines()[-1])
+
+
+def test_remote_install_reports_pip_last_error():
+    answer = run_remote_install(["no-such-dist-xyz==1.0"])
+    assert answer["stage"] == "pip" and answer["returncode"] != 0
+    assert answer["last_error"].startswith("ERROR: No matching distribution found for no-such-dist-xyz==1.0")
+
+
+def test_remote_install_reports_an_unwritable_temp_dir():
+    answer = run_remote_install(["x==1"], before="tempfile.tempdir = '/proc/self/nope'")
+    assert answer["stage"] == "tempdir" and answer["error"].startswith("/proc/self/nope: ")

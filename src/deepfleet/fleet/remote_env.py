@@ -74,7 +74,8 @@ def install(params):
             return done(stage="receive", error=str(exc))
         argv = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-input",
                 "--disable-pip-version-check", "--find-links", target] + params["requirements"]
-        pip = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        pip = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True)
         lines = [line.strip() for line in pip.stdout.splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")]
         done(stage="pip", returncode=pip.returncode, last_error=(errors or lines or [""])[-1][:400])
