@@ -208,3 +208,24 @@ def test_remote_install_reports_pip_last_error():
 def test_remote_install_reports_an_unwritable_temp_dir():
     answer = run_remote_install(["x==1"], before="tempfile.tempdir = '/proc/self/nope'")
     assert answer["stage"] == "tempdir" and answer["error"].startswith("/proc/self/nope: ")
+
+
+def test_a_wheel_that_cannot_be_downloaded_names_it_and_wheel_dir(tmp_path):
+    from deepfleet.errors import DeepfleetError
+    from deepfleet.fleet.env_install import fetch_wheel
+    from deepfleet.fleet.env_sync import HostPlan
+    from deepfleet.fleet.wheel_sources import WheelSource
+    failing = (sys.executable, "-c", "import sys; print('ERROR: No matching distribution found for foo==9'); "
+               "sys.exit(1)", "--dest", str(tmp_path))
+    source = WheelSource(dist=Dist(name="foo", version="9"), kind="download", command=failing)
+    with pytest.raises(DeepfleetError) as info:
+        fetch_wheel(source, HostPlan(env=env("h2", {}), installs=(source,)))
+    [line] = str(info.value).splitlines()
+    assert line.startswith("error: h2: no wheel of foo==9 for python 3.11 (x86_64) could be downloaded: ERROR: No ")
+    assert "--wheel-dir DIR" in line and info.value.exit_code == 2
+
+
+def test_head_without_deepfleet_metadata_is_one_error():
+    with pytest.raises(Exception) as info:
+        head_package_set(lookup=lambda name: None)
+    assert "deepfleet is not installed in the head's python" in str(info.value)

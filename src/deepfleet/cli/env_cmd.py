@@ -79,9 +79,9 @@ def sync_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] =
 def _render_check(check: EnvCheck) -> None:
     if not check.differences:
         if check.hosts:
-            print(f"{len(check.hosts)} host(s) match the head: {len(check.head)} packages "
-                  f"(deepfleet {check.head['deepfleet'].version}, torch "
-                  f"{check.head['torch'].version if 'torch' in check.head else 'none'})")
+            named = ", ".join(f"{check.head[k].name} {check.head[k].version}" for k in ("deepfleet", "torch")
+                              if k in check.head)
+            print(f"{len(check.hosts)} host(s) match the head: {len(check.head)} packages ({named})")
         return
     table = Table(title=f"packages that differ from the head ({len(check.head)} compared)")
     for column in ("host", "package", "head", "host has", "note"):

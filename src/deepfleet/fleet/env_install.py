@@ -20,7 +20,7 @@ from typing import Sequence
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.env_sync import EXIT_INSTALL_FAILED, HostPlan, install_argv, last_json
 from deepfleet.fleet.package_sets import canonical_name
-from deepfleet.fleet.ssh import SshOptions, diagnose, ssh_argv
+from deepfleet.fleet.ssh import SshOptions, diagnose, host_argv
 from deepfleet.fleet.wheel_sources import WheelSource, find_wheel, human_size, wheel_files
 
 HEAD_COMMAND_TIMEOUT = 1800.0
@@ -134,13 +134,14 @@ async def _install_one(plan: HostPlan, wheels: Sequence[Path], work_dir: Path,
     pins = tuple(source.dist.pin for source in plan.installs)
     tar = write_tar(wheels, work_dir / f"{plan.env.host.name}.tar")
     size = tar.stat().st_size
-    argv = ssh_argv(plan.env.host, install_argv(plan.env.python, pins), options=options)
-    if options.control_dir:
+    argv = host_argv(plan.env.host, install_argv(plan.env.python, pins), options=options)
+    if options.control_dir and not plan.env.host.local:
         Path(options.control_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     started = time.monotonic()
     # Time for the bytes at a slow 10 MB/s, plus pip's own work.
     code, out, err, timed_out = await _ssh_with_file(argv, tar, options.connect_timeout + 300 + size / 10e6)
-    failure = diagnose(plan.env.host, code, err, timed_out=timed_out, options=options)
+    failure = None if plan.env.host.local else diagnose(plan.env.host, code, err, timed_out=timed_out,
+                                                        options=options)
     if failure:
         problem, exit_code = Problem(what=failure.what, where=plan.env.host.name, fix=failure.fix), 2
     else:

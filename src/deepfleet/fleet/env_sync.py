@@ -41,6 +41,9 @@ def installed_dist(name: str) -> InstalledDist | None:
 
 
 def head_package_set(extra: Sequence[str] = (), lookup: Lookup = installed_dist) -> PackageSet:
+    if lookup(ROOT_DISTRIBUTION) is None:   # run from a source tree on PYTHONPATH: no metadata to follow
+        raise DeepfleetError("deepfleet is not installed in the head's python", where="env",
+                             fix="install it there (`pip install -e <source dir>` for a checkout)")
     not_here = [name for name in extra if lookup(name) is None]
     if not_here:
         raise DeepfleetError(f"{', '.join(not_here)} not installed on the head", where="--package",
