@@ -58,7 +58,7 @@ def test_deepspeed_version_mismatch_names_host_and_pip_line():
         records[1]["data"]["packages"]["deepspeed"]["version"] = "0.14.0"
     found = [f for f in failures(collected(older)) if f.check == "versions"]
     assert len(found) == 1 and found[0].host == "gpu2" and "deepspeed 0.14.0 here" in found[0].message
-    assert found[0].fix == "pip install deepspeed==0.19.8 on gpu2"
+    assert found[0].fix == "`deepfleet env sync` (or pip install deepspeed==0.19.8 on gpu2)"
 
 
 def test_shadowed_package_is_a_warning():

@@ -90,7 +90,7 @@ def check_python(c: Collected) -> list[Finding]:
 def check_packages(c: Collected) -> list[Finding]:
     found = []
     hosts = [f for f in c.reachable if f.get("python", "wanted_found")]
-    for package in ("torch", "deepspeed", "transformers", "accelerate", "peft"):
+    for package in ("torch", "deepspeed", "transformers", "accelerate", "peft", "deepfleet"):
         versions = {f.host.name: f.get("packages", package, "version") for f in hosts}
         if all(v is None for v in versions.values()):
             continue
@@ -108,7 +108,8 @@ def check_packages(c: Collected) -> list[Finding]:
                 have = versions[h] or "not installed"
                 found.append(Finding(check="versions", host=h, severity="fail",
                                      message=f"{package} {have} here, {majority or 'missing'} on the others",
-                                     fix=f"pip install {package}=={majority} on {h}" if majority
+                                     fix=f"`deepfleet env sync` (or pip install {package}=={majority} on {h})"
+                                     if majority
                                      else f"pip uninstall {package} on {h}, or install it everywhere"))
         else:
             found.append(Finding(check="versions", host=FLEET, severity="ok",

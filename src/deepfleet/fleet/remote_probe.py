@@ -25,7 +25,8 @@ if __name__ != "__main__":   # imported (tests, the head); over ssh their text c
     from deepfleet.fleet.remote_probe_manifest import path_summary
 
 # The last two decide the attention kernel and whether QLoRA can run (planning reads them).
-PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes")
+# deepfleet itself: its rank code runs on every host, so its version must match too.
+PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes", "deepfleet")
 
 
 _LISTINGS = {}
