@@ -249,16 +249,22 @@ def test_disk_filling_up_mid_transfer_is_one_line_and_no_partial_file(fault_host
     assert partial_bytes(cluster, "full", staging) == 0
 
 
-def test_training_refuses_hosts_whose_data_differs_then_sync_trains(private_cluster, tmp_path):
+def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards(private_cluster, tmp_path):
+    """No shared storage: a host with other data is refused; `train --sync` copies it and trains ZeRO-2
+    (each host keeps its own rank's optimizer shard); export from the head, which holds none of the
+    checkpoint, collects both over ssh and writes the weights the run saved as final/."""
+    from safetensors.torch import load as load_safetensors
+
     cluster, private = private_cluster
     train, _ = write_task_data(private / "train-data", n_train=120, n_validation=4)   # the head's own copy
     on_host(cluster, "s1", f"mkdir -p {train.parent} && cat > {train}", input=train.read_bytes())
     on_host(cluster, "s2", f"mkdir -p {train.parent} && cat > {train}", input=train.read_bytes()[:-500])
+    output = private / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", model="builtin:tiny", method="full",
                           data={"train": [str(train)], "max_length": 64},
                           train={"max_steps": 2, "global_batch": 4, "micro_batch": 2, "warmup": 1},
-                          deepspeed={"zero": 0}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
-                          output_dir=str(private / "run"))
+                          deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+                          checkpoint={"every_steps": 2}, output_dir=str(output))
     (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["s1", "s2"]))
 
     refused = run_cli("train", str(recipe), "--fleet", "fleet.yaml", cwd=tmp_path)
@@ -272,3 +278,17 @@ def test_training_refuses_hosts_whose_data_differs_then_sync_trains(private_clus
     assert "unchanged" in rows["s1"] and "verified" in rows["s2"], trained.stdout
     assert "done in" in trained.stdout
     assert on_host(cluster, "s2", f"cat {train}").stdout == train.read_bytes()
+    assert not (output / "checkpoints").exists(), "the head saw the hosts' checkpoints: storage was shared"
+
+    (tmp_path / "elsewhere").mkdir()   # no ./fleet.yaml there: this machine alone has no checkpoint
+    alone = run_cli("export", str(output), "--to", str(tmp_path / "nothing"), cwd=tmp_path / "elsewhere")
+    assert alone.returncode == 2 and "no complete checkpoint" in alone.stderr
+
+    done = run_cli("export", str(output), "--to", str(tmp_path / "exported"), "--fleet", "fleet.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "from s1 (sha256 verified)" in done.stdout and "from s2 (sha256 verified)" in done.stdout
+    assert not (tmp_path / ".exported.collecting").exists()
+    exported = load_safetensors((tmp_path / "exported" / "model.safetensors").read_bytes())
+    final = load_safetensors(on_host(cluster, "s1", f"cat {output}/final/model.safetensors").stdout)
+    assert exported.keys() == final.keys() and len(exported) > 4
+    assert all((exported[k].float() == final[k].float()).all() for k in final)

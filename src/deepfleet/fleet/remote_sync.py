@@ -51,13 +51,6 @@ def read_frame(stream):
     return json.loads(line)
 
 
-def read_exactly(stream, count):
-    data = stream.read(count)
-    if len(data) != count:
-        raise CutOff()
-    return data
-
-
 def staging_dir(item):
     return os.path.join(item["dest"] if item["kind"] == "dir" else os.path.dirname(item["dest"]), STAGING_DIR)
 
@@ -153,9 +146,19 @@ class Fanout:
     def __init__(self, children):
         self.children = children
 
-    def file_targets(self, item, rel):
-        return [(child, child.wants[item][rel]) for child in self.children
-                if rel in child.wants.get(item, {})]
+    def start_file(self, item, rel):
+        """Send the file's header to each child that wants it; (child, its first byte) for `forward`."""
+        targets = [(child, child.wants[item][rel]) for child in self.children if rel in child.wants.get(item, {})]
+        for child, start in targets:
+            child.frame({"t": "file", "i": int(item), "rel": rel, "off": start})
+        return targets
+
+    @staticmethod
+    def forward(targets, position, block):
+        """Send each target the part of `block` (at byte `position` of the file) from its first byte on."""
+        for child, start in targets:
+            if position + len(block) > start:
+                child.send(block[max(0, start - position):])
 
     def link(self, item, rel):
         for child in self.children:
@@ -365,9 +368,7 @@ def receive(stream, receiver, fanout):
 def relay_file(header, stream, receiver, fanout):
     item_key, rel, offset = str(header["i"]), header["rel"], header["off"]
     size = receiver.items[int(item_key)]["files"][rel]["size"]
-    targets = fanout.file_targets(item_key, rel)
-    for child, start in targets:
-        child.frame({"t": "file", "i": header["i"], "rel": rel, "off": start})
+    targets = fanout.start_file(item_key, rel)
     writer = receiver.start_file(item_key, rel, offset)
     position = offset
     try:
@@ -375,9 +376,7 @@ def relay_file(header, stream, receiver, fanout):
             block = stream.read(min(CHUNK, size - position))
             if not block:
                 raise CutOff()
-            for child, start in targets:
-                if position + len(block) > start:
-                    child.send(block[max(0, start - position):])
+            fanout.forward(targets, position, block)
             if writer:
                 skip = max(0, writer.start - position)
                 if skip < len(block):
@@ -416,99 +415,3 @@ def node_main():
     for result in results:
         out.write(json.dumps(result) + "\n")
     out.flush()
-
-
-def send_tree(code, items, sources, roots):
-    """The head: stream the source files (`sources[i]` is item i's path here) to the roots, as the
-    roots' plans want; returns every host's result line."""
-    children = [Child(entry, code, items) for entry in roots]
-    fanout = Fanout(children)
-    wants = ({}, {})
-    for child in children:
-        merge_wants(wants, (child.wants, child.links))
-    for item_key in sorted(wants[0], key=int):
-        item, source = items[int(item_key)], sources[int(item_key)]
-        for rel in sorted(wants[0][item_key]):
-            targets = fanout.file_targets(item_key, rel)
-            offset = min(start for _, start in targets)
-            for child, start in targets:
-                child.frame({"t": "file", "i": int(item_key), "rel": rel, "off": start})
-            path = os.path.join(source, rel) if item["kind"] == "dir" else source
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                position, size = offset, item["files"][rel]["size"]
-                while position < size:
-                    block = handle.read(min(CHUNK, size - position))
-                    if not block:
-                        raise OSError("%s shrank while it was being sent" % path)
-                    for child, start in targets:
-                        if position + len(block) > start:
-                            child.send(block[max(0, start - position):])
-                    position += len(block)
-    for item_key in sorted(wants[1], key=int):
-        for rel in sorted(wants[1][item_key]):
-            fanout.link(item_key, rel)
-    fanout.end()
-    return [result for child in children for result in child.finish(timeout=600)]
-
-
-def inspect_item(item, host, rehash):
-    """What a host holds at one destination: digest, per-file sha256 when it differs, partials, room."""
-    dest = item["dest"]
-    found = {"exists": os.path.lexists(dest)}
-    if os.path.islink(dest):
-        found["dest_link"] = os.readlink(dest)
-        return found
-    if found["exists"]:
-        is_dir = os.path.isdir(dest)
-        if is_dir != (item["kind"] == "dir"):
-            found["problem"] = "is a %s, the source is a %s" % ("directory" if is_dir else "file", item["kind"])
-            return found
-        try:
-            held = scan(dest, None if rehash else load_manifest(dest))
-        except OSError as error:
-            found["problem"] = "cannot be read: %s" % (error.strerror or error)
-            return found
-        write_manifest(dest, held)
-        found["files"] = {rel: entry["sha256"] for rel, entry in held["files"].items()}
-        found["sizes"] = {rel: entry["size"] for rel, entry in held["files"].items()}
-        found["links"] = {rel: link["target"] for rel, link in held["links"].items()}
-    staging, suffix = staging_dir(item), ".%s.partial" % host
-    try:
-        found["partials"] = {name[:-len(suffix)]: os.path.getsize(os.path.join(staging, name))
-                             for name in os.listdir(staging) if name.endswith(suffix)}
-    except OSError:
-        found["partials"] = {}
-    existing = dest
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    stats = os.statvfs(existing)
-    found["free"] = stats.f_bavail * stats.f_frsize
-    found["writable"] = os.access(existing, os.W_OK | os.X_OK) and not stats.f_flag & os.ST_RDONLY
-    found["nearest"], found["device"] = existing, os.stat(existing).st_dev
-    return found
-
-
-def send_main():
-    """The other way round: this host streams files it holds (the head collecting them), each from
-    the byte the head already has: request {root, files: {rel: offset}}."""
-    request, out = read_frame(sys.stdin.buffer), sys.stdout.buffer
-    for rel, offset in sorted(request["files"].items()):
-        with open(os.path.join(request["root"], rel), "rb") as handle:
-            remaining = os.fstat(handle.fileno()).st_size - offset
-            write_frame(out, {"t": "file", "i": 0, "rel": rel, "off": offset})
-            handle.seek(offset)
-            while remaining > 0:
-                block = handle.read(min(CHUNK, remaining))
-                if not block:
-                    raise OSError("%s shrank while it was being sent" % rel)
-                out.write(block)
-                remaining -= len(block)
-    write_frame(out, {"t": "end"})
-    out.flush()
-
-
-def inspect_main():
-    request = read_frame(sys.stdin.buffer)
-    found = [inspect_item(item, request["host"], request.get("rehash", False)) for item in request["items"]]
-    sys.stdout.write(json.dumps({"items": found}) + "\n")

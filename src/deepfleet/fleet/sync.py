@@ -20,12 +20,12 @@ from typing import Any, Sequence
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.remote_probe_manifest import refreshed_manifest
-from deepfleet.fleet.remote_sync import BOOTSTRAP, send_tree
+from deepfleet.fleet.remote_sync import BOOTSTRAP, CHUNK, Child, Fanout, merge_wants
 from deepfleet.fleet.ssh import SshOptions, options_for, run_on_hosts, ssh_argv
 from deepfleet.fleet.sync_plan import (HEAD, HostItemPlan, Shape, SyncItem, describe_tree, destination, fanout_shape,
                                        fanout_tree, host_item_plan, needs_anything, node_plan, space_problem)
 
-AGENT_FILES = ("remote_probe_manifest.py", "remote_sync.py")
+AGENT_FILES = ("remote_probe_manifest.py", "remote_sync.py", "remote_holdings.py")
 _PICK_PYTHON = 'if [ -x "$1" ]; then exec "$1" -c "$2"; else exec python3 -c "$2"; fi'
 # Errors a user fixes on the host (room, permissions), as opposed to a transfer that broke.
 HOST_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -247,3 +247,31 @@ def _send(code: bytes, items: Sequence[SyncItem], roots: list[dict[str, Any]], t
         raise DeepfleetError(f"cannot read the source: {exc.strerror or exc}", where=f"head:{exc.filename or ''}",
                              fix="run it again when the source is stable", exit_code=1)
     return result["lines"]
+
+
+def send_tree(code: bytes, items: list[dict[str, Any]], sources: list[str], roots: list[dict[str, Any]]) -> list[dict]:
+    """Stream the source files (`sources[i]`: item i's path here) to the roots, each byte once per
+    root that wants it; every host's result line."""
+    fanout = Fanout([Child(entry, code, items) for entry in roots])
+    wants: tuple[dict, dict] = ({}, {})
+    for child in fanout.children:
+        merge_wants(wants, (child.wants, child.links))
+    for item_key in sorted(wants[0], key=int):
+        item, source = items[int(item_key)], sources[int(item_key)]
+        for rel in sorted(wants[0][item_key]):
+            targets = fanout.start_file(item_key, rel)
+            position, size = min(start for _, start in targets), item["files"][rel]["size"]
+            path = os.path.join(source, rel) if item["kind"] == "dir" else source
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                while position < size:
+                    block = handle.read(min(CHUNK, size - position))
+                    if not block:
+                        raise OSError(errno.EIO, "the file shrank while it was being sent", path)
+                    fanout.forward(targets, position, block)
+                    position += len(block)
+    for item_key in sorted(wants[1], key=int):
+        for rel in sorted(wants[1][item_key]):
+            fanout.link(item_key, rel)
+    fanout.end()
+    return [result for child in fanout.children for result in child.finish(timeout=600)]
