@@ -197,7 +197,7 @@ def test_doctors_measured_bandwidth_reaches_the_planner(llama_recipe, tmp_path, 
     assert oct((tmp_path / "cache" / "deepfleet" / "doctor").stat().st_mode & 0o777) == "0o700"
     probed = [HostFacts.from_record(host_record(n, a)) for n, a in (("g1", "10.1.0.11"), ("g2", "10.1.0.12"))]
     hardware_module = importlib.import_module("deepfleet.fleet_hardware")
-    monkeypatch.setattr(hardware_module, "probe_fleet", lambda fleet, options: probed)
+    monkeypatch.setattr(hardware_module, "probe_fleet", lambda fleet, options, **asked: probed)
     code, out = invoke("plan", llama_recipe, "--fleet", fleet_file, "--json")
     assert code == 0, out
     summary = json.loads(out)["summary"]
