@@ -271,6 +271,9 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
     line = one_error_line(refused, f"s2:{train}: differs from the head's copy: 1 differ: train.jsonl",
                           f"deepfleet sync {train}", "train --sync")
     assert "s1" not in line
+    doctor = run_cli("doctor", "--fleet", "fleet.yaml", "--recipe", str(recipe), "--no-matrix", "--no-network",
+                     cwd=tmp_path)
+    assert doctor.returncode == 2 and "differs from s1's: 1 differ: train.jsonl" in doctor.stdout, doctor.stdout
 
     trained = run_cli("train", str(recipe), "--fleet", "fleet.yaml", "--sync", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-2000:]

@@ -108,6 +108,8 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                    exclude: Optional[str] = ExcludeOpt,
                    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="dir checkpoints go to"),
                    checksum: List[str] = typer.Option([], "--checksum", help="data file or model dir to compare across hosts"),
+                   recipe: Optional[str] = typer.Option(None, "--recipe", help="also compare this recipe's local "
+                                                        "model dir and data files across hosts"),
                    no_matrix: bool = typer.Option(False, "--no-matrix", help="skip host->host ssh"),
                    no_network: bool = typer.Option(False, "--no-network", help="skip master port and bandwidth"),
                    no_iperf3: bool = typer.Option(False, "--no-iperf3", help="built-in bandwidth test even with iperf3"),
@@ -116,7 +118,12 @@ def doctor_command(fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str]
                                                         help="also save the raw facts here")) -> None:
     """Check every host in parallel; every finding has a fix. Exit 2 on any fail."""
     fleet = _fleet(fleet_file, hostfile, ssh_config, include, exclude)
-    options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(checksum), matrix=not no_matrix,
+    if recipe:
+        from deepfleet.plan.recipe_io import load_recipe
+        from deepfleet.prepare import recipe_paths
+
+        checksum = [*checksum, *recipe_paths(load_recipe(recipe, []), fleet.workdir or os.getcwd())]
+    options = DoctorOptions(output_dir=output_dir, checksum_paths=tuple(dict.fromkeys(checksum)), matrix=not no_matrix,
                             network=not no_network, iperf3=not no_iperf3)
     report = run_doctor(fleet, options, options_for(fleet))
     save_doctor_facts(fleet, report.record())   # the measured bandwidth, for `deepspeed: auto`

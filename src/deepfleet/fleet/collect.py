@@ -44,7 +44,7 @@ def held_here(path: str) -> Holding:
 def holdings(fleet: Fleet, path: str) -> dict[str, Holding]:
     """What each host (the head's own disk as "head") holds under `path`."""
     remote = [h for h in fleet.hosts if not h.local]
-    found = inspect_hosts(fleet, remote, [(path, "dir")], rehash=False, options=options_for(fleet),
+    found = inspect_hosts(fleet, remote, [{"dest": path, "kind": "dir"}], rehash=False, options=options_for(fleet),
                           timeout=600) if remote else {}
     held = {"head": held_here(path)}
     for host in remote:

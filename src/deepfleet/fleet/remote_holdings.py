@@ -9,7 +9,7 @@ import os
 import sys
 
 if __name__ != "__main__":   # on the head; on a host these come from the concatenated code
-    from deepfleet.fleet.remote_probe_manifest import load_manifest, scan, write_manifest
+    from deepfleet.fleet.remote_probe_manifest import content_digest, load_manifest, scan, write_manifest
     from deepfleet.fleet.remote_sync import CHUNK, read_frame, staging_dir, write_frame
 
 
@@ -25,15 +25,20 @@ def inspect_item(item, host, rehash):
         if is_dir != (item["kind"] == "dir"):
             found["problem"] = "is a %s, the source is a %s" % ("directory" if is_dir else "file", item["kind"])
             return found
+        stored = load_manifest(dest)
         try:
-            held = scan(dest, None if rehash else load_manifest(dest))
+            held = scan(dest, None if rehash else stored)
         except OSError as error:
             found["problem"] = "cannot be read: %s" % (error.strerror or error)
             return found
-        write_manifest(dest, held)
-        found["files"] = {rel: entry["sha256"] for rel, entry in held["files"].items()}
-        found["sizes"] = {rel: entry["size"] for rel, entry in held["files"].items()}
-        found["links"] = {rel: link["target"] for rel, link in held["links"].items()}
+        if held != stored:
+            write_manifest(dest, held)
+        # The usual re-sync holds what the source does: then no need to send every file's hash back.
+        found["same"] = content_digest(held) == item.get("digest")
+        if not found["same"]:
+            found["files"] = {rel: entry["sha256"] for rel, entry in held["files"].items()}
+            found["sizes"] = {rel: entry["size"] for rel, entry in held["files"].items()}
+            found["links"] = {rel: link["target"] for rel, link in held["links"].items()}
     staging, suffix = staging_dir(item), ".%s.partial" % host
     try:
         found["partials"] = {name[:-len(suffix)]: os.path.getsize(os.path.join(staging, name))

@@ -117,8 +117,9 @@ def write_manifest(path, manifest):
 
 def refreshed_manifest(path, limit_bytes=None):
     """Scan `path` reusing its stored manifest, and store the result beside it when that is possible."""
-    manifest = scan(path, load_manifest(path), limit_bytes)
-    if manifest != load_manifest(path):
+    stored = load_manifest(path)
+    manifest = scan(path, stored, limit_bytes)
+    if manifest != stored:
         write_manifest(path, manifest)
     return manifest
 

@@ -147,12 +147,12 @@ def inspect_timeout(items: Sequence[SyncItem]) -> float:
     return 60 + sum(item.size for item in items) / 50e6
 
 
-def inspect_hosts(fleet: Fleet, hosts: Sequence[Host], targets: Sequence[tuple[str, str]], *, rehash: bool,
+def inspect_hosts(fleet: Fleet, hosts: Sequence[Host], targets: Sequence[dict[str, str]], *, rehash: bool,
                   options: SshOptions, timeout: float) -> dict[str, list[dict[str, Any]]]:
-    """What every host holds at each (path, kind) target, in one ssh round trip per host."""
+    """What every host holds at each target ({dest, kind, and the source's digest when there is one}),
+    in one ssh round trip per host."""
     code = agent_code("inspect_main")
-    frames = {h.name: {"host": h.name, "rehash": rehash, "items": [{"dest": d, "kind": k} for d, k in targets]}
-              for h in hosts}
+    frames = {h.name: {"host": h.name, "rehash": rehash, "items": list(targets)} for h in hosts}
     results = asyncio.run(run_on_hosts(hosts, lambda h: agent_argv(fleet.python_for(h)), options=options,
                                        timeout=timeout, stdin=lambda h: agent_stdin(code, frames[h.name])))
     found, problems = {}, []
@@ -194,7 +194,8 @@ def run_sync(fleet: Fleet, paths: Sequence[str], options: SyncOptions = SyncOpti
     # The head's own copy is the source when it is also a host and the paths are the same.
     is_source = {h.name for h in fleet.hosts if h.local and all(i.dest == i.source for i in items)}
     hosts = [h for h in fleet.hosts if h.name not in is_source]
-    found = inspect_hosts(fleet, hosts, [(i.dest, i.kind) for i in items], rehash=options.rehash, options=ssh,
+    targets = [{"dest": i.dest, "kind": i.kind, "digest": i.digest} for i in items]
+    found = inspect_hosts(fleet, hosts, targets, rehash=options.rehash, options=ssh,
                           timeout=inspect_timeout(items)) if hosts else {}
     plans = host_plans(items, found, delete=options.delete)
     outcomes = {name: HostOutcome(host=name, verdict="source") for name in is_source}

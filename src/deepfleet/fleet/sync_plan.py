@@ -16,6 +16,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
+from deepfleet.fleet.remote_probe_manifest import content_digest
+
 Shape = Literal["direct", "chain", "tree"]
 CHAIN_MAX = 8
 HEAD = "head"
@@ -34,6 +36,11 @@ class SyncItem:
     @property
     def size(self) -> int:
         return sum(entry["size"] for entry in self.files.values())
+
+    @property
+    def digest(self) -> str:
+        """The manifest's content digest, as `remote_probe_manifest.content_digest` computes it on a host."""
+        return content_digest({"files": self.files, "links": {rel: {"target": t} for rel, t in self.links.items()}})
 
     def frame(self) -> dict[str, Any]:
         return {"dest": self.dest, "kind": self.kind, "files": self.files, "links": self.links}
@@ -68,6 +75,8 @@ def host_item_plan(item: SyncItem, found: dict[str, Any], *, delete: bool) -> Ho
     """What this host needs of `item`, from its inspection (`remote_sync.inspect_item`)."""
     if found.get("problem"):
         return _refusal(found["problem"], item.dest)
+    if found.get("same"):
+        return HostItemPlan()
     if found.get("dest_link"):
         return _refusal(f"is a symlink to {found['dest_link']}: writing through it would put the data outside "
                         f"{item.dest}", item.dest)
