@@ -295,3 +295,47 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
     final = load_safetensors(on_host(cluster, "s1", f"cat {output}/final/model.safetensors").stdout)
     assert exported.keys() == final.keys() and len(exported) > 4
     assert all((exported[k].float() == final[k].float()).all() for k in final)
+
+
+def sync_agent_pids(cluster, name: str) -> list[int]:
+    pids = []
+    for pid in cluster.namespace_pids(name):
+        try:
+            if b"deepfleet-sync" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_frozen_host_is_cut_loose_and_the_others_finish(private_cluster, tmp_path):
+    cluster, private = private_cluster
+    source = tmp_path / "frozen.bin"
+    source.write_bytes(os.urandom(16 * 2**20))
+    (tmp_path / "fleet.yaml").write_text(fleet_yaml_text(cluster, ["s1", "s2"]))
+    staging = private / "frozen" / ".deepfleet-sync"
+    stopped: list[int] = []
+    for name in ("s1", "s2"):
+        throttle(cluster, name, "40mbit")
+    try:
+        head = subprocess.Popen([DEEPFLEET, "sync", str(source), "--to", str(private / "frozen"), "--fleet",
+                                 str(tmp_path / "fleet.yaml"), "--stall-timeout", "3"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for_partial(cluster, "s2", staging, 2**20, head)
+        stopped = sync_agent_pids(cluster, "s2")
+        assert stopped
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        throttle(cluster, "s1", None)
+        out, err = head.communicate(timeout=90)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGKILL)
+        for name in ("s1", "s2"):
+            throttle(cluster, name, None)
+    assert head.returncode == 1, (out, err)
+    assert err.strip().splitlines() == ["error: s2: no report (via s2: it took no data for 3 s) "
+                                        "(fix: run the same `deepfleet sync` again: it resumes)"]
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ s")}
+    assert "verified" in rows["s1"] and "failed" in rows["s2"]
+    assert not exists_on_host(cluster, "s2", private / "frozen" / "frozen.bin")

@@ -105,7 +105,7 @@ def test_plan_frames_nest_and_forward_the_smallest_offset_below():
     tree = fanout_tree(["h1", "h2", "h3"], "chain")
     plans = {"h1": [HostItemPlan(want={"a": 10})], "h2": [HostItemPlan(want={"a": 0, "b": 5}, links=("l",))],
              "h3": [HostItemPlan(delete=("old",))]}
-    frame = node_plan("h1", tree, plans, lambda parent, child: [parent, child])
+    frame = node_plan("h1", tree, plans, lambda parent, child: [parent, child], 30)
     assert frame["children"][0]["argv"] == ["h1", "h2"] and frame["children"][0]["plan"]["children"][0]["host"] == "h3"
     assert frame["children"][0]["plan"]["children"][0]["plan"]["delete"] == {"0": ["old"]}
     files, links = subtree_wants(frame)

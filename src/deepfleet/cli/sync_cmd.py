@@ -34,9 +34,12 @@ def sync(paths: List[str] = typer.Argument(..., help="files or dirs on this mach
                                            help="a symlink leaving the tree: refuse, or keep it as a link"),
          delete: bool = typer.Option(False, "--delete", help="remove files on the hosts that the source lacks"),
          rehash: bool = typer.Option(False, "--rehash", help="re-hash every file on the hosts, trusting no "
-                                     "stored manifest")) -> None:
+                                     "stored manifest"),
+         stall_timeout: float = typer.Option(120.0, "--stall-timeout", min=1,
+                                             help="seconds a host may take no data before it is cut loose")) -> None:
     """Copy files and dirs to every host, sending only what differs; verify every host at the end."""
     options = SyncOptions(to=to, shape=_choice("--shape", shape, SHAPES), delete=delete, rehash=rehash,
+                          stall_seconds=stall_timeout,
                           outside_links=_choice("--outside-links", outside_links, LINK_CHOICES))
     report = run_sync(_fleet(fleet_file, hostfile, ssh_config, include, exclude), paths, options)
     render(report)

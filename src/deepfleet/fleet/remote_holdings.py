@@ -10,7 +10,7 @@ import sys
 
 if __name__ != "__main__":   # on the head; on a host these come from the concatenated code
     from deepfleet.fleet.remote_probe_manifest import content_digest, load_manifest, scan, write_manifest
-    from deepfleet.fleet.remote_sync import CHUNK, read_frame, staging_dir, write_frame
+    from deepfleet.fleet.remote_sync import CHUNK, frame_bytes, read_frame, staging_dir
 
 
 def inspect_item(item, host, rehash):
@@ -62,7 +62,7 @@ def send_main():
     for rel, offset in sorted(request["files"].items()):
         with open(os.path.join(request["root"], rel), "rb") as handle:
             remaining = os.fstat(handle.fileno()).st_size - offset
-            write_frame(out, {"t": "file", "i": 0, "rel": rel, "off": offset})
+            out.write(frame_bytes({"t": "file", "i": 0, "rel": rel, "off": offset}))
             handle.seek(offset)
             while remaining > 0:
                 block = handle.read(min(CHUNK, remaining))
@@ -70,7 +70,7 @@ def send_main():
                     raise OSError("%s shrank while it was being sent" % rel)
                 out.write(block)
                 remaining -= len(block)
-    write_frame(out, {"t": "end"})
+    out.write(frame_bytes({"t": "end"}))
     out.flush()
 
 

@@ -32,16 +32,15 @@ if __name__ != "__main__":   # on the head; on a host these come from the concat
 BOOTSTRAP = ("import sys;b=sys.stdin.buffer;n=int(b.readline());CODE=b.read(n);"
              "exec(compile(CODE,'deepfleet-sync','exec'))")
 CHUNK = 1 << 20
+STALL_SECONDS = 120   # a host that takes no bytes for this long is cut loose; the plan frame can override
 
 
 class CutOff(Exception):
     """The stream ended mid-frame: the sender went away."""
 
 
-def write_frame(stream, header, payload=b""):
-    stream.write(json.dumps(header, separators=(",", ":")).encode() + b"\n")
-    if payload:
-        stream.write(payload)
+def frame_bytes(header):
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
 def read_frame(stream):
@@ -94,7 +93,7 @@ class Child:
                         threading.Thread(target=self._read_error, daemon=True)]
         for reader in self.readers:
             reader.start()
-        self.alive = True
+        self.alive, self.stalled, self.writing_since = True, False, None
         self.send(b"%d\n" % len(code) + code)
         self.frame({"t": "plan", **self.plan})
         self.frame({"t": "items", "items": items})
@@ -108,13 +107,22 @@ class Child:
 
     def send(self, data):
         if self.alive and data:
+            self.writing_since = time.monotonic()
             try:
                 self.process.stdin.write(data)
             except (BrokenPipeError, OSError):
                 self.alive = False
+            finally:
+                self.writing_since = None
 
-    def frame(self, header, payload=b""):
-        self.send(json.dumps(header, separators=(",", ":")).encode() + b"\n" + payload)
+    def kill(self):
+        try:
+            os.killpg(self.process.pid, 9)
+        except OSError:
+            pass
+
+    def frame(self, header):
+        self.send(frame_bytes(header))
 
     def finish(self, timeout):
         try:
@@ -130,7 +138,8 @@ class Child:
             reader.join(5)
         results = [json.loads(line) for line in self.lines if line.startswith("{")]
         reported = {result["host"] for result in results}
-        last = (self.error.strip().splitlines() or ["exit %s" % code])[-1]
+        last = "it took no data for %d s" % self.stalled if self.stalled else \
+            (self.error.strip().splitlines() or ["exit %s" % code])[-1]
         return results + [{"host": host, "verdict": "failed", "bytes": 0, "seconds": 0,
                            "what": "no report (via %s: %s)" % (self.host, last)}
                           for host in hosts_in(self.plan) if host not in reported]
@@ -141,10 +150,23 @@ def hosts_in(plan):
 
 
 class Fanout:
-    """Send frames to children, each getting only what its subtree wants, from its own offset."""
+    """Send frames to children, each getting only what its subtree wants, from its own offset. A
+    child that takes nothing for `stall` seconds (stopped, or stuck behind a host that is) is killed,
+    so the others go on and it is reported failed instead of holding everyone up."""
 
-    def __init__(self, children):
-        self.children = children
+    def __init__(self, children, stall=STALL_SECONDS):
+        self.children, self.stall, self.done = children, stall, False
+        if children:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        while not self.done:
+            time.sleep(min(1.0, self.stall / 4))
+            for child in self.children:
+                since = child.writing_since
+                if since is not None and time.monotonic() - since > self.stall:
+                    child.stalled = self.stall
+                    child.kill()
 
     def start_file(self, item, rel):
         """Send the file's header to each child that wants it; (child, its first byte) for `forward`."""
@@ -168,6 +190,7 @@ class Fanout:
     def end(self):
         for child in self.children:
             child.frame({"t": "end"})
+        self.done = True
 
 
 class FileWriter:
@@ -259,7 +282,7 @@ class Receiver:
         self.host, self.plan, self.items = plan["host"], plan, items
         self.written, self.problem = 0, None
         self.landed = {}     # item -> {rel: manifest entry} of the files written here: known, not re-hashed
-        self.started = time.monotonic()
+        self.started = self.heard = time.monotonic()   # heard: when the last bytes came in
 
     def fail(self, item, rel, error):
         if self.problem is None:
@@ -352,6 +375,7 @@ def receive(stream, receiver, fanout):
     try:
         while True:
             header = read_frame(stream)
+            receiver.heard = time.monotonic()
             kind = header["t"]
             if kind == "end":
                 fanout.end()
@@ -376,6 +400,7 @@ def relay_file(header, stream, receiver, fanout):
             block = stream.read(min(CHUNK, size - position))
             if not block:
                 raise CutOff()
+            receiver.heard = time.monotonic()
             fanout.forward(targets, position, block)
             if writer:
                 skip = max(0, writer.start - position)
@@ -395,11 +420,24 @@ def relay_file(header, stream, receiver, fanout):
                 receiver.landed.setdefault(int(item_key), {})[rel] = {
                     "size": entry["size"], "mtime_ns": entry["mtime_ns"], "sha256": entry["sha256"]}
             except OSError as error:
+                remove_quietly(writer.path)
                 receiver.fail(int(item_key), rel, error)
     except CutOff:
         if writer:
             writer.keep()
         raise
+
+
+def give_up_when_starved(receiver, fanout):
+    """The sender stopped without closing the stream (its host froze): its own watchdog cuts it
+    loose after `stall` seconds, so silence for three times that means nobody will: exit, and let
+    the hosts below see their streams end."""
+    while not fanout.done:
+        time.sleep(min(1.0, fanout.stall / 4))
+        if time.monotonic() - receiver.heard > 3 * fanout.stall:
+            for child in fanout.children:
+                child.kill()
+            os._exit(1)
 
 
 def node_main():
@@ -408,7 +446,10 @@ def node_main():
     plan, items = read_frame(stream), read_frame(stream)["items"]
     receiver = Receiver(plan, items)
     children = [Child(entry, globals()["CODE"], items) for entry in plan.get("children", [])]
-    cut_off = receive(stream, receiver, Fanout(children))
+    fanout = Fanout(children, plan.get("stall", STALL_SECONDS))
+    threading.Thread(target=give_up_when_starved, args=(receiver, fanout), daemon=True).start()
+    cut_off = receive(stream, receiver, fanout)
+    fanout.done = True
     results = [receiver.result(cut_off)]
     for child in children:
         results += child.finish(timeout=600)

@@ -41,6 +41,7 @@ class SyncOptions:
     delete: bool = False               # remove files on the hosts that the source does not have
     rehash: bool = False               # re-hash every file on the hosts instead of trusting stored manifests
     timeout: float = 3600.0            # the whole transfer
+    stall_seconds: float = 120.0       # a host that takes no bytes for this long is cut loose and reported
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,9 +217,9 @@ def run_sync(fleet: Fleet, paths: Sequence[str], options: SyncOptions = SyncOpti
         return ssh_argv(host, remote, options=replace(ssh, control_dir=None, host_key_policy="yes"))
 
     if receiving:
-        roots = [{"host": name, "argv": argv_to(HEAD, name), "plan": node_plan(name, tree, plans, argv_to)}
+        roots = [{"host": name, "argv": argv_to(HEAD, name), "plan": node_plan(name, tree, plans, argv_to, options.stall_seconds)}
                  for name in tree[HEAD]]
-        lines = _send(agent_code("node_main"), items, roots, options.timeout)
+        lines = _send(agent_code("node_main"), items, roots, options)
         outcomes |= {line["host"]: HostOutcome(host=line["host"], verdict=line["verdict"], bytes=line.get("bytes", 0),
                                                seconds=line.get("seconds", 0.0), extra=line.get("extra", 0),
                                                what=line.get("what", ""), path=line.get("path", ""),
@@ -228,13 +229,15 @@ def run_sync(fleet: Fleet, paths: Sequence[str], options: SyncOptions = SyncOpti
     return SyncReport(items=items, shape=described, outcomes=ordered)
 
 
-def _send(code: bytes, items: Sequence[SyncItem], roots: list[dict[str, Any]], timeout: float) -> list[dict]:
+def _send(code: bytes, items: Sequence[SyncItem], roots: list[dict[str, Any]], options: SyncOptions) -> list[dict]:
     """send_tree in a thread, so Ctrl-C reaches the head while the bytes flow."""
     result: dict[str, Any] = {}
+    timeout = options.timeout
 
     def run() -> None:
         try:
-            result["lines"] = send_tree(code, [i.frame() for i in items], [i.source for i in items], roots)
+            result["lines"] = send_tree(code, [i.frame() for i in items], [i.source for i in items], roots,
+                                        stall=options.stall_seconds)
         except OSError as exc:
             result["error"] = exc
     worker = threading.Thread(target=run, daemon=True)
@@ -250,10 +253,11 @@ def _send(code: bytes, items: Sequence[SyncItem], roots: list[dict[str, Any]], t
     return result["lines"]
 
 
-def send_tree(code: bytes, items: list[dict[str, Any]], sources: list[str], roots: list[dict[str, Any]]) -> list[dict]:
+def send_tree(code: bytes, items: list[dict[str, Any]], sources: list[str], roots: list[dict[str, Any]], *,
+              stall: float) -> list[dict]:
     """Stream the source files (`sources[i]`: item i's path here) to the roots, each byte once per
     root that wants it; every host's result line."""
-    fanout = Fanout([Child(entry, code, items) for entry in roots])
+    fanout = Fanout([Child(entry, code, items) for entry in roots], stall)
     wants: tuple[dict, dict] = ({}, {})
     for child in fanout.children:
         merge_wants(wants, (child.wants, child.links))

@@ -148,15 +148,16 @@ def describe_tree(tree: dict[str, list[str]], shape: Shape) -> str:
 
 
 def node_plan(name: str, tree: dict[str, list[str]], plans: dict[str, list[HostItemPlan]],
-              argv_to: Callable[[str, str], list[str]]) -> dict[str, Any]:
-    """The plan frame for `name` and everything below it; `argv_to(parent, child)` reaches a child."""
+              argv_to: Callable[[str, str], list[str]], stall: float) -> dict[str, Any]:
+    """The plan frame for `name` and everything below it; `argv_to(parent, child)` reaches a child,
+    and a child that takes no bytes for `stall` seconds is cut loose."""
     mine = plans[name]
-    return {"host": name,
+    return {"host": name, "stall": stall,
             "want": {str(i): p.want for i, p in enumerate(mine) if p.want},
             "links": {str(i): list(p.links) for i, p in enumerate(mine) if p.links},
             "delete": {str(i): list(p.delete) for i, p in enumerate(mine) if p.delete},
             "children": [{"host": child, "argv": argv_to(name, child),
-                          "plan": node_plan(child, tree, plans, argv_to)} for child in tree.get(name, [])]}
+                          "plan": node_plan(child, tree, plans, argv_to, stall)} for child in tree.get(name, [])]}
 
 
 def needs_anything(plans: Sequence[HostItemPlan]) -> bool:
