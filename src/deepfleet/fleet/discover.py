@@ -31,7 +31,7 @@ def probe_fleet(fleet: Fleet, ssh_options: SshOptions, *, timeout: float = 30.0,
                 checksum_paths: tuple[str, ...] = ()) -> list[HostFacts]:
     """Every host's facts (no network tests), in fleet order; unreachable hosts are one error.
     `checksum_paths`: also summarise these files and dirs by content (hashing what no stored manifest covers)."""
-    params = {"network_seconds": 0, "checksum": list(checksum_paths)}
+    params = {"network_seconds": 0, "checksum": list(checksum_paths), "checksum_limit": None}   # the caller's timeout bounds it
     facts = asyncio.run(probe_hosts(fleet.hosts, python_for=fleet.python_for, params_for=lambda h: params,
                                     options=ssh_options, timeout=timeout))
     if problems := unreachable_problems(facts):
