@@ -1,7 +1,7 @@
 """Collect a dir that is spread over hosts without shared storage (a checkpoint's shards) onto the head.
 
-Each host says what it holds under the dir (`remote_sync.inspect_item`: sha256 and size per file);
-every file the head lacks is pulled from one host that has it (`remote_sync.send_main`), written
+Each host says what it holds under the dir (`remote_holdings.inspect_item`: sha256 and size per file);
+every file the head lacks is pulled from one host that has it (`remote_holdings.send_main`), written
 the way `deepfleet sync` writes (temp name, fsync, rename) and checked against the sha256 the host
 reported. Bytes of a pull that was cut off are kept, and the next collection resumes from them.
 """

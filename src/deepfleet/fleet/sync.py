@@ -1,7 +1,7 @@
 """`deepfleet sync`: put files and dirs at the same path on every host, over the fleet's own ssh.
 
 The head scans each source into a content manifest (kept beside it, so a re-sync re-reads nothing
-unchanged), asks every host in one ssh round trip what it holds there (`remote_sync.inspect_item`),
+unchanged), asks every host in one ssh round trip what it holds there (`remote_holdings.inspect_item`),
 refuses before sending a byte when a host cannot take it, then streams only what is missing down a
 fan-out tree (`sync_plan.py`). Every host verifies what it holds against the manifest at the end.
 """

@@ -72,7 +72,7 @@ def _refusal(problem: str, path: str) -> HostItemPlan:
 
 
 def host_item_plan(item: SyncItem, found: dict[str, Any], *, delete: bool) -> HostItemPlan:
-    """What this host needs of `item`, from its inspection (`remote_sync.inspect_item`)."""
+    """What this host needs of `item`, from its inspection (`remote_holdings.inspect_item`)."""
     if found.get("problem"):
         return _refusal(found["problem"], item.dest)
     if found.get("same"):
