@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import signal
@@ -272,8 +273,10 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
                           f"deepfleet sync {train}", "train --sync")
     assert "s1" not in line
     doctor = run_cli("doctor", "--fleet", "fleet.yaml", "--recipe", str(recipe), "--no-matrix", "--no-network",
-                     cwd=tmp_path)
-    assert doctor.returncode == 2 and "differs from s1's: 1 differ: train.jsonl" in doctor.stdout, doctor.stdout
+                     "--json", cwd=tmp_path)
+    data_findings = [(f["host"], f["severity"], f["message"]) for f in json.loads(doctor.stdout)["findings"]
+                     if f["check"] == "data"]
+    assert doctor.returncode == 2 and data_findings == [("s2", "fail", f"{train} differs from s1's: 1 differ: train.jsonl")]
 
     trained = run_cli("train", str(recipe), "--fleet", "fleet.yaml", "--sync", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-2000:]
