@@ -159,7 +159,8 @@ def slurm_conf_text(s: SlurmCluster, bridge_address: str, hardware: str) -> str:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={root}/munge/munge.sock",
+        # cred_expire also delays a requeued job's restart (cred_expire + 1 s; default 120 s).
+        f"AuthInfo=socket={root}/munge/munge.sock,cred_expire=30",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmctldPidFile={root}/run/slurmctld.pid",
@@ -194,7 +195,7 @@ def slurm_conf_text(s: SlurmCluster, bridge_address: str, hardware: str) -> str:
         "WaitTime=0",
         "MinJobAge=300",
         "BatchStartTimeout=10",
-        "SchedulerParameters=sched_interval=2,bf_interval=2",
+        "SchedulerParameters=batch_sched_delay=0,sched_interval=1,bf_interval=1",
         f"TmpFS={root}/tmp",
     ]
     for node in s.nodes:
@@ -229,14 +230,6 @@ def _wait_for(check, what: str, seconds: float, s: SlurmCluster) -> None:
     raise RuntimeError(f"{what}: not ready after {seconds}s\n{s.log_tail()}")
 
 
-def _port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def start_slurm(cluster: Cluster, *, partition: str = "debug", node_timeout: float = 30) -> SlurmCluster:
     """munged + slurmctld on the head + one slurmd per host of `cluster`; waits until all nodes are idle.
     On any error, stops what was started and re-raises."""
@@ -266,6 +259,9 @@ def _start(s: SlurmCluster, cluster: Cluster, node_timeout: float) -> None:
     _run(["/usr/sbin/mungekey", "-c", "-b", "1024", "-k", str(root / "munge" / "munge.key")])
     s.conf.write_text(slurm_conf_text(s, cluster.bridge_address, _node_hardware()))
     (root / "cgroup.conf").write_text(CGROUP_CONF)
+    # Unresolvable names cost slurmd a DNS timeout (seconds at shutdown and job start).
+    names = [f"{cluster.bridge_address} {s.controller}"] + [f"{n.address} {n.name}" for n in s.nodes]
+    (root / "hosts").write_text(Path("/etc/hosts").read_text() + "\n".join(names) + "\n")
     s.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
     s.env["SLURM_CONF"] = str(s.conf)
     s.env["PATH"] = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin") + ":/usr/sbin:/sbin"
@@ -279,17 +275,23 @@ def _start(s: SlurmCluster, cluster: Cluster, node_timeout: float) -> None:
 
     s.daemons["slurmctld"] = _spawn(["/usr/sbin/slurmctld", "-D", "-i", "-f", str(s.conf)],
                                     root / "log" / "slurmctld.out")
-    _wait_for(lambda: _port_open(cluster.bridge_address, s.ctld_port), "slurmctld port", 20, s)
+    _wait_for(lambda: " UP" in s.run(["scontrol", "ping"], timeout=10).stdout, "slurmctld (scontrol ping)", 20, s)
 
     for node in s.nodes:
         # Own network namespace (the host's) + own UTS namespace with the node's hostname.
+        # `ip netns exec` also gives it a private mount namespace: there the session's hosts file
+        # (node names and the controller's name) covers /etc/hosts, for slurmd and its jobs only.
         s.daemons[node.name] = _spawn(
             ["ip", "netns", "exec", node.namespace, "unshare", "--uts", "sh", "-c",
-             f'hostname "$0" && exec /usr/sbin/slurmd -D -f "$1" -N "$0"', node.name, str(s.conf)],
+             'mount --bind "$2" /etc/hosts && hostname "$0" && exec /usr/sbin/slurmd -D -f "$1" -N "$0"',
+             node.name, str(s.conf), str(root / "hosts")],
             root / "log" / f"slurmd-{node.name}.out")
-    for node in s.nodes:
-        _wait_for(lambda n=node: _port_open(n.address, s.slurmd_port), f"slurmd {node.name}", 20, s)
-    s.wait_nodes("idle", node_timeout)
+    _wait_for(lambda: _all_idle(s), "all nodes idle (sinfo)", node_timeout, s)
+
+
+def _all_idle(s: SlurmCluster) -> bool:
+    states = s.node_states()
+    return set(states) == set(s.node_names) and set(states.values()) == {"idle"}
 
 
 def _session_pids(s: SlurmCluster) -> list[int]:
