@@ -295,39 +295,34 @@ def _all_idle(s: SlurmCluster) -> bool:
 
 
 def _session_pids(s: SlurmCluster) -> list[int]:
-    """Processes of this session still alive: our daemons, anything in our nodes' namespaces started by
-    slurmd (slurmstepd, job tasks), anything whose command line names our session dir."""
+    """Processes of this session still alive: our daemons; slurmd's descendants (slurmstepd, job
+    tasks): in one of our nodes' network namespaces but not in this machine's UTS namespace, which
+    the namespace cluster's sshd shares; anything whose command line names our session dir."""
     pids = set()
     for proc in s.daemons.values():
         if proc.poll() is None:
             pids.add(proc.pid)
+    netns = set()
+    for node in s.nodes:
+        try:
+            netns.add(os.stat(f"/run/netns/{node.namespace}").st_ino)
+        except OSError:
+            pass
+    own_uts = os.stat("/proc/self/ns/uts").st_ino
     marker = str(s.root)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            exe = os.readlink(entry / "exe")
+            in_node = (os.stat(entry / "ns" / "net").st_ino in netns
+                       and os.stat(entry / "ns" / "uts").st_ino != own_uts)
         except OSError:
-            continue
-        if marker in cmdline or (exe.endswith(("slurmstepd", "slurmd")) and _in_our_netns(entry, s)):
+            continue                       # gone, or a zombie
+        if in_node or marker in cmdline:
             pids.add(int(entry.name))
     pids.discard(os.getpid())
     return sorted(pids)
-
-
-def _in_our_netns(proc: Path, s: SlurmCluster) -> bool:
-    try:
-        ns = os.stat(proc / "ns" / "net").st_ino
-    except OSError:
-        return False
-    for node in s.nodes:
-        try:
-            if os.stat(f"/run/netns/{node.namespace}").st_ino == ns:
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def stop_slurm(s: SlurmCluster, *, remove: bool = True) -> list[str]:
