@@ -91,6 +91,8 @@ def test_scancel_ends_a_running_job(slurm_cluster, workdir):
     assert not Path(f"/proc/{pid}").exists(), "the job's process outlived scancel"
     assert slurm_cluster.run(["squeue", "-h", "-j", str(job), "-t", "all", "-o", "%T"]).stdout.split() in (
         [], ["CANCELLED"])
+    record = next(r for r in slurm_cluster.completed_jobs() if r.get("JobId") == str(job))
+    assert record["JobState"] == "CANCELLED"
 
 
 def test_requeue_runs_the_job_again_with_a_higher_restart_count(slurm_cluster, workdir):
