@@ -6,6 +6,11 @@
 - `cluster_factory`: build any list of `HostSpec`s; everything built is torn down at session end.
 - `fault_cluster`: healthy h1-h3 plus one host per fault (no sshd, other deepspeed, other subnet,
   firewalled master port, password only).
+- `slurm_cluster`: a real SLURM (slurm_cluster.py) on its own namespace cluster of nodes n1..nN
+  (N=2, or DEEPFLEET_SLURM_NODES): munged + slurmctld on the head, one slurmd per host. Yields a
+  `SlurmCluster`: `nodes` (name, address), `env` (SLURM_CONF, PATH), `run(argv)` for srun/sbatch/
+  squeue/scancel/scontrol, `cluster` (the namespace Cluster: ssh still works). Stopped and checked
+  gone at session end.
 - `deepfleet`: run the real CLI entry in-process -> CompletedProcess(returncode, stdout, stderr),
   with HOME (where ssh ControlMaster sockets go) in a short temp dir.
 
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cluster_support import FAKE_DEEPSPEED_VERSION, skip_or_fail  # noqa: E402
 from namespace_cluster import (Cluster, HostSpec, build_cluster, firewall_port,  # noqa: E402
                                firewall_tool, missing_prerequisites, teardown_cluster)
+from slurm_cluster import SlurmCluster, missing_slurm_prerequisites, start_slurm, stop_slurm  # noqa: E402
 
 FAULT_HOSTS = [
     HostSpec(name="h1"), HostSpec(name="h2"), HostSpec(name="h3"),
@@ -91,6 +97,18 @@ def fault_cluster(cluster_factory) -> Cluster:
     if firewall_tool():
         firewall_port(cluster, "fw", 29500)
     return cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(cluster_factory) -> SlurmCluster:
+    reason = missing_slurm_prerequisites()
+    if reason is not None:
+        skip_or_fail(reason)
+    count = int(os.environ.get("DEEPFLEET_SLURM_NODES", "2"))
+    slurm = start_slurm(cluster_factory([HostSpec(name=f"n{i + 1}") for i in range(count)]))
+    yield slurm
+    leftovers = stop_slurm(slurm)
+    assert not leftovers, f"SLURM daemons or job processes left behind: {leftovers}"
 
 
 @pytest.fixture

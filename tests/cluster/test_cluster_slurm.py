@@ -1,0 +1,130 @@
+"""The `slurm_cluster` fixture is a real SLURM: slurmctld on the head, one slurmd per namespace host.
+
+Jobs run inside their node's network and UTS namespace (they see the node's address and hostname);
+the filesystem is shared, like NFS. Client commands run from the head with `slurm.env`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+# Prints "<hostname> <address>": the address this process's namespace uses towards the head.
+WHERE_AM_I = ("import socket, os; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+              "s.connect((os.environ['HEAD'], 9)); print(socket.gethostname(), s.getsockname()[0], "
+              "os.environ['SLURMD_NODENAME'], os.environ['SLURM_PROCID'])")
+
+
+@pytest.fixture
+def workdir(slurm_cluster) -> Path:
+    path = slurm_cluster.root / "tmp" / secrets.token_hex(4)
+    path.mkdir(parents=True)
+    return path
+
+
+def _wait_for_file(path: Path, predicate, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if predicate(text):
+            return text
+        time.sleep(0.1)
+    raise TimeoutError(f"{path}: {text!r} after {timeout}s")
+
+
+def test_nodes_register_idle_at_their_namespace_addresses(slurm_cluster):
+    states = slurm_cluster.node_states()
+    assert states == {n.name: "idle" for n in slurm_cluster.nodes}
+    for node in slurm_cluster.nodes:
+        shown = slurm_cluster.run(["scontrol", "show", "node", "-o", node.name], check=True).stdout
+        assert f"NodeAddr={node.address} " in shown
+        assert "Gres=(null)" in shown
+    # The underlying namespace cluster is still there for ssh-based tests.
+    assert [h.name for h in slurm_cluster.cluster.hosts] == slurm_cluster.node_names
+
+
+def test_srun_runs_one_task_on_each_node_in_its_namespace(slurm_cluster):
+    n = len(slurm_cluster.nodes)
+    done = slurm_cluster.run(["srun", f"-N{n}", f"-n{n}", "--label", sys.executable, "-c", WHERE_AM_I],
+                             env={"HEAD": slurm_cluster.cluster.bridge_address}, check=True, timeout=60)
+    rows = sorted(line.split(": ", 1)[1].split() for line in done.stdout.splitlines())
+    assert len(rows) == n
+    assert {(host, address) for host, address, _, _ in rows} == {(x.name, x.address) for x in slurm_cluster.nodes}
+    assert all(host == nodename for host, _, nodename, _ in rows)
+    assert sorted(int(rank) for *_, rank in rows) == list(range(n))
+
+
+def test_sbatch_wrap_runs_and_writes_its_output_file(slurm_cluster, workdir):
+    out = workdir / "job-%j.out"
+    job = slurm_cluster.sbatch("-N1", "-o", str(out), "--wrap", 'echo "hello from $SLURMD_NODENAME $(hostname)"')
+    info = slurm_cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL"})
+    assert info["JobState"] == "COMPLETED", info
+    node = info["NodeList"]
+    assert (workdir / f"job-{job}.out").read_text() == f"hello from {node} {node}\n"
+    record = next(r for r in slurm_cluster.completed_jobs() if r.get("JobId") == str(job))
+    assert record["JobState"] == "COMPLETED"
+
+
+def test_scancel_ends_a_running_job(slurm_cluster, workdir):
+    pid_file = workdir / "pid"
+    job = slurm_cluster.sbatch("-N1", "-o", "/dev/null", "--wrap", f"echo $$ > {pid_file}; exec sleep 300")
+    slurm_cluster.wait_job(job, "RUNNING")
+    pid = int(_wait_for_file(pid_file, lambda t: t.strip().isdigit()).strip())   # one pid namespace
+    assert Path(f"/proc/{pid}").exists()
+    queued = slurm_cluster.run(["squeue", "-h", "-j", str(job), "-o", "%i %T"], check=True).stdout.split()
+    assert queued == [str(job), "RUNNING"]
+
+    slurm_cluster.run(["scancel", str(job)], check=True)
+    info = slurm_cluster.wait_job(job, "CANCELLED", timeout=20)
+    assert info["JobState"] == "CANCELLED"
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), "the job's process outlived scancel"
+    assert slurm_cluster.run(["squeue", "-h", "-j", str(job), "-t", "all", "-o", "%T"]).stdout.split() in (
+        [], ["CANCELLED"])
+    record = next(r for r in slurm_cluster.completed_jobs() if r.get("JobId") == str(job))
+    assert record["JobState"] == "CANCELLED"
+
+
+def test_requeue_runs_the_job_again_with_a_higher_restart_count(slurm_cluster, workdir):
+    log = workdir / "runs"
+    job = slurm_cluster.sbatch("-N1", "--requeue", "-o", "/dev/null", "--wrap",
+                               f'echo "${{SLURM_RESTART_COUNT:-0}}" >> {log}; exec sleep 300')
+    slurm_cluster.wait_job(job, "RUNNING")
+    _wait_for_file(log, lambda t: t.split() == ["0"])
+
+    slurm_cluster.run(["scontrol", "requeue", str(job)], check=True)
+    # A requeued batch job gets a BeginTime in the future; let it start now.
+    slurm_cluster.wait_job(job, {"PENDING", "RUNNING"}, timeout=20)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    info = slurm_cluster.wait_job(job, "RUNNING", timeout=30)
+    assert info["Restarts"] == "1"
+    assert _wait_for_file(log, lambda t: len(t.split()) == 2).split() == ["0", "1"]
+    slurm_cluster.run(["scancel", str(job)], check=True)
+    slurm_cluster.wait_job(job, "CANCELLED")
+
+
+def test_salloc_gives_an_allocation_that_srun_uses(slurm_cluster):
+    n = len(slurm_cluster.nodes)
+    done = slurm_cluster.run(["salloc", f"-N{n}", "srun", "--label", "hostname"], check=True, timeout=60)
+    hosts = sorted(line.split(": ", 1)[1] for line in done.stdout.splitlines() if ": " in line)
+    assert hosts == sorted(slurm_cluster.node_names)
+    assert "Granted job allocation" in done.stderr
+
+
+def test_session_files_and_ports_are_private(slurm_cluster):
+    conf = slurm_cluster.conf.read_text()
+    assert str(slurm_cluster.root) in conf
+    assert f"SlurmctldPort={slurm_cluster.ctld_port}\n" in conf and slurm_cluster.ctld_port != 6817
+    assert slurm_cluster.env["SLURM_CONF"] == str(slurm_cluster.conf)
+    assert not any(k.startswith("SLURM_") and k != "SLURM_CONF" for k in slurm_cluster.env)
+    assert os.environ.get("SLURM_CONF") != str(slurm_cluster.conf)
