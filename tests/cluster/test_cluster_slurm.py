@@ -128,3 +128,25 @@ def test_session_files_and_ports_are_private(slurm_cluster):
     assert slurm_cluster.env["SLURM_CONF"] == str(slurm_cluster.conf)
     assert not any(k.startswith("SLURM_") and k != "SLURM_CONF" for k in slurm_cluster.env)
     assert os.environ.get("SLURM_CONF") != str(slurm_cluster.conf)
+
+
+def test_train_inside_salloc_starts_one_agent_per_node_through_srun(slurm_cluster, workdir):
+    """`deepfleet train` under salloc trains on the allocation's nodes. The node names resolve only
+    inside the nodes, so ssh from the head could not reach them: the agents ran as srun steps."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
+    from training_fixtures import DEEPFLEET, write_recipe, write_task_data
+
+    train, _ = write_task_data(workdir / "data", n_train=120, n_validation=4)
+    output = workdir / "run"
+    recipe = write_recipe(workdir / "recipe.yaml", model="builtin:tiny", method="full",
+                          data={"train": [str(train)], "max_length": 64},
+                          train={"max_steps": 3, "global_batch": 4, "micro_batch": 2, "warmup": 1},
+                          deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+                          output_dir=str(output))
+    n = len(slurm_cluster.nodes)
+    done = slurm_cluster.run(["salloc", f"-N{n}", DEEPFLEET, "train", str(recipe)], timeout=400, cwd=workdir)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    assert "done in" in done.stdout
+    logs = sorted(path.name for path in (output / "logs" / "attempt-0").glob("*.log"))
+    assert logs == sorted(f"{name}.log" for name in slurm_cluster.node_names)
+    assert len([line for line in (output / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]) == 3

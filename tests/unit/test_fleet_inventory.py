@@ -102,7 +102,7 @@ def test_fleet_yaml_errors_have_line_and_fix(text, expected):
 def test_resolve_order(tmp_path):
     assert resolve_fleet(environ={}, cwd=tmp_path).hosts[0].local
     slurm = resolve_fleet(environ={"SLURM_JOB_NODELIST": "g[1-2]", "SLURM_GPUS_ON_NODE": "4"}, cwd=tmp_path)
-    assert [(h.name, h.slots) for h in slurm.hosts] == [("g1", 4), ("g2", 4)]
+    assert [(h.name, h.slots, h.via_srun) for h in slurm.hosts] == [("g1", 4, True), ("g2", 4, True)]
     (tmp_path / "nodes").write_text("a\na\n")
     assert resolve_fleet(environ={"PBS_NODEFILE": str(tmp_path / "nodes")}, cwd=tmp_path).hosts[0].slots == 2
     (tmp_path / "fleet.yaml").write_text("hosts: [x1]\n")

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from deepfleet.fleet.inventory import Host
-from deepfleet.fleet.ssh import (SshOptions, diagnose, run_argv, run_on_hosts, ssh_argv, ssh_copy_id_line)
+from deepfleet.fleet.ssh import (SshOptions, diagnose, host_argv, run_argv, run_on_hosts, ssh_argv,
+                                  ssh_copy_id_line)
 
 HOST = Host(name="gpu1", address="10.0.0.5", user="ubuntu", port=2222)
 
@@ -96,3 +97,13 @@ def test_hosts_run_in_parallel_with_stdin():
                                        stdin=lambda h: h.name.encode()))
     assert time.monotonic() - started < 1.8
     assert [r.stdout for r in results] == ["l0", "l1", "l2", "l3"] and all(r.ok for r in results)
+
+
+def test_a_node_of_the_allocation_is_reached_by_srun_with_the_argv_unquoted():
+    node = Host(name="gpu07", address="gpu07", via_srun=True)
+    argv = host_argv(node, ["python", "-c", "print('a b')"], options=SshOptions())
+    assert argv == ["srun", "--nodes=1", "--ntasks=1", "--nodelist=gpu07", "--overlap", "--quiet",
+                    "--kill-on-bad-exit=1", "--", "python", "-c", "print('a b')"]
+    with pytest.raises(ValueError, match="starts with '-'"):
+        host_argv(Host(name="-x", address="-x", via_srun=True), ["true"], options=SshOptions())
+    assert host_argv(Host(name="me", address="localhost", local=True), ["true"], options=SshOptions()) == ["true"]

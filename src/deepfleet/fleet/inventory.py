@@ -35,6 +35,7 @@ class Host:
     python: str | None = None        # interpreter on this host; None: the fleet's
     env: tuple[tuple[str, str], ...] = ()
     local: bool = False              # the machine deepfleet runs on: no ssh needed
+    via_srun: bool = False           # a node of the SLURM allocation deepfleet runs in: reached as a job step, not ssh
     gpus: tuple[int, ...] | None = None   # GPU indices chosen with --include; None: all
     skip_gpus: tuple[int, ...] = ()       # GPU indices left out with --exclude
 

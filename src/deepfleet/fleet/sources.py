@@ -169,7 +169,7 @@ def _resolve_fleet(*, fleet_file: str | None, hostfile: str | None, environ: Map
     if environ.get("SLURM_JOB_NODELIST"):
         names = expand_nodelist(environ["SLURM_JOB_NODELIST"])
         slots = int(environ["SLURM_GPUS_ON_NODE"]) if environ.get("SLURM_GPUS_ON_NODE", "").isdigit() else 1
-        return Fleet(hosts=tuple(Host(name=n, address=n, slots=max(1, slots)) for n in names),
+        return Fleet(hosts=tuple(Host(name=n, address=n, slots=max(1, slots), via_srun=True) for n in names),
                      source="SLURM_JOB_NODELIST")
     if environ.get("PBS_NODEFILE"):
         path = Path(environ["PBS_NODEFILE"])

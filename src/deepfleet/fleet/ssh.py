@@ -96,9 +96,22 @@ def ssh_argv(host: Host, remote_argv: Sequence[str], *, options: SshOptions) -> 
     return argv + ["--", host.address, shlex.join(remote_argv)]
 
 
+def srun_argv(host: Host, remote_argv: Sequence[str]) -> list[str]:
+    """argv that runs `remote_argv` as a one-task step on `host`'s node of the SLURM allocation this
+    process runs in. srun execs the argv itself (no remote shell, nothing to quote); `--overlap`
+    lets the steps of one job share the nodes' CPUs and memory, as the agents and probes do."""
+    problem = host_name_problem(host.name)
+    if problem:
+        raise ValueError(problem)
+    return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host.name}", "--overlap", "--quiet",
+            "--kill-on-bad-exit=1", "--", *remote_argv]
+
+
 def host_argv(host: Host, remote_argv: Sequence[str], *, options: SshOptions) -> list[str]:
-    """Run locally for the local host, over ssh otherwise."""
-    return list(remote_argv) if host.local else ssh_argv(host, remote_argv, options=options)
+    """Run locally for the local host, as a job step on a node of the SLURM allocation, over ssh otherwise."""
+    if host.local:
+        return list(remote_argv)
+    return srun_argv(host, remote_argv) if host.via_srun else ssh_argv(host, remote_argv, options=options)
 
 
 def ssh_copy_id_line(host: Host, public_key: str) -> str:
@@ -202,11 +215,12 @@ def _kill_group(pid: int) -> None:
 async def run_on_host(host: Host, remote_argv: Sequence[str], *, options: SshOptions, timeout: float,
                       stdin: bytes | None = None) -> RemoteResult:
     argv = host_argv(host, remote_argv, options=options)
-    if options.control_dir and not host.local:
+    over_ssh = not (host.local or host.via_srun)
+    if options.control_dir and over_ssh:
         Path(options.control_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     started, started_at = time.monotonic(), time.time()
     code, out, err, timed_out = await run_argv(argv, stdin=stdin, timeout=timeout)
-    failure = None if host.local else diagnose(host, code, err, timed_out=timed_out, options=options)
+    failure = diagnose(host, code, err, timed_out=timed_out, options=options) if over_ssh else None
     return RemoteResult(host=host, argv=argv, returncode=code, stdout=out, stderr=err,
                         seconds=time.monotonic() - started, timed_out=timed_out, failure=failure,
                         started_at=started_at)
