@@ -72,6 +72,17 @@ class Cluster:
         out = _run(["ip", "netns", "pids", self.host(name).namespace], check=False).stdout
         return [int(p) for p in out.split()]
 
+    def pids_running(self, name: str, marker: bytes) -> list[int]:
+        """Processes in host `name`'s namespace whose command line contains `marker`."""
+        pids = []
+        for pid in self.namespace_pids(name):
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(pid)
+            except OSError:
+                continue
+        return pids
+
 
 def missing_prerequisites() -> str | None:
     """Why the cluster cannot be built here, or None."""

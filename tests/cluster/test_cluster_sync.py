@@ -300,17 +300,6 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
     assert all((exported[k].float() == final[k].float()).all() for k in final)
 
 
-def sync_agent_pids(cluster, name: str) -> list[int]:
-    pids = []
-    for pid in cluster.namespace_pids(name):
-        try:
-            if b"deepfleet-sync" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
 def test_a_frozen_host_is_cut_loose_and_the_others_finish(private_cluster, tmp_path):
     cluster, private = private_cluster
     source = tmp_path / "frozen.bin"
@@ -325,7 +314,7 @@ def test_a_frozen_host_is_cut_loose_and_the_others_finish(private_cluster, tmp_p
                                  str(tmp_path / "fleet.yaml"), "--stall-timeout", "3"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_partial(cluster, "s2", staging, 2**20, head)
-        stopped = sync_agent_pids(cluster, "s2")
+        stopped = cluster.pids_running("s2", b"deepfleet-sync")
         assert stopped
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)

@@ -48,14 +48,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 
 
 def rank_pids(cluster, name: str) -> list[int]:
-    pids = []
-    for pid in cluster.namespace_pids(name):
-        try:
-            if b"deepfleet.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            continue
-    return pids
+    return cluster.pids_running(name, b"deepfleet.train")
 
 
 CHECKPOINTS = {"checkpoint": {"every_steps": 5, "keep": 2}}
