@@ -20,7 +20,7 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.remote_probe_manifest import refreshed_manifest
 from deepfleet.fleet.remote_sync import Fanout, Receiver, partial_path, receive
-from deepfleet.fleet.ssh import options_for, ssh_argv
+from deepfleet.fleet.ssh import host_argv, options_for
 from deepfleet.fleet.sync import agent_argv, agent_code, agent_stdin, inspect_hosts
 
 Holding = dict[str, tuple[str, int]]   # rel -> (sha256, size)
@@ -78,7 +78,7 @@ def pull(fleet: Fleet, host: Host, remote_root: str, files: dict[str, tuple[str,
         have = os.path.getsize(partial) if os.path.exists(partial) else 0
         offsets[rel] = have if have <= size else 0
     receiver = Receiver({"host": host.name, "want": {"0": offsets}, "links": {}}, items)
-    argv = ssh_argv(host, agent_argv(fleet.python_for(host)), options=options_for(fleet))
+    argv = host_argv(host, agent_argv(fleet.python_for(host)), options=options_for(fleet))
     request = agent_stdin(agent_code("send_main"), {"root": remote_root, "files": offsets})
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
@@ -86,7 +86,10 @@ def pull(fleet: Fleet, host: Host, remote_root: str, files: dict[str, tuple[str,
         feeder = threading.Thread(target=_feed, args=(process, request), daemon=True)
         feeder.start()
         cut_off = receive(process.stdout, receiver, Fanout([]))
-        process.wait(60)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
         errors.seek(0)
         last = (errors.read().decode(errors="replace").strip().splitlines() or [""])[-1]
     result = receiver.result(cut_off)
@@ -108,7 +111,10 @@ def collect(fleet: Fleet, path: str, into: str, held: dict[str, Holding], plan: 
     results: dict[str, Pulled] = {}
 
     def one(name: str) -> None:
-        results[name] = pull(fleet, by_name[name], path, {rel: held[name][rel] for rel in plan[name]}, into)
+        try:
+            results[name] = pull(fleet, by_name[name], path, {rel: held[name][rel] for rel in plan[name]}, into)
+        except OSError as exc:
+            results[name] = Pulled(host=name, files=0, bytes=0, problem=exc.strerror or str(exc))
     threads = [threading.Thread(target=one, args=(name,), daemon=True) for name in plan]
     for thread in threads:
         thread.start()

@@ -21,7 +21,7 @@ from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet, Host
 from deepfleet.fleet.remote_probe_manifest import refreshed_manifest
 from deepfleet.fleet.remote_sync import BOOTSTRAP, CHUNK, Child, Fanout, merge_wants
-from deepfleet.fleet.ssh import SshOptions, options_for, run_on_hosts, ssh_argv
+from deepfleet.fleet.ssh import SshOptions, host_argv, options_for, run_on_hosts
 from deepfleet.fleet.sync_plan import (HEAD, HostItemPlan, Shape, SyncItem, describe_tree, destination, fanout_shape,
                                        fanout_tree, host_item_plan, needs_anything, node_plan, space_problem)
 
@@ -211,10 +211,9 @@ def run_sync(fleet: Fleet, paths: Sequence[str], options: SyncOptions = SyncOpti
 
     def argv_to(parent: str, child: str) -> list[str]:
         host = by_name[child]
-        remote = agent_argv(fleet.python_for(host))
-        if parent == HEAD:
-            return remote if host.local else ssh_argv(host, remote, options=ssh)
-        return ssh_argv(host, remote, options=replace(ssh, control_dir=None, host_key_policy="yes"))
+        # A host forwarding to another has no ControlMaster dir of its own.
+        options = ssh if parent == HEAD else replace(ssh, control_dir=None, host_key_policy="yes")
+        return host_argv(host, agent_argv(fleet.python_for(host)), options=options)
 
     if receiving:
         roots = [{"host": name, "argv": argv_to(HEAD, name), "plan": node_plan(name, tree, plans, argv_to, options.stall_seconds)}
