@@ -6,8 +6,10 @@ the filesystem is shared, like NFS. Client commands run from the head with `slur
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.cluster
+
+DEEPFLEET = str(Path(sys.executable).with_name("deepfleet"))
 
 # Prints "<hostname> <address>": the address this process's namespace uses towards the head.
 WHERE_AM_I = ("import socket, os; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
@@ -130,23 +134,57 @@ def test_session_files_and_ports_are_private(slurm_cluster):
     assert os.environ.get("SLURM_CONF") != str(slurm_cluster.conf)
 
 
-def test_train_inside_salloc_starts_one_agent_per_node_through_srun(slurm_cluster, workdir):
-    """`deepfleet train` under salloc trains on the allocation's nodes. The node names resolve only
-    inside the nodes, so ssh from the head could not reach them: the agents ran as srun steps."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
-    from training_fixtures import DEEPFLEET, write_recipe, write_task_data
+STEPS = 60   # ~0.05 s each: long enough that SIGTERM lands mid-run
 
-    train, _ = write_task_data(workdir / "data", n_train=120, n_validation=4)
-    output = workdir / "run"
-    recipe = write_recipe(workdir / "recipe.yaml", model="builtin:tiny", method="full",
-                          data={"train": [str(train)], "max_length": 64},
-                          train={"max_steps": 3, "global_batch": 4, "micro_batch": 2, "warmup": 1},
-                          deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
-                          output_dir=str(output))
+
+def _training_recipe(workdir: Path, output: str) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
+    from training_fixtures import write_recipe, write_task_data
+
+    train, _ = write_task_data(workdir / "data", n_train=160, n_validation=4)
+    return write_recipe(workdir / f"{output}.yaml", model="builtin:tiny", method="full",
+                        data={"train": [str(train)], "max_length": 64},
+                        train={"max_steps": STEPS, "global_batch": 4, "micro_batch": 2, "warmup": 1, "seed": 3},
+                        deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+                        checkpoint={"every_steps": 5}, output_dir=str(workdir / output))
+
+
+def _train_records(output: Path) -> list[dict]:
+    lines = (output / "metrics.jsonl").read_text().splitlines() if (output / "metrics.jsonl").exists() else []
+    return [json.loads(line) for line in lines if '"kind": "train"' in line]
+
+
+def test_train_in_salloc_then_a_preempted_and_requeued_slurm_job_ends_at_the_same_loss(slurm_cluster, workdir):
+    """`deepfleet train` under salloc reaches the nodes as srun steps (their names resolve only inside
+    the nodes, so ssh from the head could not); `train --slurm` of the same recipe, sent SIGTERM mid-run,
+    checkpoints, is requeued, resumes and ends at the uninterrupted run's loss."""
     n = len(slurm_cluster.nodes)
-    done = slurm_cluster.run(["salloc", f"-N{n}", DEEPFLEET, "train", str(recipe)], timeout=400, cwd=workdir)
+    reference = _training_recipe(workdir, "reference")
+    done = slurm_cluster.run(["salloc", f"-N{n}", DEEPFLEET, "train", str(reference)], timeout=400, cwd=workdir)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
-    assert "done in" in done.stdout
-    logs = sorted(path.name for path in (output / "logs" / "attempt-0").glob("*.log"))
+    logs = sorted(path.name for path in (workdir / "reference" / "logs" / "attempt-0").glob("*.log"))
     assert logs == sorted(f"{name}.log" for name in slurm_cluster.node_names)
-    assert len([line for line in (output / "metrics.jsonl").read_text().splitlines() if '"kind": "train"' in line]) == 3
+    expected = _train_records(workdir / "reference")[-1]
+    assert expected["step"] == STEPS
+
+    recipe = _training_recipe(workdir, "preempted")
+    output = workdir / "preempted"
+    head = subprocess.Popen([DEEPFLEET, "train", str(recipe), "--slurm", f"--nodes={n}", "--time=15"],
+                            cwd=workdir, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not any(r["step"] >= 3 for r in _train_records(output)):
+        assert head.poll() is None and time.monotonic() < deadline, head.communicate()[0][-3000:]
+        time.sleep(0.2)
+    job = int(next(path.stem.split("-")[1] for path in (output / "slurm").glob("job-*.log")))
+    slurm_cluster.run(["scancel", "--signal=TERM", "--batch", str(job)], check=True)
+    requeued = {"Restarts": "1", "JobState": "PENDING"}
+    while {key: slurm_cluster.job(job).get(key) for key in requeued} != requeued:
+        assert time.monotonic() < deadline, slurm_cluster.job(job)
+        time.sleep(0.2)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)   # skip cred_expire's wait
+    out, _ = head.communicate(timeout=400)
+    assert head.returncode == 0, out[-3000:]
+    assert f"submitted job {job}" in out and f"# job {job} COMPLETED" in out and "stopped by signal after step" in out
+    final = _train_records(output)[-1]
+    assert final["step"] == STEPS and abs(final["loss"] - expected["loss"]) <= 1e-5, (final, expected)

@@ -14,6 +14,7 @@ from deepfleet.cli import export_cmd
 from deepfleet.cli import plan_cmd
 from deepfleet.cli import bench_cmd
 from deepfleet.cli import env_cmd
+from deepfleet.cli import slurm_cmd
 from deepfleet.cli import sync_cmd
 from deepfleet.errors import DeepfleetError
 
@@ -40,6 +41,7 @@ app.command("export")(export_cmd.export)
 app.command("plan")(plan_cmd.plan)
 app.command("check-ds-config")(plan_cmd.check_ds_config)
 app.command("sync")(sync_cmd.sync)
+slurm_cmd.register(app)
 app.add_typer(bench_cmd.bench_app, name="bench")
 app.add_typer(env_cmd.env_app, name="env")
 
