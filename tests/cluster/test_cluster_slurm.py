@@ -157,7 +157,7 @@ def _train_records(output: Path) -> list[dict]:
 def test_train_in_salloc_then_a_preempted_and_requeued_slurm_job_ends_at_the_same_loss(slurm_cluster, workdir):
     """`deepfleet train` under salloc reaches the nodes as srun steps (their names resolve only inside
     the nodes, so ssh from the head could not); `train --slurm` of the same recipe, sent SIGTERM mid-run,
-    checkpoints, is requeued, resumes and ends at the uninterrupted run's loss."""
+    checkpoints and exits 75; requeued, it resumes and ends at the uninterrupted run's loss."""
     n = len(slurm_cluster.nodes)
     reference = _training_recipe(workdir, "reference")
     done = slurm_cluster.run(["salloc", f"-N{n}", DEEPFLEET, "train", str(reference)], timeout=400, cwd=workdir)
@@ -178,13 +178,58 @@ def test_train_in_salloc_then_a_preempted_and_requeued_slurm_job_ends_at_the_sam
         time.sleep(0.2)
     job = int(next(path.stem.split("-")[1] for path in (output / "slurm").glob("job-*.log")))
     slurm_cluster.run(["scancel", "--signal=TERM", "--batch", str(job)], check=True)
-    requeued = {"Restarts": "1", "JobState": "PENDING"}
-    while {key: slurm_cluster.job(job).get(key) for key in requeued} != requeued:
-        assert time.monotonic() < deadline, slurm_cluster.job(job)
-        time.sleep(0.2)
+    out, _ = head.communicate(timeout=300)
+    assert head.returncode == 75, out[-3000:]
+    assert f"submitted job {job}" in out and "stopped by signal after step" in out
+    assert f"`scontrol requeue {job}` resumes it" in out
+    slurm_cluster.run(["scontrol", "requeue", str(job)], check=True)
+    slurm_cluster.wait_job(job, {"PENDING"}, timeout=60)
     slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)   # skip cred_expire's wait
-    out, _ = head.communicate(timeout=400)
-    assert head.returncode == 0, out[-3000:]
-    assert f"submitted job {job}" in out and f"# job {job} COMPLETED" in out and "stopped by signal after step" in out
+    resumed = subprocess.run([DEEPFLEET, "logs", str(job), "--follow"], cwd=workdir, env=slurm_cluster.env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert f"# job {job} COMPLETED" in resumed.stdout and "resuming from" in resumed.stdout
     final = _train_records(output)[-1]
     assert final["step"] == STEPS and abs(final["loss"] - expected["loss"]) <= 1e-5, (final, expected)
+
+
+def test_slurm_bad_input_is_one_line_and_cancel_stops_the_job(slurm_cluster, workdir):
+    recipe = _training_recipe(workdir, "refused")
+
+    def deepfleet(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([DEEPFLEET, *args], cwd=workdir, env=env or slurm_cluster.env, capture_output=True,
+                              text=True, timeout=120)
+
+    def one_line(done: subprocess.CompletedProcess, *parts: str) -> None:
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and all(p in lines[0] for p in parts), done.stderr
+
+    one_line(deepfleet("train", str(recipe), "--slurm", "--partition=nope"),
+             "error: --partition nope: Batch job submission failed: Invalid partition name specified", "sinfo -s")
+    one_line(deepfleet("train", str(recipe), "--slurm", "--gpus-per-node=1"),
+             "error: --gpus-per-node 1: the default partition has 0 GPU(s) per node")
+    one_line(deepfleet("train", str(recipe), "--slurm", "--time=3"), "error: --time 3: 180 s leaves under")
+    one_line(deepfleet("train", str(recipe), "--slurm", "--fleet=fleet.yaml"), "--fleet does not go with --slurm")
+    no_slurm = {**slurm_cluster.env, "PATH": str(Path(sys.executable).parent)}   # /bin is /usr/bin on Debian
+    one_line(deepfleet("train", str(recipe), "--slurm", env=no_slurm), "sbatch not found on PATH")
+    assert not (workdir / "refused").exists(), "a refused submission left its output dir behind"
+
+    long_run = _training_recipe(workdir, "cancelled")
+    submitted = deepfleet("train", str(long_run), "train.max_steps=100000", "--slurm", "--nodes=2", "--detach")
+    assert submitted.returncode == 0, submitted.stderr
+    job = int(submitted.stdout.split("submitted job ")[1].split()[0])
+    deadline = time.monotonic() + 120
+    while not all(slurm_cluster.cluster.pids_running(node, b"deepfleet.launch.host_agent")
+                  for node in slurm_cluster.node_names):   # an agent on every node
+        assert time.monotonic() < deadline, slurm_cluster.job(job)
+        time.sleep(0.2)
+    status = deepfleet("status")
+    assert status.returncode == 0 and str(job) in status.stdout and "RUNNING" in status.stdout
+    cancelled = deepfleet("cancel", str(job))
+    assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
+    state = slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)
+    assert state["JobState"] == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while any(slurm_cluster.cluster.pids_running(node, b"deepfleet") for node in slurm_cluster.node_names):
+        assert time.monotonic() < deadline, "a process of the cancelled job survived on a node"
+        time.sleep(0.2)

@@ -38,7 +38,7 @@ def test_gpus_in_sinfo_gres(gres, gpus):
     assert gpus_in_gres(gres) == gpus
 
 
-def test_the_script_forwards_sigterm_requeues_after_a_checkpoint_and_holds_no_secret(tmp_path, monkeypatch):
+def test_the_script_asks_for_sigterm_before_the_limit_is_requeueable_and_holds_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     script = sbatch_script(SlurmRequest(nodes=2, gpus_per_node=8, partition="gpu", time="04:00:00"),
                            job_name="deepfleet-run", workdir="/work dir", log_pattern="/out/slurm/job-%j.log",
@@ -46,10 +46,11 @@ def test_the_script_forwards_sigterm_requeues_after_a_checkpoint_and_holds_no_se
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --signal=B:TERM@120",
                  "#SBATCH --requeue", "#SBATCH '--chdir=/work dir'",
-                 "/venv/bin/python -m deepfleet.cli.app train /r.yaml 'a=b c' &",
-                 'if [ "$code" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi'):
+                 "/venv/bin/python -m deepfleet.cli.app train /r.yaml 'a=b c' &"):
         assert line in script.splitlines(), line
     assert "hf_secret_value" not in script and "account" not in script
+    assert not any("requeue" in line for line in script.splitlines() if not line.startswith("#")), \
+        "the script must not requeue itself: a cancel's SIGTERM looks like a time limit's"
     checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -59,7 +60,7 @@ def test_the_script_hands_sigterm_to_the_training_and_exits_with_its_code(tmp_pa
     stand_in = tmp_path / "train.sh"
     stand_in.write_text("trap 'exit 75' TERM; touch started; while true; do sleep 0.1; done\n")
     script = sbatch_script(SlurmRequest(), job_name="x", workdir=str(tmp_path), log_pattern="x",
-                           train_argv=["bash", str(stand_in)]).replace("scontrol requeue", "echo requeue")
+                           train_argv=["bash", str(stand_in)])
     process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
                                env={"SLURM_JOB_ID": "42", "PATH": "/usr/bin:/bin"})
     for _ in range(100):
@@ -68,7 +69,7 @@ def test_the_script_hands_sigterm_to_the_training_and_exits_with_its_code(tmp_pa
         subprocess.run(["sleep", "0.05"])
     process.send_signal(15)
     out, _ = process.communicate(timeout=10)
-    assert process.returncode == 75 and out.strip() == "requeue 42"
+    assert process.returncode == 75 and out == ""
 
 
 def test_sbatch_refusals_are_one_line():

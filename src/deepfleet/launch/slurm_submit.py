@@ -1,10 +1,13 @@
 """`deepfleet train --slurm`: an sbatch job whose batch script runs `deepfleet train` inside the
 allocation (which then reaches every node as an srun step), submitted and followed from here.
 
-Preemption: the script asks SLURM for SIGTERM `grace` seconds before the end (`--signal=B:TERM@`)
-and forwards it to the training, which writes a checkpoint and exits 75; the script then requeues
-the job (`--requeue`), and the requeued job resumes from that checkpoint. Secrets are never written
-into the script: sbatch passes the submitting shell's environment to the job.
+Preemption: the script asks SLURM for SIGTERM `grace` seconds before the time limit
+(`--signal=B:TERM@`) and forwards it to the training, which writes a checkpoint and exits 75, as
+it does on the SIGTERM of a preemption or `scancel`. The job is requeueable (`--requeue`): SLURM
+requeues it after a preemption (PreemptMode=REQUEUE), `scontrol requeue` after anything else, and
+the requeued job resumes from that checkpoint. The script never requeues by itself: it cannot tell
+a time limit's SIGTERM from a cancel's. Secrets are never written into the script: sbatch passes
+the submitting shell's environment to the job.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def gpus_in_gres(gres: str) -> int:
 def sbatch_script(request: SlurmRequest, *, job_name: str, workdir: str, log_pattern: str,
                   train_argv: Sequence[str]) -> str:
     """The batch script: SBATCH lines, then the training in the background so the batch shell can
-    forward SLURM's SIGTERM to it, and a requeue when it stopped at a checkpoint (exit 75)."""
+    forward SLURM's SIGTERM to it (a foreground child would not get it), and the training's exit code."""
     options = [f"--job-name={job_name}", f"--nodes={request.nodes}", "--ntasks-per-node=1",
                f"--chdir={workdir}", f"--output={log_pattern}", "--open-mode=append",
                f"--signal=B:TERM@{request.grace_seconds}", "--requeue"]
@@ -91,14 +94,13 @@ def sbatch_script(request: SlurmRequest, *, job_name: str, workdir: str, log_pat
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH {shlex.quote(option)}" for option in options),
-        "# Written by `deepfleet train --slurm`. SIGTERM (preemption, the time limit, scancel --signal=TERM)",
-        f"# makes the training write a checkpoint and exit {EXIT_PREEMPTED}; the job is then requeued and resumes.",
+        "# Written by `deepfleet train --slurm`. SIGTERM (preemption, the time limit, scancel) makes the training",
+        f"# write a checkpoint and exit {EXIT_PREEMPTED}; requeued (by SLURM, or `scontrol requeue`), it resumes there.",
         f"{shlex.join(train_argv)} &",
         "child=$!",
         "trap 'kill -TERM \"$child\" 2>/dev/null' TERM",
         'wait "$child"; code=$?',
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done   # wait returns early on a trap',
-        f'if [ "$code" -eq {EXIT_PREEMPTED} ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
         'exit "$code"',
         ""])
 
@@ -176,8 +178,12 @@ def follow(job_id: int, log: Path, write: Callable[[str], None], *, poll: float 
     if fields is None:
         raise DeepfleetError(f"job {job_id} is no longer known to SLURM", where="scontrol show job",
                              fix=f"read its log: {log}", exit_code=1)
+    code = job_exit_code(fields)
     write(f"# job {job_id} {fields.get('JobState', '?')} (exit code {fields.get('ExitCode', '?')})")
-    return job_exit_code(fields)
+    if code == EXIT_PREEMPTED:
+        write(f"# it stopped at a complete checkpoint: `scontrol requeue {job_id}` resumes it "
+              f"(then `deepfleet logs {job_id} --follow`)")
+    return code
 
 
 def train_on_slurm(request: SlurmRequest, *, train_args: Sequence[str], output_dir: Path, detach: bool,
