@@ -16,16 +16,14 @@ from pathlib import Path
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.collect import collect, described, held_here, holdings, sources_for
 from deepfleet.fleet.inventory import Fleet
+from deepfleet.train.checkpoint import CHECKPOINTS_DIR, COMPLETE_MARKER, read_marker
 
-CHECKPOINTS_DIR, COMPLETE_MARKER = "checkpoints", "COMPLETE"   # as train/checkpoint.py writes them
 RANK_FILE = re.compile(r"^rng-rank-(\d+)\.pt$")                 # one per rank, saved with its shards
 STEP_MARKER = re.compile(rf"^step-(\d+)/{COMPLETE_MARKER}$")
 
 
 def ranks_missing(step_dir: Path) -> list[int]:
     """Ranks of the run's world whose files this step dir lacks (the marker records the world size)."""
-    from deepfleet.train.checkpoint import read_marker
-
     world = read_marker(step_dir).get("fingerprint", {}).get("world_size", 1)
     present = {int(m.group(1)) for name in os.listdir(step_dir) if (m := RANK_FILE.match(name))}
     return [rank for rank in range(world) if rank not in present]
