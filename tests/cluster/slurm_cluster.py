@@ -96,6 +96,15 @@ class SlurmCluster:
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout}s: {info}\n{self.log_tail()}")
 
+    def start_requeued(self, job_id: int) -> None:
+        """Start a requeued job now instead of after cred_expire. slurmd refuses a launch whose
+        credential is from the same second as the job's kill ("already killed"), so wait for the
+        nodes to finish the old run and for the clock to pass that second first."""
+        self.wait_job(job_id, "PENDING", timeout=60)
+        self.wait_nodes("idle", timeout=60)
+        time.sleep(1.1)
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
     def node_states(self) -> dict[str, str]:
         out = self.run(["sinfo", "-N", "-h", "-o", "%N %T"], check=True).stdout
         return dict(line.split()[:2] for line in out.splitlines() if line.strip())

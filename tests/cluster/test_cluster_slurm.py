@@ -107,9 +107,7 @@ def test_requeue_runs_the_job_again_with_a_higher_restart_count(slurm_cluster, w
     _wait_for_file(log, lambda t: t.split() == ["0"])
 
     slurm_cluster.run(["scontrol", "requeue", str(job)], check=True)
-    # A requeued batch job gets a BeginTime in the future; let it start now.
-    slurm_cluster.wait_job(job, {"PENDING", "RUNNING"}, timeout=20)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    slurm_cluster.start_requeued(job)
     info = slurm_cluster.wait_job(job, "RUNNING", timeout=30)
     assert info["Restarts"] == "1"
     assert _wait_for_file(log, lambda t: len(t.split()) == 2).split() == ["0", "1"]
@@ -183,8 +181,7 @@ def test_train_in_salloc_then_a_preempted_and_requeued_slurm_job_ends_at_the_sam
     assert f"submitted job {job}" in out and "stopped by signal after step" in out
     assert f"`scontrol requeue {job}` resumes it" in out
     slurm_cluster.run(["scontrol", "requeue", str(job)], check=True)
-    slurm_cluster.wait_job(job, {"PENDING"}, timeout=60)
-    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)   # skip cred_expire's wait
+    slurm_cluster.start_requeued(job)
     resumed = subprocess.run([DEEPFLEET, "logs", str(job), "--follow"], cwd=workdir, env=slurm_cluster.env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
