@@ -14,7 +14,9 @@ from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
 from deepfleet.cli.sync_cmd import render as render_sync
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.sources import resolve_fleet
-from deepfleet.launch.slurm_submit import SlurmRequest, train_on_slurm
+from deepfleet.launch.batch_job import BatchRequest
+from deepfleet.launch.pbs_submit import train_on_pbs
+from deepfleet.launch.slurm_submit import train_on_slurm
 from deepfleet.launch.training import run_training
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs
@@ -34,6 +36,20 @@ def _one_line(answer: str, width: int = 24) -> str:
     return answer.replace("\n", "⏎")[:width]
 
 
+def _submit(request: BatchRequest, *, slurm: bool, pbs: bool, conflicting: list[str], train_args: list[str],
+            output_dir: Path, detach: bool, dry_run: bool) -> int:
+    """`train --slurm` / `train --pbs`: the job's exit code (0 once submitted, for --detach and PBS)."""
+    if slurm and pbs:
+        raise DeepfleetError("--slurm and --pbs both given", where="--pbs", fix="submit to one scheduler")
+    scheduler = "--slurm" if slurm else "--pbs"
+    if conflicting:
+        raise DeepfleetError(f"{conflicting[0]} does not go with {scheduler}: the job trains on the nodes the "
+                             "scheduler gives it", where=scheduler, fix=f"drop {conflicting[0]}")
+    if slurm:
+        return train_on_slurm(request, train_args=train_args, output_dir=output_dir, detach=detach, dry_run=dry_run)
+    return train_on_pbs(request, train_args=train_args, output_dir=output_dir, dry_run=dry_run)
+
+
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit for the built-in demo recipe defaults)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
@@ -50,12 +66,13 @@ def train(
     facts: Optional[str] = typer.Option(None, "--facts", help="With --dry-run: the hosts' facts from a `deepfleet doctor --record` file instead of asking them over ssh"),
     sync: bool = typer.Option(False, "--sync", help="First copy the model dir and data files to every host that lacks them (deepfleet sync)"),
     slurm: bool = typer.Option(False, "--slurm", help="Submit as a SLURM job (sbatch) and follow it; requeued after a preemption, it resumes"),
-    nodes: int = typer.Option(1, "--nodes", min=1, help="With --slurm: nodes to ask for"),
-    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0, help="With --slurm: GPUs per node (0: CPU nodes)"),
-    partition: Optional[str] = typer.Option(None, "--partition", help="With --slurm: the partition (default: the site's)"),
-    time_limit: Optional[str] = typer.Option(None, "--time", help="With --slurm: time limit, e.g. 04:00:00 (default: the partition's)"),
-    account: Optional[str] = typer.Option(None, "--account", help="With --slurm: the account to charge"),
-    detach: bool = typer.Option(False, "--detach", help="With --slurm: submit and return (deepfleet logs JOBID --follow)"),
+    pbs: bool = typer.Option(False, "--pbs", help="Submit as a PBS Pro/OpenPBS job (qsub) and return; submitted again after a stop, it resumes"),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="With --slurm/--pbs: nodes to ask for"),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", min=0, help="With --slurm/--pbs: GPUs per node (0: CPU nodes)"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="With --slurm/--pbs: the partition / queue (default: the site's)"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="With --slurm/--pbs: time limit, e.g. 04:00:00 (default: the partition's)"),
+    account: Optional[str] = typer.Option(None, "--account", help="With --slurm/--pbs: the account to charge"),
+    detach: bool = typer.Option(False, "--detach", help="With --slurm: submit and return (deepfleet logs JOBID --follow); --pbs always returns"),
 ) -> None:
     """Train on this machine or on every host (./fleet.yaml, --fleet, --hostfile, SLURM/PBS); saves output_dir/final.
 
@@ -68,20 +85,16 @@ def train(
     if facts and not dry_run:
         raise DeepfleetError("--facts is for --dry-run only", where="--facts",
                              fix="add --dry-run, or drop --facts: a real run asks the hosts themselves")
-    if slurm:
+    if slurm or pbs:
         conflicting = [name for name, given in (("--fleet", fleet), ("--hostfile", hostfile), ("--include", include),
                                                 ("--exclude", exclude), ("--sync", sync), ("--facts", facts)) if given]
-        if conflicting:
-            raise DeepfleetError(f"{conflicting[0]} does not go with --slurm: the job trains on the nodes SLURM gives it",
-                                 where="--slurm", fix=f"drop {conflicting[0]}, or drop --slurm")
-        request = SlurmRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
+        request = BatchRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
                                account=account)
         passed = [*([str(Path(recipe_path).resolve())] if recipe_path else []), *override_list,
                   f"--max-restarts={max_restarts}", f"--hang-timeout={hang_timeout:g}",
                   *([f"--nproc={nproc}"] if nproc else []), *(["--all-logs"] if all_logs else [])]
-        code = train_on_slurm(request, train_args=passed, output_dir=loaded.output_path.resolve(), detach=detach,
-                              dry_run=dry_run)
-        raise typer.Exit(code=code)
+        raise typer.Exit(code=_submit(request, slurm=slurm, pbs=pbs, conflicting=conflicting, train_args=passed,
+                                      output_dir=loaded.output_path.resolve(), detach=detach, dry_run=dry_run))
     if sync and dry_run:
         raise DeepfleetError("--sync copies files and --dry-run changes nothing", where="--sync",
                              fix="run `deepfleet sync` first, or drop --dry-run")

@@ -18,56 +18,20 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from deepfleet.contract import EXIT_PREEMPTED
 from deepfleet.errors import DeepfleetError, Problem
+from deepfleet.launch.batch_job import BatchRequest, time_problems, training_lines, write_and_submit
 
-STARTUP_ALLOWANCE = 300        # seconds a job may need to start training before a checkpoint is possible
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-@dataclass(frozen=True, kw_only=True)
-class SlurmRequest:
-    """What `train --slurm` asks SLURM for; None leaves it to the site's defaults."""
-
-    nodes: int = 1
-    gpus_per_node: int = 0            # 0: CPU nodes
-    partition: str | None = None
-    time: str | None = None           # SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
-    account: str | None = None
-    grace_seconds: int = 120          # SIGTERM this long before the time limit: time to write a checkpoint
-
-
-def slurm_time_seconds(text: str) -> int:
-    """SLURM's time limit formats, in seconds (`sbatch --time`)."""
-    match = _TIME.match(text.strip())
-    if not match:
-        raise DeepfleetError(f"not a SLURM time limit: {text!r}", where=f"--time {text}",
-                             fix="use MM, HH:MM:SS or D-HH:MM:SS, e.g. --time 04:00:00")
-    days, first, second, third = match.groups()
-    if days is not None:   # D-HH[:MM[:SS]]
-        return ((int(days) * 24 + int(first)) * 60 + int(second or 0)) * 60 + int(third or 0)
-    if third is not None:  # HH:MM:SS
-        return (int(first) * 60 + int(second)) * 60 + int(third)
-    return int(first) * 60 + int(second or 0)   # MM[:SS]
-
-
-def request_problems(request: SlurmRequest, *, partition_gpus: int | None) -> list[Problem]:
+def request_problems(request: BatchRequest, *, partition_gpus: int | None) -> list[Problem]:
     """What SLURM would accept but the run cannot use (`partition_gpus`: GPUs per node there, None: unknown)."""
-    problems = []
-    if request.time is not None:
-        limit, needed = slurm_time_seconds(request.time), request.grace_seconds + STARTUP_ALLOWANCE
-        if limit < needed:
-            problems.append(Problem(
-                where=f"--time {request.time}",
-                what=f"{limit} s leaves under {STARTUP_ALLOWANCE} s to start training before SLURM's checkpoint "
-                     f"warning {request.grace_seconds} s before the end, so no checkpoint would be written",
-                fix=f"--time {-(-needed // 60)} (minutes) or more"))
+    problems = time_problems(request)
     if partition_gpus is not None and request.gpus_per_node > partition_gpus:
         where = f"partition {request.partition}" if request.partition else "the default partition"
         problems.append(Problem(where=f"--gpus-per-node {request.gpus_per_node}",
@@ -81,10 +45,9 @@ def gpus_in_gres(gres: str) -> int:
     return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
-def sbatch_script(request: SlurmRequest, *, job_name: str, workdir: str, log_pattern: str,
+def sbatch_script(request: BatchRequest, *, job_name: str, workdir: str, log_pattern: str,
                   train_argv: Sequence[str]) -> str:
-    """The batch script: SBATCH lines, then the training in the background so the batch shell can
-    forward SLURM's SIGTERM to it (a foreground child would not get it), and the training's exit code."""
+    """The batch script: SBATCH lines, then the training (batch_job.training_lines)."""
     options = [f"--job-name={job_name}", f"--nodes={request.nodes}", "--ntasks-per-node=1",
                f"--chdir={workdir}", f"--output={log_pattern}", "--open-mode=append",
                f"--signal=B:TERM@{request.grace_seconds}", "--requeue"]
@@ -96,12 +59,7 @@ def sbatch_script(request: SlurmRequest, *, job_name: str, workdir: str, log_pat
         *(f"#SBATCH {shlex.quote(option)}" for option in options),
         "# Written by `deepfleet train --slurm`. SIGTERM (preemption, the time limit, scancel) makes the training",
         f"# write a checkpoint and exit {EXIT_PREEMPTED}; requeued (by SLURM, or `scontrol requeue`), it resumes there.",
-        f"{shlex.join(train_argv)} &",
-        "child=$!",
-        "trap 'kill -TERM \"$child\" 2>/dev/null' TERM",
-        'wait "$child"; code=$?',
-        'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done   # wait returns early on a trap',
-        'exit "$code"',
+        *training_lines(train_argv),
         ""])
 
 
@@ -118,7 +76,7 @@ def job_exit_code(fields: dict[str, str]) -> int:
     return int(code) if code and int(code) else 128 + int(signal) if signal and int(signal) else 1
 
 
-def submission_error(stderr: str, request: SlurmRequest) -> DeepfleetError:
+def submission_error(stderr: str, request: BatchRequest) -> DeepfleetError:
     """sbatch's own refusal as one line (its last `sbatch: error:` line)."""
     lines = [line.split("error:", 1)[1].strip() for line in stderr.splitlines() if "error:" in line]
     what = lines[-1] if lines else (stderr.strip().splitlines() or ["sbatch failed"])[-1]
@@ -144,7 +102,7 @@ def partition_gpus(partition: str | None) -> int | None:
     return max(gpus_in_gres(line) for line in lines) if done.returncode == 0 and lines else None
 
 
-def submit(script: Path, request: SlurmRequest) -> int:
+def submit(script: Path, request: BatchRequest) -> int:
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise submission_error(done.stderr, request)
@@ -186,7 +144,7 @@ def follow(job_id: int, log: Path, write: Callable[[str], None], *, poll: float 
     return code
 
 
-def train_on_slurm(request: SlurmRequest, *, train_args: Sequence[str], output_dir: Path, detach: bool,
+def train_on_slurm(request: BatchRequest, *, train_args: Sequence[str], output_dir: Path, detach: bool,
                    dry_run: bool = False, write: Callable[[str], None] = print) -> int:
     """Check, write `output_dir/slurm/train.sbatch`, submit, and follow the job (or return at once);
     `dry_run` prints the script instead."""
@@ -203,17 +161,8 @@ def train_on_slurm(request: SlurmRequest, *, train_args: Sequence[str], output_d
     if dry_run:
         write(text)
         return 0
-    created = [d for d in (output_dir, slurm_dir) if not d.exists()]
-    slurm_dir.mkdir(parents=True, exist_ok=True)
     script = slurm_dir / "train.sbatch"
-    script.write_text(text)
-    try:
-        job_id = submit(script, request)
-    except DeepfleetError:
-        script.unlink()
-        for directory in reversed(created):
-            directory.rmdir()
-        raise
+    job_id = write_and_submit(text, script, lambda path: submit(path, request))
     log = slurm_dir / f"job-{job_id}.log"
     write(f"submitted job {job_id} ({script}); log: {log}")
     if detach:
