@@ -105,6 +105,23 @@ class SlurmCluster:
         time.sleep(1.1)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
+    def kill_node(self, name: str) -> None:
+        """The node dies: its link goes silent, then slurmd and every job process on it get SIGKILL."""
+        _run(["ip", "link", "set", self.cluster.host(name).veth, "down"])
+        self.daemons[name].kill()
+        self.daemons[name].wait(timeout=10)
+        for pid in _node_pids(self.node(name)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def revive_node(self, name: str, timeout: float = 60) -> None:
+        """Boot the node again (link up, slurmd started); waits until SLURM has it back in service."""
+        _run(["ip", "link", "set", self.cluster.host(name).veth, "up"])
+        _start_slurmd(self, self.node(name))
+        _wait_for(lambda: self.node_states().get(name) in ("idle", "allocated", "mixed"), f"{name} back", timeout, self)
+
     def node_states(self) -> dict[str, str]:
         out = self.run(["sinfo", "-N", "-h", "-o", "%N %T"], check=True).stdout
         return dict(line.split()[:2] for line in out.splitlines() if line.strip())
@@ -195,7 +212,7 @@ def slurm_conf_text(s: SlurmCluster, bridge_address: str, hardware: str) -> str:
         "JobRequeue=1",
         # Fast tests: short timeouts, prompt kills, finished jobs stay visible to scontrol for 5 min.
         "SlurmctldTimeout=10",
-        "SlurmdTimeout=10",
+        "SlurmdTimeout=30",        # longer than a test's --hang-timeout: deepfleet notices a dead node first
         "MessageTimeout=5",
         "TCPTimeout=3",
         "KillWait=2",
@@ -287,15 +304,19 @@ def _start(s: SlurmCluster, cluster: Cluster, node_timeout: float) -> None:
     _wait_for(lambda: " UP" in s.run(["scontrol", "ping"], timeout=10).stdout, "slurmctld (scontrol ping)", 20, s)
 
     for node in s.nodes:
-        # Own network namespace (the host's) + own UTS namespace with the node's hostname.
-        # `ip netns exec` also gives it a private mount namespace: there the session's hosts file
-        # (node names and the controller's name) covers /etc/hosts, for slurmd and its jobs only.
-        s.daemons[node.name] = _spawn(
-            ["ip", "netns", "exec", node.namespace, "unshare", "--uts", "sh", "-c",
-             'mount --bind "$2" /etc/hosts && hostname "$0" && exec /usr/sbin/slurmd -D -f "$1" -N "$0"',
-             node.name, str(s.conf), str(root / "hosts")],
-            root / "log" / f"slurmd-{node.name}.out")
+        _start_slurmd(s, node)
     _wait_for(lambda: _all_idle(s), "all nodes idle (sinfo)", node_timeout, s)
+
+
+def _start_slurmd(s: SlurmCluster, node: SlurmNode) -> None:
+    """Own network namespace (the host's) + own UTS namespace with the node's hostname. `ip netns
+    exec` also gives it a private mount namespace: there the session's hosts file (node names and
+    the controller's name) covers /etc/hosts, for slurmd and its jobs only."""
+    s.daemons[node.name] = _spawn(
+        ["ip", "netns", "exec", node.namespace, "unshare", "--uts", "sh", "-c",
+         'mount --bind "$2" /etc/hosts && hostname "$0" && exec /usr/sbin/slurmd -D -f "$1" -N "$0"',
+         node.name, str(s.conf), str(s.root / "hosts")],
+        s.root / "log" / f"slurmd-{node.name}.out")
 
 
 def _all_idle(s: SlurmCluster) -> bool:
@@ -304,34 +325,38 @@ def _all_idle(s: SlurmCluster) -> bool:
 
 
 def _session_pids(s: SlurmCluster) -> list[int]:
-    """Processes of this session still alive: our daemons; slurmd's descendants (slurmstepd, job
-    tasks): in one of our nodes' network namespaces but not in this machine's UTS namespace, which
-    the namespace cluster's sshd shares; anything whose command line names our session dir."""
-    pids = set()
-    for proc in s.daemons.values():
-        if proc.poll() is None:
-            pids.add(proc.pid)
-    netns = set()
-    for node in s.nodes:
-        try:
-            netns.add(os.stat(f"/run/netns/{node.namespace}").st_ino)
-        except OSError:
-            pass
-    own_uts = os.stat("/proc/self/ns/uts").st_ino
-    marker = str(s.root)
+    """Processes of this session still alive: our daemons, every node's processes, anything whose
+    command line names our session dir."""
+    pids = {proc.pid for proc in s.daemons.values() if proc.poll() is None}
+    pids.update(pid for node in s.nodes for pid in _node_pids(node))
+    marker = str(s.root).encode()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            in_node = (os.stat(entry / "ns" / "net").st_ino in netns
-                       and os.stat(entry / "ns" / "uts").st_ino != own_uts)
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes():
+                pids.add(int(entry.name))
         except OSError:
-            continue                       # gone, or a zombie
-        if in_node or marker in cmdline:
-            pids.add(int(entry.name))
+            continue                       # gone
     pids.discard(os.getpid())
     return sorted(pids)
+
+
+def _node_pids(node: SlurmNode) -> list[int]:
+    """slurmd and its descendants (slurmstepd, job tasks) on `node`: in its network namespace but not
+    in this machine's UTS namespace, which the namespace cluster's sshd shares."""
+    try:
+        netns = os.stat(f"/run/netns/{node.namespace}").st_ino
+    except OSError:
+        return []
+    own_uts = os.stat("/proc/self/ns/uts").st_ino
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and os.stat(entry / "ns" / "net").st_ino == netns
+                    and os.stat(entry / "ns" / "uts").st_ino != own_uts):
+                pids.append(int(entry.name))
+        except OSError:
+            continue                       # gone, or a zombie
+    return pids
 
 
 def stop_slurm(s: SlurmCluster, *, remove: bool = True) -> list[str]:

@@ -230,3 +230,39 @@ def test_slurm_bad_input_is_one_line_and_cancel_stops_the_job(slurm_cluster, wor
     while any(slurm_cluster.cluster.pids_running(node, b"deepfleet") for node in slurm_cluster.node_names):
         assert time.monotonic() < deadline, "a process of the cancelled job survived on a node"
         time.sleep(0.2)
+
+
+
+def test_a_node_killed_mid_job_is_torn_down_and_the_requeued_job_resumes(slurm_cluster, workdir):
+    """The last node dies after a checkpoint (link silent, every process SIGKILLed): the training is
+    torn down within the hang timeout (before SLURM's SlurmdTimeout marks the node down), the job
+    ends FAILED naming the node, and once the node is back `scontrol requeue` resumes it to the end."""
+    n = len(slurm_cluster.nodes)
+    output = workdir / "nodekill"
+    head = subprocess.Popen([DEEPFLEET, "train", str(_training_recipe(workdir, "nodekill")), "--slurm",
+                             f"--nodes={n}", "--hang-timeout=10"], cwd=workdir, env=slurm_cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(r["step"] >= 7 for r in _train_records(output)):    # past the step-5 checkpoint
+        assert head.poll() is None and time.monotonic() < deadline, head.communicate()[0][-3000:]
+        time.sleep(0.2)
+    job = int(next(path.stem.split("-")[1] for path in (output / "slurm").glob("job-*.log")))
+    victim, survivor = slurm_cluster.node_names[-1], slurm_cluster.node_names[0]
+    killed = time.monotonic()
+    slurm_cluster.kill_node(victim)
+    try:
+        out, _ = head.communicate(timeout=120)
+        ended = time.monotonic() - killed
+        assert head.returncode not in (0, 75), out[-3000:]
+        assert f"# job {job} FAILED" in out and victim in out.split(f"# job {job} FAILED")[0], out[-3000:]
+        assert f"`scontrol requeue {job}` runs it again" in out
+        assert ended < 60, f"{ended:.0f} s from the node's death to the end of the job"
+        assert not slurm_cluster.cluster.pids_running(survivor, b"deepfleet"), "training left running on the survivor"
+    finally:
+        slurm_cluster.revive_node(victim)
+    slurm_cluster.run(["scontrol", "requeue", str(job)], check=True)
+    slurm_cluster.start_requeued(job)
+    resumed = subprocess.run([DEEPFLEET, "logs", str(job), "--follow"], cwd=workdir, env=slurm_cluster.env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stdout[-3000:]
+    assert _train_records(output)[-1]["step"] == STEPS

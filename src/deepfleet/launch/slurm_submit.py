@@ -141,6 +141,9 @@ def follow(job_id: int, log: Path, write: Callable[[str], None], *, poll: float 
     if code == EXIT_PREEMPTED:
         write(f"# it stopped at a complete checkpoint: `scontrol requeue {job_id}` resumes it "
               f"(then `deepfleet logs {job_id} --follow`)")
+    elif code != 0:
+        write(f"# `scontrol requeue {job_id}` runs it again on the nodes SLURM gives it, resuming from the newest "
+              f"complete checkpoint (then `deepfleet logs {job_id} --follow`)")
     return code
 
 
