@@ -76,13 +76,14 @@ def train(recipe: Recipe, fleet: str | None = None, *, hostfile: str | None = No
     from deepfleet.contract import EXIT_BAD_INPUT
     from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.launch.training import run_training
-    from deepfleet.prepare import prepare_training
+    from deepfleet.prepare import prepare_training, with_prepared_data
 
     prepared = prepare_training(recipe, resolve_fleet(fleet_file=fleet, hostfile=hostfile), nproc=nproc)
     write = (lambda line: None) if quiet else print
 
     def run() -> float:
-        return run_training(prepared.job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs,
+        return run_training(with_prepared_data(prepared, write), max_restarts=max_restarts, hang_timeout=hang_timeout,
+                            all_logs=all_logs,
                             write=write)
 
     try:

@@ -16,6 +16,7 @@ TRAIN_MODULE = "deepfleet.train"
 RECIPE_ENV = "DEEPFLEET_RECIPE"              # the resolved recipe as JSON (hosts share no files)
 HEARTBEAT_DIR_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # where each rank rewrites its heartbeat file
 JOB_ID_ENV = "DEEPFLEET_JOB_ID"              # marks every process of one job on one host
+PREPARED_DATA_ENV = "DEEPFLEET_PREPARED_DATA"  # the prepared-data entry the head built; ranks map it
 
 # Exit codes a rank (or the agent) ends with, and what the head makes of them.
 EXIT_BAD_INPUT = 2          # a DeepfleetError: the same input fails again, never restarted

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.data_checks import identity_problems
@@ -131,6 +132,16 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
                         bitsandbytes_installed=all(h.bitsandbytes for h in found.hosts),
                         checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
     return PreparedRun(recipe=recipe, job=training_job(recipe, found), hardware=found, shape=shape, note=note)
+
+
+def with_prepared_data(prepared: PreparedRun, write: Callable[[str], None] = print) -> TrainingJob:
+    """The job, with the recipe's data prepared on this machine first (`deepfleet prepare`) for the
+    ranks to map instead of each tokenizing it all."""
+    from deepfleet.data_cache import prepare_recipe_data
+
+    data = prepare_recipe_data(prepared.recipe, note=write)
+    write(data.summary())
+    return replace(prepared.job, prepared_data=str(data.path))
 
 
 def training_job(recipe: Recipe, found: FleetHardware) -> TrainingJob:

@@ -35,6 +35,7 @@ def root() -> None:
 app.command("launch", context_settings=launch_cmd.LAUNCH_CONTEXT)(launch_cmd.launch)
 fleet_cmd.register(app)
 app.command("train")(train_cmd.train)
+app.command("prepare")(train_cmd.prepare)
 app.command("generate")(train_cmd.generate)
 app.command("demo")(train_cmd.demo)
 app.command("export")(export_cmd.export)

@@ -19,7 +19,7 @@ from deepfleet.launch.pbs_submit import train_on_pbs
 from deepfleet.launch.slurm_submit import train_on_slurm
 from deepfleet.launch.training import run_training
 from deepfleet.plan.recipe_io import load_recipe
-from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs
+from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs, with_prepared_data
 
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
 
@@ -113,8 +113,21 @@ def train(
     if dry_run:
         print(dry_run_report(prepared).table(), end="")
         return
-    seconds = run_training(prepared.job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs)
+    seconds = run_training(with_prepared_data(prepared), max_restarts=max_restarts, hang_timeout=hang_timeout,
+                           all_logs=all_logs)
     print(f"done in {seconds:.0f} s: {prepared.recipe.output_path / 'final'}")
+
+
+def prepare(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit for the built-in demo recipe defaults)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. data.max_length=1024"),
+) -> None:
+    """Tokenize the recipe's data once into the prepared-data cache that every rank memory-maps
+    (data.cache_dir); `deepfleet train` does this itself when the cache lacks it."""
+    from deepfleet.data_cache import prepare_recipe_data
+
+    recipe_path, override_list = _split_recipe_argument(recipe, overrides)
+    print(prepare_recipe_data(load_recipe(recipe_path, override_list)).summary())
 
 
 def generate(
@@ -151,7 +164,7 @@ def demo(
     before = evaluate_base_model(recipe, n=heldout)
     console.print(f"before training: exact match {before.accuracy:.0%} on {heldout} held-out prompts")
     console.print(f"training {recipe.model.name} on {nproc} local ranks ...")
-    seconds = run_training(prepared.job)
+    seconds = run_training(with_prepared_data(prepared))
     after = evaluate_saved_model(recipe.output_path / "final", n=heldout)
     table = Table(title="held-out prompts (never seen in training)")
     for column in ("prompt", "expected", "before", "after"):

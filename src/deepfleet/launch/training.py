@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
-from deepfleet.contract import EXIT_PREEMPTED, RECIPE_ENV, TRAIN_MODULE, preempted_at
+from deepfleet.contract import EXIT_PREEMPTED, PREPARED_DATA_ENV, RECIPE_ENV, TRAIN_MODULE, preempted_at
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.inventory import Fleet
 from deepfleet.fleet.ssh import options_for
@@ -63,6 +63,7 @@ class TrainingJob:
     output_dir: Path                 # per-host logs go to output_dir/logs/attempt-N/
     cpu_threads: int | None = None   # OMP_NUM_THREADS per rank on CPU hosts; None leaves it alone
     interface: InterfaceChoice | None = None   # the subnet the hosts share; None: one host, or not known yet
+    prepared_data: str | None = None  # the head's prepared-data entry (deepfleet prepare); None: ranks tokenize
 
     @property
     def settings(self) -> LaunchSettings:
@@ -74,7 +75,8 @@ class TrainingJob:
 
     @property
     def env(self) -> dict[str, str]:
-        return training_env(self.recipe_json, self.recipe_env, cpu_threads=self.cpu_threads)
+        env = training_env(self.recipe_json, self.recipe_env, cpu_threads=self.cpu_threads)
+        return {**env, PREPARED_DATA_ENV: self.prepared_data} if self.prepared_data else env
 
 
 def render_training_plan(job: TrainingJob) -> str:

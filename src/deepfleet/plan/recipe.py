@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationIn
 from deepfleet import env_vars
 
 BUILTIN_MODEL_PREFIX = "builtin:"
+TINY_MODEL_NAME = "builtin:tiny"
 BUILTIN_DATA = "builtin:tasks"
 
 
@@ -65,6 +66,7 @@ class DataSpec(Section):
     max_length: int = Field(512, ge=8)
     packing: bool = True
     validation: ValidationSpec = ValidationSpec()
+    cache_dir: Optional[str] = None             # prepared (tokenized) data; default $XDG_CACHE_HOME or ~/.cache, /deepfleet/data
 
     @field_validator("train", mode="before")
     @classmethod

@@ -65,6 +65,12 @@ def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
     return random.Random(f"deepfleet-{purpose}:{seed}:{epoch}")
 
 
+def example_lengths(examples: Sequence[TokenizedExample]) -> list[int]:
+    """Token counts; memory-mapped examples (prepared_data.MappedExamples) give them without reading tokens."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths() if callable(lengths) else [len(example) for example in examples]
+
+
 def plan_rows(examples: Sequence[TokenizedExample], *, max_length: int, packing: bool,
               seed: int, epoch: int) -> list[Row]:
     """The rows of one epoch, each a list of example indices (one index when not packing).
@@ -76,7 +82,7 @@ def plan_rows(examples: Sequence[TokenizedExample], *, max_length: int, packing:
     epoch_rng(seed, epoch, "order").shuffle(order)
     if not packing:
         return [[index] for index in order]
-    rows = pack_first_fit(order, [len(example) for example in examples], max_length)
+    rows = pack_first_fit(order, example_lengths(examples), max_length)
     epoch_rng(seed, epoch, "rows").shuffle(rows)
     return rows
 

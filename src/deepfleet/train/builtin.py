@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
+from deepfleet.plan.recipe import BUILTIN_DATA as BUILTIN_DATA_NAME, TINY_MODEL_NAME  # noqa: F401 (re-exported)
 from deepfleet.train.builtin_tasks import generate_examples
 
-TINY_MODEL_NAME = "builtin:tiny"
-BUILTIN_DATA_NAME = "builtin:tasks"
 BUILTIN_TRAIN_RECORDS = 20_000   # records `builtin:tasks` yields as training data
 
 # Sized so 2 ranks sharing 2 CPU cores learn the tasks in a few minutes: ~330k parameters.

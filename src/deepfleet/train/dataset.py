@@ -19,30 +19,10 @@ from deepfleet.plan.recipe import DataSpec
 from deepfleet.train.chat_labels import IGNORE_INDEX, render_with_spans, tokenize_chats
 from deepfleet.train.data_formats import CHAT_FORMATS, Conversation, convert_records, detect_format
 from deepfleet.train.data_sources import SourceRecord, read_source
+from deepfleet.train.examples import DatasetReport, TokenizedExample
 
 TOKENIZE_CHUNK = 2048    # conversations rendered and tokenized per batched call
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TokenizedExample:
-    input_ids: list[int]
-    labels: list[int]      # IGNORE_INDEX (-100) where there is no loss
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DatasetReport:
-    n_train: int
-    n_validation: int
-    n_truncated: int          # sequences cut to max_length (train + validation)
-    n_tokens: int             # train tokens after truncation
-    format: str               # the format of every source, or "a+b" when sources differ
-    n_label_tokens: int = 0   # train tokens that carry loss
-    n_without_answer: int = 0  # records dropped because no answer token was left (e.g. cut by truncation)
-    max_length: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -17,11 +18,13 @@ from typing import IO, Any
 
 import torch
 
+from deepfleet.contract import PREPARED_DATA_ENV
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_precision, solve_batch_layout
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
-from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport, build_datasets
+from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport
+from deepfleet.train.prepared_data import rank_datasets
 from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
                                          objects_across_ranks, ops_prebuilt_on_every_rank, seed_rank,
                                          sum_across_ranks, synchronize)
@@ -83,7 +86,7 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
 
     device = init_distributed(rank_env)
     tokenizer = load_tokenizer(recipe.model)
-    train_set, validation_set, report = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    train_set, validation_set, report = rank_datasets(recipe, tokenizer, os.environ.get(PREPARED_DATA_ENV))
     precision = resolve_precision(recipe.precision, accelerator=device.accelerator,
                                   bf16_supported=device.bf16_supported)
     layout = solve_batch_layout(global_batch=recipe.train.global_batch, micro_batch=recipe.train.micro_batch,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.plan.recipe import BUILTIN_MODEL_PREFIX, ModelSpec
-from deepfleet.train.builtin import TINY_MODEL_NAME
+from deepfleet.plan.recipe import BUILTIN_MODEL_PREFIX, TINY_MODEL_NAME, ModelSpec
+
+if TYPE_CHECKING:   # transformers takes seconds to import; the head checks prepared data without it
+    from transformers import PreTrainedTokenizerBase
 
 
 def tiny_tokenizer_dir() -> Path:
@@ -32,6 +33,14 @@ def _check_model_name(model: ModelSpec) -> None:
                              fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
 
 
+def local_tokenizer_dir(model: ModelSpec) -> Path | None:
+    """The dir the tokenizer loads from when it is on this machine (None: a Hub id)."""
+    if model.name == TINY_MODEL_NAME:
+        return tiny_tokenizer_dir()
+    path = Path(model.name).expanduser()
+    return path if path.is_dir() else None
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give the tokenizer a pad token (eos, else unk) when it has none; padding is always label-masked."""
     if tokenizer.pad_token_id is None:
@@ -50,6 +59,8 @@ def load_tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
     (ChatML chat template, `<|pad|>` and `<|im_end|>` as eos). Anything else goes through
     `AutoTokenizer.from_pretrained` (a local dir or a Hub id). A missing local path is a `DeepfleetError`.
     """
+    from transformers import AutoTokenizer
+
     _check_model_name(model)
     if model.name == TINY_MODEL_NAME:
         return ensure_pad_token(AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir())))
