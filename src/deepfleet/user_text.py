@@ -13,14 +13,30 @@ from deepfleet.errors import DeepfleetError, not_utf8
 KeyPath = tuple[str, ...]
 
 
-def read_user_text(path: Path, what: str) -> str:
-    """A user's file as text; unreadable or non-UTF-8 is one error naming the file (and the line)."""
+def read_user_text(path: Path, what: str, *, fix: str = "check the path") -> str:
+    """A user's file as text; unreadable or non-UTF-8 is one error naming the file (and the line).
+
+    The one place a UTF-8 byte-order mark is dropped (Windows editors write one)."""
     try:
-        return path.read_bytes().decode("utf-8-sig")   # a byte-order mark is fine
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
-        raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path), fix="check the path") from None
+        raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path), fix=fix) from None
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc, what, fix="save it as UTF-8 text") from None
+
+
+def holds_no_yaml(text: str) -> bool:
+    """True for text with no YAML content at all: nothing, whitespace, comments, a bare `---`.
+    (A syntax error is not "no content": parsing reports it.)"""
+    if not text.strip():   # whitespace with a tab in it is a YAML scanner error, but still nothing
+        return True
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return False
+    # A bare `---` is a document holding an empty (not written) null.
+    return root is None or (isinstance(root, yaml.ScalarNode) and root.tag == "tag:yaml.org,2002:null"
+                            and root.value == "")
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
