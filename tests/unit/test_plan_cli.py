@@ -130,3 +130,27 @@ def test_plan_blames_a_bad_override_on_the_command_line(mistral_recipe):
     result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "train.lr=abc"])
     assert isinstance(result.exception, DeepfleetError)
     assert result.exception.problems[0].where == "command line (train.lr=abc)"
+
+
+def test_check_ds_config_refuses_a_duplicate_key_at_its_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 2},\n  "gradient_clipping": 1.0,\n'
+                    '  "zero_optimization": {"stage": 3}\n}\n')
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert isinstance(result.exception, DeepfleetError)
+    assert [p.render() for p in result.exception.problems] == [
+        f'{path}:4: duplicate key "zero_optimization" (first on line 2); DeepSpeed refuses it '
+        "(fix: keep only one of the two)"]
+
+
+@pytest.mark.parametrize("text", [
+    '{"zero_optimization": {"stage": 2,},}',
+    '// ZeRO-2\n{"zero_optimization": {"stage": 2}  # no offload\n}',
+    '\ufeff{"zero_optimization": {"stage": 2}}',
+], ids=["trailing commas", "comments", "byte-order mark"])
+def test_check_ds_config_reads_what_deepspeed_reads(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {path} is valid" in result.output

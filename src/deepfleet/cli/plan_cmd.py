@@ -16,7 +16,7 @@ from rich.console import Console
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.choose import Plan
 from deepfleet.plan.deepspeed_config import check_deepspeed_json, planning_steps
-from deepfleet.plan.deepspeed_user_config import read_deepspeed_json
+from deepfleet.plan.deepspeed_json import read_deepspeed_json
 from deepfleet.plan.memory import ModelShape
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.plan.render import render_plan

@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.choose import (BatchLayout, FleetShape, Plan, Workload, choose_zero_setting, plan_fixed_setting,
                                    solve_batch_layout)
-from deepfleet.plan.deepspeed_user_config import (CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config,
-                                                  parse_deepspeed_json, read_deepspeed_json)
+from deepfleet.plan.deepspeed_json import parse_deepspeed_json, read_deepspeed_json
+from deepfleet.plan.deepspeed_user_config import CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config
 from deepfleet.plan.memory import ModelShape, Offload, model_shape_from_config
 from deepfleet.plan.recipe import Recipe
 

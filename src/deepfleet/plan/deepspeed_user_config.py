@@ -11,10 +11,9 @@ import copy
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.plan.deepspeed_schema import find_non_objects, find_unknown_keys, removed_deepspeed_keys
 
 AUTO = "auto"
@@ -39,30 +38,6 @@ class ConfigContext:
     accelerator: str
     hf_export: bool = True           # `deepfleet train` always saves an HF model at the end
     recipe_given: bool = True        # compare explicit batch values with the recipe's
-
-
-def read_deepspeed_json(path: str | Path) -> str:
-    """The text of a user's DeepSpeed JSON (the one file read outside the recipe, at the edge)."""
-    try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeepfleetError(f"cannot read DeepSpeed config: {exc.strerror}", where=str(path),
-                             fix="check deepspeed.config in the recipe (relative paths are from the current directory)"
-                             ) from None
-    except UnicodeDecodeError as exc:
-        raise not_utf8(path, exc, "DeepSpeed config", fix="save the file as UTF-8 (JSON must be UTF-8)") from None
-
-
-def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeepfleetError(f"not valid JSON: {exc.msg}", where=f"{source}:{exc.lineno}:{exc.colno}",
-                             fix="check commas, quotes and brackets on that line (JSON allows no comments)") from None
-    if not isinstance(data, dict):
-        raise DeepfleetError("a DeepSpeed config must be a JSON object", where=source,
-                             fix='start with { "train_micro_batch_size_per_gpu": ... }')
-    return data
 
 
 def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
