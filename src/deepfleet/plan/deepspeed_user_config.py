@@ -32,12 +32,13 @@ class CheckedDeepSpeedConfig:
 class ConfigContext:
     """What the check knows about the run: the config deepfleet would build, and the hardware."""
     reference: Mapping[str, Any]     # deepfleet's own config for this recipe and fleet: the source of "auto"
+                                     # ({} without a recipe)
     world_size: int
     hidden_size: Optional[int]       # for the bucket sizes HF's "auto" derives from the model
     bf16_supported: bool
     accelerator: str
     hf_export: bool = True           # `deepfleet train` always saves an HF model at the end
-    recipe_given: bool = True        # compare explicit batch values with the recipe's
+    recipe_given: bool = True        # False: "auto" and missing batch sizes stay for the recipe to fill
 
 
 def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -107,6 +108,10 @@ def _scheduler_value(path: tuple[str, ...], reference: Mapping[str, Any]) -> Any
 def _fill_autos(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
     notes: list[str] = []
     problems: list[Problem] = []
+    if not ctx.recipe_given:
+        left = [".".join(path) for path in _auto_paths(config)]
+        return ([f'"auto" left for the recipe to fill when training: {", ".join(left)} '
+                 "(pass --recipe to check the values)"] if left else []), []
     for path in _auto_paths(config):
         value = _hidden_size_value(path, ctx.hidden_size)
         if value is None:
@@ -190,7 +195,8 @@ def _identity_problem(batch: int, micro: int, accum: int, world: int, where: str
 
 def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
     """train_batch_size = micro x accumulation x world. Missing values come from the recipe when one was given
-    (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit."""
+    (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit.
+    Without a recipe and with neither batch size, they are the recipe's at training time: left out here."""
     given = [config.get(key) for key in BATCH_KEYS]
     if any(value is not None and not _positive_int(value) for value in given):
         return [], []   # reported by _value_problems
@@ -206,10 +212,11 @@ def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> 
             return [], [Problem(what="batch sizes disagree with the recipe: " + ", ".join(mismatched), where=where,
                                 fix='set them to "auto" so the recipe decides, or change train.* in the recipe')]
         completed = [ref if value is None else value for value, ref in zip(given, reference)]
+    elif given[0] is None and given[1] is None:
+        return ["no train_batch_size or train_micro_batch_size_per_gpu: the recipe's are used when training "
+                "(pass --recipe to check them)"], []
     else:
         completed = list(_derive_like_deepspeed(*given, world))
-        if all(value is None for value in given[:2]):
-            completed = reference
     if None in completed:
         return [], [Problem(what=f"train_batch_size {given[0]} is not train_micro_batch_size_per_gpu x "
                                  f"gradient_accumulation_steps x world size {world} for whole numbers",
