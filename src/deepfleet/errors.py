@@ -45,9 +45,10 @@ class DeepfleetError(Exception):
         return self.render()
 
 
-def not_utf8(path: object, exc: UnicodeDecodeError, what: str, fix: str) -> DeepfleetError:
-    """A text file with a byte that is not UTF-8, at path:line of that byte."""
-    line = exc.object[:exc.start].count(b"\n") + 1
+def not_utf8(path: object, exc: UnicodeDecodeError, what: str, fix: str, first_line: int = 1) -> DeepfleetError:
+    """A text file with a byte that is not UTF-8, at path:line of that byte (`first_line`: where the decoded
+    bytes started in the file)."""
+    line = exc.object[:exc.start].count(b"\n") + first_line
     return DeepfleetError(f"{what} is not UTF-8 text (byte {exc.object[exc.start]:#04x})", where=f"{path}:{line}",
                           fix=fix)
 

@@ -1,10 +1,10 @@
-"""User-written text (recipes, fleet.yaml, DeepSpeed configs): YAML that refuses duplicate keys,
-and the line of each key, so every problem can be reported at file:line."""
+"""User-written text (recipes, fleet.yaml, DeepSpeed configs, data files): read and decoded in one way,
+YAML that refuses duplicate keys, and the line of each key, so every problem can be reported at file:line."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -13,14 +13,52 @@ from deepfleet.errors import DeepfleetError, not_utf8
 KeyPath = tuple[str, ...]
 
 
-def read_user_text(path: Path, what: str) -> str:
+def _decode(data: bytes, *, at_start: bool) -> str:
+    """UTF-8; a byte-order mark at the start of a file (Windows editors write one) is dropped. The one place
+    deepfleet decides how a user's text is decoded."""
+    return data.decode("utf-8-sig" if at_start else "utf-8")
+
+
+def _cannot_read(path: Path, what: str, exc: OSError, fix: str) -> DeepfleetError:
+    return DeepfleetError(f"cannot read {what}: {exc.strerror or exc}", where=str(path), fix=fix)
+
+
+def read_user_text(path: Path, what: str, *, fix: str = "check the path") -> str:
     """A user's file as text; unreadable or non-UTF-8 is one error naming the file (and the line)."""
     try:
-        return path.read_bytes().decode("utf-8-sig")   # a byte-order mark is fine
+        return _decode(path.read_bytes(), at_start=True)
     except OSError as exc:
-        raise DeepfleetError(f"cannot read {what}: {exc.strerror}", where=str(path), fix="check the path") from None
+        raise _cannot_read(path, what, exc, fix) from None
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc, what, fix="save it as UTF-8 text") from None
+
+
+def user_text_lines(path: Path, what: str, *, fix: str = "check the path") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a user's file, streamed for files too large to hold at once (JSONL data);
+    decoded and reported like read_user_text."""
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield number, _decode(raw, at_start=number == 1)
+                except UnicodeDecodeError as exc:
+                    raise not_utf8(path, exc, what, fix="save it as UTF-8 text", first_line=number) from None
+    except OSError as exc:
+        raise _cannot_read(path, what, exc, fix) from None
+
+
+def holds_no_yaml(text: str) -> bool:
+    """True for text with no YAML content at all: nothing, whitespace, comments, a bare `---`.
+    (A syntax error is not "no content": parsing reports it.)"""
+    if not text.strip():   # whitespace with a tab in it is a YAML scanner error, but still nothing
+        return True
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return False
+    # A bare `---` is a document holding an empty (not written) null.
+    return root is None or (isinstance(root, yaml.ScalarNode) and root.tag == "tag:yaml.org,2002:null"
+                            and root.value == "")
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):

@@ -1,4 +1,5 @@
-"""ssh-setup on the namespace cluster: key, accept-new host keys, full mesh, idempotent, password host."""
+"""ssh-setup on the namespace cluster: key, accept-new host keys, full mesh, idempotent, password host, and the
+key and known_hosts a user's ssh config names."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import subprocess
 import time
 
 import pytest
+
+from namespace_cluster import HostSpec
 
 pytestmark = pytest.mark.cluster
 
@@ -31,7 +34,8 @@ def test_ssh_setup_builds_full_mesh_and_second_run_changes_nothing(fault_cluster
     args = ["ssh-setup", "--hosts", hosts, "--ssh-dir", str(cluster.user_ssh_dir), "--ssh-config", str(cluster.ssh_config)]
     first = deepfleet(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "created" in first.stdout and "FAIL" not in first.stdout
+    changes = first.stdout.split("changed: ", 1)[1].strip().split("; ")
+    assert any(c.endswith(": key") for c in changes) and "FAIL" not in first.stdout   # the hosts' key was made
     assert first.stdout.count("ok") >= 12            # (head + 3 hosts) x 3 targets
     for source in names:                             # both directions, with only deepfleet's key
         for target in names:
@@ -58,6 +62,44 @@ def test_ssh_setup_password_host_prints_ssh_copy_id_line(fault_cluster, deepflee
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"error: host {address}: needs a password")
-    assert f"ssh-copy-id -i {ssh_dir}/id_ed25519.pub root@{address}" in lines[0]
+    # The key to copy is the one ssh uses for these hosts: the session ssh_config names it (not --ssh-dir's).
+    assert f"ssh-copy-id -i {cluster.identity_file}.pub root@{address}" in lines[0]
     assert lines[1].startswith(f"error: host {cluster.host('h2').address}: key not accepted for user 'nosuchuser'")
-    assert f"ssh-copy-id -i {ssh_dir}/id_ed25519.pub {wrong_user}" in lines[1]
+    assert f"ssh-copy-id -i {cluster.identity_file}.pub {wrong_user}" in lines[1]
+
+
+def login_with_only(key, known_hosts, address: str) -> subprocess.CompletedProcess:
+    """From the head, with nothing but this key and this known_hosts (strict host key checking)."""
+    argv = ["ssh", "-F", "none", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i", str(key),
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}", "-o", "ConnectTimeout=3",
+            f"root@{address}", "true"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=20)
+
+
+def test_ssh_setup_uses_the_key_and_known_hosts_the_ssh_config_names_so_doctor_works(cluster_factory, deepfleet,
+                                                                                      tmp_path):
+    # --ssh-dir keeps the hosts' side in the session (the real ~/.ssh is never touched); on the head, the files
+    # the ssh config names win over it, as they do for every later ssh.
+    names = ["c1", "c2", "c3"]
+    cluster = cluster_factory([HostSpec(name=n) for n in names])
+    addresses = [cluster.host(n).address for n in names]
+    own = tmp_path / "own"
+    key, known_hosts = own / "keys" / "cluster_key", own / "cluster_known_hosts"
+    config = tmp_path / "ssh_config"
+    # The first IdentityFile is new; the second (the session key, already authorized: a password or an admin's
+    # key in real life) is how the first login gets in.
+    config.write_text(f"Host {' '.join(addresses)}\n  IdentityFile {key}\n  IdentityFile {cluster.identity_file}\n"
+                      f"  UserKnownHostsFile {known_hosts} {own}/other_known_hosts\n  User root\n")
+    setup = deepfleet("ssh-setup", "--hosts", ",".join(addresses), "--ssh-config", str(config),
+                      "--ssh-dir", str(cluster.user_ssh_dir))
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert f"head: created {key};" in setup.stdout and f"learned host keys into {known_hosts}" in setup.stdout
+    for address in addresses:
+        done = login_with_only(key, known_hosts, address)
+        assert done.returncode == 0, f"{address}: {done.stderr}"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"defaults: {{slots: 1}}\nssh: {{config_file: {config}, connect_timeout: 3}}\nhosts:\n"
+                     + "".join(f"  - {{name: {n}, address: {a}}}\n" for n, a in zip(names, addresses)))
+    doctor = deepfleet("doctor", "--fleet", str(fleet), "--output-dir", str(cluster.root))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "0 fail" in doctor.stdout

@@ -40,7 +40,14 @@ def test_unreadable_file(tmp_path, tokenizer):
     path = tmp_path / "binary.jsonl"
     path.write_bytes(b"\xff\xfe\x00garbage")
     error = build_error(tokenizer, [str(path)])
-    assert "cannot read" in error.problems[0].what and error.problems[0].where == str(path)
+    assert "not UTF-8 text (byte 0xff)" in error.problems[0].what and error.problems[0].where == f"{path}:1"
+
+
+def test_bytes_that_are_not_utf8_are_reported_at_their_line(tmp_path, tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    [problem] = build_error(tokenizer, [str(path)]).problems
+    assert (problem.where, problem.what) == (f"{path}:2", "data file is not UTF-8 text (byte 0xe9)")
 
 
 def test_unsupported_extension(tmp_path, tokenizer):

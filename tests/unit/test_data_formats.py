@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from deepfleet.plan.recipe import DataSpec, ModelSpec, ValidationSpec
+from deepfleet.train.data_sources import read_source
 from deepfleet.train.dataset import IGNORE_INDEX, build_datasets, tokenize_conversation
 from deepfleet.train.tokenizer import load_tokenizer
 
@@ -194,3 +195,15 @@ def test_answer_cut_off_by_truncation_is_dropped_and_counted(tmp_path, tokenizer
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": long_prompt}, {"messages": CONVERSATIONS[0]}])
     train, _, report = build(tokenizer, [path], max_length=40)
     assert report.n_train == 1 and report.n_without_answer == 1
+
+
+@pytest.mark.parametrize("name, text", [
+    ("bom.jsonl", '{"text": "one"}\n{"text": "two"}\n'),
+    ("bom.json", '[{"text": "one"}, {"text": "two"}]'),
+], ids=["jsonl", "json"])
+def test_data_files_starting_with_a_byte_order_mark_are_read(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    records = read_source(str(path), key="data.train", seed=0)
+    assert [r.fields for r in records] == [{"text": "one"}, {"text": "two"}]
+    assert records[0].where in (f"{path}:1", f"{path} record 1")

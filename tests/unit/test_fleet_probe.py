@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -123,6 +125,22 @@ def test_install_script_is_idempotent(tmp_path):
     assert "CHANGED" not in second and "PUBKEY ssh-ed25519 " in second
     assert (tmp_path / "ssh" / "authorized_keys").read_text() == keys
     assert oct((tmp_path / "ssh").stat().st_mode & 0o777) == "0o700"
+
+
+def test_install_script_on_hosts_sharing_one_ssh_dir_makes_one_key(tmp_path):
+    # An NFS home: every host runs the script at once against the same dir. A slow ssh-keygen (as on a busy
+    # host) makes sure they all find no key before the first one is written.
+    slow = tmp_path / "bin" / "ssh-keygen"
+    slow.parent.mkdir()
+    slow.write_text(f"#!/bin/sh\nsleep 0.5\nexec {shutil.which('ssh-keygen')} \"$@\"\n")
+    slow.chmod(0o755)
+    env = {**os.environ, "PATH": f"{slow.parent}:{os.environ['PATH']}"}
+    runs = [subprocess.Popen(install_argv(str(tmp_path / "ssh")), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outputs = [run.communicate("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA1 head\n", timeout=60) for run in runs]
+    assert [run.returncode for run in runs] == [0] * 4, [err for _, err in outputs]
+    assert sum(out.count("CHANGED key") for out, _ in outputs) == 1
+    assert len({line for out, _ in outputs for line in out.splitlines() if line.startswith("PUBKEY")}) == 1
 
 
 def test_hops_run_in_bounded_waves_and_keep_their_names():

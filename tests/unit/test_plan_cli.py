@@ -78,14 +78,48 @@ def test_check_ds_config_exits_2_with_one_line_per_problem(tmp_path):
     assert 'did you mean "overlap_comm"' in errors[0] and "Traceback" not in run.stderr
 
 
-def test_check_ds_config_fills_auto(tmp_path):
-    path = tmp_path / "ds.json"
+def test_check_ds_config_fills_auto_from_the_recipe(tmp_path):
+    path, recipe = tmp_path / "ds.json", tmp_path / "r.yaml"
     path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                 "zero_optimization": {"stage": 2}}))
-    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu", "--gpus-per-node", "2"])
+    recipe.write_text("train: {global_batch: 16, micro_batch: 4}\n")
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--recipe", str(recipe), "--accelerator", "cpu",
+                                      "--gpus-per-node", "2"])
     assert result.exit_code == 0, result.output
     assert 'note: train_batch_size: "auto" -> 16' in result.output
     assert "ok:" in result.output
+
+
+def check_without_recipe(tmp_path, config: dict, ranks: tuple[str, str] = ("4", "8")):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return CliRunner().invoke(app, ["check-ds-config", str(path), "--nodes", ranks[0], "--gpus-per-node", ranks[1],
+                                    "--accelerator", "cuda", "--bf16"])
+
+
+def test_check_ds_config_without_recipe_counts_only_the_json_and_world_size(tmp_path):
+    result = check_without_recipe(tmp_path, {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                                             "zero_optimization": {"stage": 2}})
+    assert result.exit_code == 0, result.output   # not held to the default recipe's global_batch 16
+    assert "note: train_batch_size not set: 128" in result.output and "ok:" in result.output
+    bad = check_without_recipe(tmp_path, {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+                                          "gradient_accumulation_steps": 1})
+    assert [p.what for p in bad.exception.problems] == [
+        "train_batch_size 16 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x world size 32 "
+        "(= 128)"]
+
+
+def test_check_ds_config_without_recipe_leaves_auto_and_batch_sizes_to_the_recipe(tmp_path):
+    result = check_without_recipe(tmp_path, {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                             "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}})
+    assert result.exit_code == 0, result.output
+    assert ('note: "auto" left for the recipe to fill when training: train_batch_size, '
+            "train_micro_batch_size_per_gpu, optimizer.params.lr (pass --recipe to check the values)") in result.output
+    assert '"lr": "auto"' in result.output
+    bare = check_without_recipe(tmp_path, {"zero_optimization": {"stage": 2}})
+    assert bare.exit_code == 0, bare.output
+    assert "no train_batch_size or train_micro_batch_size_per_gpu" in bare.output
+    assert '"train_batch_size"' not in bare.output
 
 
 def test_plan_for_a_hostfile_asks_its_hosts_or_takes_gpu_memory_and_its_slots(mistral_recipe, tmp_path):
@@ -130,3 +164,27 @@ def test_plan_blames_a_bad_override_on_the_command_line(mistral_recipe):
     result = CliRunner().invoke(app, ["plan", str(mistral_recipe), "train.lr=abc"])
     assert isinstance(result.exception, DeepfleetError)
     assert result.exception.problems[0].where == "command line (train.lr=abc)"
+
+
+def test_check_ds_config_refuses_a_duplicate_key_at_its_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 2},\n  "gradient_clipping": 1.0,\n'
+                    '  "zero_optimization": {"stage": 3}\n}\n')
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert isinstance(result.exception, DeepfleetError)
+    assert [p.render() for p in result.exception.problems] == [
+        f'{path}:4: duplicate key "zero_optimization" (first on line 2); DeepSpeed refuses it '
+        "(fix: keep only one of the two)"]
+
+
+@pytest.mark.parametrize("text", [
+    '{"zero_optimization": {"stage": 2,},}',
+    '// ZeRO-2\n{"zero_optimization": {"stage": 2}  # no offload\n}',
+    '\ufeff{"zero_optimization": {"stage": 2}}',
+], ids=["trailing commas", "comments", "byte-order mark"])
+def test_check_ds_config_reads_what_deepspeed_reads(tmp_path, text):
+    path = tmp_path / "ds.json"
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(app, ["check-ds-config", str(path), "--accelerator", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {path} is valid" in result.output

@@ -8,8 +8,8 @@ from deepspeed.runtime.config import DeepSpeedConfig
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.deepspeed_config import build_deepspeed_config
-from deepfleet.plan.deepspeed_user_config import (ConfigContext, check_user_deepspeed_config,
-                                                  parse_deepspeed_json)
+from deepfleet.plan.deepspeed_json import parse_deepspeed_json
+from deepfleet.plan.deepspeed_user_config import ConfigContext, check_user_deepspeed_config
 from deepfleet.plan.recipe_io import parse_recipe
 
 SOURCE = "ds.json"
@@ -126,8 +126,54 @@ def test_all_problems_reported_at_once():
 
 def test_json_error_has_line_number():
     with pytest.raises(DeepfleetError) as err:
-        parse_deepspeed_json('{\n  "train_batch_size": 8,\n  "fp16": {"enabled": true,}\n}', SOURCE)
-    assert err.value.problems[0].where.startswith("ds.json:3:")
+        parse_deepspeed_json('{\n  "train_batch_size": 8,\n  "fp16": {"enabled": [true,}\n}', SOURCE)
+    [problem] = err.value.problems
+    assert problem.where.startswith("ds.json:3:") and problem.what.startswith("not valid JSON: ")
+
+
+HJSON_STYLE = """{
+  // DeepSpeed reads its config with hjson: comments and trailing commas are fine
+  "train_micro_batch_size_per_gpu": 2,  # per GPU
+  /* a block
+     comment */
+  "zero_optimization": {"stage": 2,},
+}
+"""
+
+
+def deepspeed_loads_file(tmp_path, text):
+    """DeepSpeed's own reading of a config file (the path form: hjson with its duplicate-key hook)."""
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    return DeepSpeedConfig(str(path))
+
+
+def test_comments_and_trailing_commas_are_accepted_like_deepspeed(tmp_path):
+    assert parse_deepspeed_json(HJSON_STYLE, SOURCE) == {"train_micro_batch_size_per_gpu": 2,
+                                                          "zero_optimization": {"stage": 2}}
+    assert deepspeed_loads_file(tmp_path, HJSON_STYLE).train_micro_batch_size_per_gpu == 2
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ('{\n  "train_batch_size": 8,\n  "train_batch_size": 16\n}', "train_batch_size", 3, 2),
+    ('{"bf16": {"enabled": true},\n "zero_optimization": {"stage": 2,\n   "stage": 3}}', "stage", 3, 2),
+    ('{"fp16": {"enabled": false}, "bf16": {"enabled": true}, // not a duplicate: other objects\n'
+     ' "fp16": {}}', "fp16", 2, 1),
+])
+def test_duplicate_key_names_the_key_and_line_like_deepspeed_refuses_it(tmp_path, text, key, line, first):
+    with pytest.raises(DeepfleetError) as err:
+        parse_deepspeed_json(text, SOURCE)
+    [problem] = err.value.problems
+    assert problem.where == f"ds.json:{line}"
+    assert problem.what == f'duplicate key "{key}" (first on line {first}); DeepSpeed refuses it'
+    with pytest.raises(ValueError, match="Duplicate keys"):
+        deepspeed_loads_file(tmp_path, text)
+
+
+def test_number_hjson_cannot_hold_is_one_line():
+    with pytest.raises(DeepfleetError) as err:
+        parse_deepspeed_json('{"gradient_clipping": 1e999}', SOURCE)
+    assert err.value.problems[0].where == "ds.json" and "not valid JSON" in err.value.problems[0].what
 
 
 def test_missing_batch_values_come_from_the_recipe():

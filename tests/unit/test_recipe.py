@@ -1,5 +1,8 @@
+import sys
+
 import pytest
 
+from deepfleet.cli.app import main
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import load_recipe, parse_recipe
 
@@ -135,3 +138,41 @@ def test_empty_output_dir_is_refused():
     with pytest.raises(DeepfleetError) as info:
         parse_recipe("", overrides=["output_dir="])
     assert info.value.render().startswith("error: command line (output_dir=): output_dir:")
+
+
+EMPTY_RECIPES = {"zero bytes": b"", "whitespace": b"  \n\t\n", "comments": b"# a recipe, one day\n\n# maybe\n",
+                 "byte-order mark": b"\xef\xbb\xbf", "mark and comment": b"\xef\xbb\xbf# todo\n",
+                 "document marker": b"---\n"}
+
+
+@pytest.mark.parametrize("content", EMPTY_RECIPES.values(), ids=EMPTY_RECIPES.keys())
+def test_empty_recipe_file_is_an_error_not_every_default(tmp_path, content):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(DeepfleetError) as info:
+        load_recipe(path)
+    [problem] = info.value.problems
+    assert (problem.where, problem.what) == (str(path), "recipe is empty")
+
+
+def test_recipe_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"\xef\xbb\xbftrain: {lr: 0.002}\n")
+    assert load_recipe(path).train.lr == 0.002
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "{recipe}"], ["train", "{recipe}", "--dry-run"], ["bench", "train", "{recipe}"],
+    ["check-ds-config", "{ds}", "--recipe", "{recipe}"], ["doctor", "--hostfile", "{hosts}", "--recipe", "{recipe}"],
+])
+def test_every_command_that_reads_a_recipe_refuses_an_empty_one(monkeypatch, capsys, tmp_path, args):
+    paths = {"recipe": tmp_path / "r.yaml", "ds": tmp_path / "ds.json", "hosts": tmp_path / "hosts"}
+    paths["recipe"].write_text("# nothing yet\n")
+    paths["ds"].write_text('{"zero_optimization": {"stage": 2}}')
+    paths["hosts"].write_text("gpu1.invalid slots=1\n")
+    monkeypatch.setattr(sys, "argv", ["deepfleet", *(a.format(**paths) for a in args)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.splitlines() == [err.strip()], err
+    assert err.startswith(f"error: {paths['recipe']}: recipe is empty (fix: ")

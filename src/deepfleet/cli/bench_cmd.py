@@ -96,12 +96,13 @@ def train(
     from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.plan.recipe_io import load_recipe
 
+    loaded = load_recipe(recipe, list(overrides or []))
     resolved = resolve_fleet(fleet_file=fleet, hostfile=hostfile, include=include, exclude=exclude)
     options = ScalingOptions(node_counts=parse_node_counts(nodes, fleet_size=len(resolved.hosts)), steps=steps,
                              warmup_steps=warmup_steps, nproc_per_node=nproc_per_node)
     # The launcher prints progress; with --json it goes to stderr so stdout is only the JSON.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        results = run_scaling_benchmark(load_recipe(recipe, list(overrides or [])), resolved, options)
+        results = run_scaling_benchmark(loaded, resolved, options)
     if png:
         plot_scaling(results, png)
     if as_json:

@@ -151,15 +151,18 @@ def ssh_setup_command(hosts: Optional[str] = typer.Option(None, "--hosts", help=
                       port: Optional[int] = typer.Option(None, "--port", help="ssh port for --hosts"),
                       fleet_file: Optional[str] = FleetOpt, hostfile: Optional[str] = HostfileOpt,
                       ssh_config: Optional[str] = SshConfigOpt,
-                      ssh_dir: str = typer.Option("~/.ssh", "--ssh-dir", help="key, known_hosts, authorized_keys dir "
-                                                  "(same path on every host)")) -> None:
+                      ssh_dir: Optional[str] = typer.Option(
+                          None, "--ssh-dir", help="key, known_hosts, authorized_keys dir, the same path on every host "
+                          "(default ~/.ssh); on the head, an IdentityFile or UserKnownHostsFile your ssh config "
+                          "names for a host wins (`ssh -G HOST`), as every later ssh uses it")) -> None:
     """Key, host keys (accept-new), full mesh, and the N x N reachability matrix."""
-    if Path(ssh_dir).expanduser().exists() and not Path(ssh_dir).expanduser().is_dir():
+    if ssh_dir and Path(ssh_dir).expanduser().exists() and not Path(ssh_dir).expanduser().is_dir():
         raise DeepfleetError("is not a directory", where=f"--ssh-dir {ssh_dir}", fix="give the ssh directory, e.g. ~/.ssh")
     fleet = _fleet(fleet_file, hostfile, ssh_config)
     if hosts:
         fleet = replace(fleet, hosts=tuple(hosts_from_names(hosts, user=user, port=port)), source="--hosts")
-    report = run_ssh_setup(fleet, SetupOptions(ssh_dir=ssh_dir))
+    setup = SetupOptions(ssh_dir=ssh_dir, ssh_dir_given=True) if ssh_dir else SetupOptions()
+    report = run_ssh_setup(fleet, setup)
     _render_setup(report)
     if report.problems:
         raise DeepfleetError(problems=report.problems)

@@ -16,7 +16,7 @@ from rich.console import Console
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.choose import Plan
 from deepfleet.plan.deepspeed_config import check_deepspeed_json, planning_steps
-from deepfleet.plan.deepspeed_user_config import read_deepspeed_json
+from deepfleet.plan.deepspeed_json import read_deepspeed_json
 from deepfleet.plan.memory import ModelShape
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.plan.render import render_plan
@@ -80,7 +80,7 @@ def check_ds_config(
     facts: Optional[str] = FactsOpt,
 ) -> None:
     """Check a DeepSpeed JSON: unknown keys, batch arithmetic, precision, offload; fill and report "auto"."""
-    loaded = load_recipe(recipe)
+    loaded = load_recipe(recipe) if recipe else None
     if accelerator not in (None, "cuda", "cpu"):
         raise DeepfleetError(f"unknown accelerator {accelerator!r}", where="--accelerator", fix="use cuda or cpu")
     found, _ = planned_hardware(fleet, nodes=nodes, gpus_per_node=gpus_per_node, facts_file=facts)
@@ -88,12 +88,11 @@ def check_ds_config(
     if bf16 is None:  # a cuda check on CPU hosts assumes GPUs with bf16 (pass --no-bf16 for older ones)
         bf16 = accelerator == "cuda" and (found.accelerator == "cpu" or all(h.bf16 for h in found.hosts))
     from deepfleet.train.model import load_model_config
-    hidden = load_model_config(loaded.model).hidden_size if recipe else None
+    hidden = load_model_config(loaded.model).hidden_size if loaded else None
     world_size = found.world_size
     checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded,
                                    world_size=world_size, accelerator=accelerator, bf16_supported=bf16,
-                                   total_steps=planning_steps(loaded), hidden_size=hidden,
-                                   recipe_given=recipe is not None)
+                                   total_steps=planning_steps(loaded) if loaded else 0, hidden_size=hidden)
     for note in checked.notes:
         print(f"note: {note}")
     print(json.dumps(checked.config, indent=2))

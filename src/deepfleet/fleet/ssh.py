@@ -83,17 +83,20 @@ def ssh_option_args(options: SshOptions) -> list[str]:
     return args
 
 
-def ssh_argv(host: Host, remote_argv: Sequence[str], *, options: SshOptions) -> list[str]:
-    """argv that runs `remote_argv` on `host`; each word is shell-quoted for the remote shell."""
+def ssh_destination_args(host: Host) -> list[str]:
+    """`-p PORT -l USER -- ADDRESS`, once the address and user are known to be safe to pass."""
     for problem in (host_name_problem(host.address), host.user and user_problem(host.user)):
         if problem:
             raise ValueError(problem)
-    argv = ["ssh", *ssh_option_args(options)]
-    if host.port:
-        argv += ["-p", str(host.port)]
+    args = ["-p", str(host.port)] if host.port else []
     if host.user:
-        argv += ["-l", host.user]
-    return argv + ["--", host.address, shlex.join(remote_argv)]
+        args += ["-l", host.user]
+    return args + ["--", host.address]
+
+
+def ssh_argv(host: Host, remote_argv: Sequence[str], *, options: SshOptions) -> list[str]:
+    """argv that runs `remote_argv` on `host`; each word is shell-quoted for the remote shell."""
+    return ["ssh", *ssh_option_args(options), *ssh_destination_args(host), shlex.join(remote_argv)]
 
 
 def srun_argv(host: Host, remote_argv: Sequence[str]) -> list[str]:
@@ -227,16 +230,16 @@ async def run_on_host(host: Host, remote_argv: Sequence[str], *, options: SshOpt
 
 
 async def run_on_hosts(hosts: Sequence[Host], remote_argv: Callable[[Host], Sequence[str]] | Sequence[str], *,
-                       options: SshOptions, timeout: float,
+                       options: Callable[[Host], SshOptions] | SshOptions, timeout: float,
                        stdin: Callable[[Host], bytes | None] | bytes | None = None,
                        on_done: Callable[[RemoteResult], None] | None = None) -> list[RemoteResult]:
-    """Run on every host at once; results in host order. Per-host argv/stdin may be functions;
+    """Run on every host at once; results in host order. Per-host argv/options/stdin may be functions;
     `on_done` is called as each host finishes."""
     def pick(value, host):
         return value(host) if callable(value) else value
 
     async def one(host: Host) -> RemoteResult:
-        result = await run_on_host(host, pick(remote_argv, host), options=options, timeout=timeout,
+        result = await run_on_host(host, pick(remote_argv, host), options=pick(options, host), timeout=timeout,
                                    stdin=pick(stdin, host))
         if on_done:
             on_done(result)

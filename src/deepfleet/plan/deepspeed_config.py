@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.choose import (BatchLayout, FleetShape, Plan, Workload, choose_zero_setting, plan_fixed_setting,
                                    solve_batch_layout)
-from deepfleet.plan.deepspeed_user_config import (CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config,
-                                                  parse_deepspeed_json, read_deepspeed_json)
+from deepfleet.plan.deepspeed_json import parse_deepspeed_json, read_deepspeed_json
+from deepfleet.plan.deepspeed_user_config import CheckedDeepSpeedConfig, ConfigContext, check_user_deepspeed_config
 from deepfleet.plan.memory import ModelShape, Offload, model_shape_from_config
 from deepfleet.plan.recipe import Recipe
 
@@ -214,7 +214,7 @@ def _setting_of(config: dict[str, Any]) -> tuple[int, Offload]:
 
 
 def _user_config(recipe: Recipe, ours: dict[str, Any], text: str, *, source: str, common: dict[str, Any],
-                 hf_export: bool, recipe_given: bool = True) -> CheckedDeepSpeedConfig:
+                 hf_export: bool) -> CheckedDeepSpeedConfig:
     """The user's JSON, checked; its "auto" values come from deepfleet's config at the user's own stage."""
     data = parse_deepspeed_json(text, source)
     zero = data.get("zero_optimization")
@@ -225,7 +225,7 @@ def _user_config(recipe: Recipe, ours: dict[str, Any], text: str, *, source: str
                                            micro_batch=ours["train_micro_batch_size_per_gpu"], **common)
     ctx = ConfigContext(reference=reference, world_size=common["world_size"], hidden_size=common["hidden_size"],
                         bf16_supported=common["bf16_supported"], accelerator=common["accelerator"],
-                        hf_export=hf_export, recipe_given=recipe_given)
+                        hf_export=hf_export)
     return check_user_deepspeed_config(data, ctx, source)
 
 
@@ -262,16 +262,20 @@ def resolve_run_config(recipe: Recipe, *, world_size: int, total_steps: int, acc
                                    plan=plan)
 
 
-def check_deepspeed_json(text: str, *, source: str, recipe: Recipe, world_size: int, accelerator: str,
-                         bf16_supported: bool, total_steps: int, hidden_size: Optional[int] = None,
-                         recipe_given: bool = True, hf_export: bool = True) -> CheckedDeepSpeedConfig:
-    """`deepfleet check-ds-config`: a DeepSpeed JSON checked against the recipe (or the defaults) and fleet."""
+def check_deepspeed_json(text: str, *, source: str, recipe: Optional[Recipe], world_size: int, accelerator: str,
+                         bf16_supported: bool, total_steps: int = 0, hidden_size: Optional[int] = None,
+                         hf_export: bool = True) -> CheckedDeepSpeedConfig:
+    """`deepfleet check-ds-config`: a DeepSpeed JSON checked against the recipe and fleet. Without a recipe only
+    the JSON and the world size count: "auto" and missing batch sizes are left for the recipe to fill."""
+    if recipe is None:
+        ctx = ConfigContext(reference={}, world_size=world_size, hidden_size=None, bf16_supported=bf16_supported,
+                            accelerator=accelerator, hf_export=hf_export, recipe_given=False)
+        return check_user_deepspeed_config(parse_deepspeed_json(text, source), ctx, source)
     common = dict(world_size=world_size, total_steps=total_steps, accelerator=accelerator,
                   bf16_supported=bf16_supported, hidden_size=hidden_size)
     stage = recipe.deepspeed.zero if recipe.deepspeed.zero != "auto" else 2
     ours = build_deepspeed_config(recipe, stage=int(stage), **common)
-    return _user_config(recipe, ours, text, source=source, common=common, hf_export=hf_export,
-                        recipe_given=recipe_given)
+    return _user_config(recipe, ours, text, source=source, common=common, hf_export=hf_export)
 
 
 def deepspeed_config_for_run(recipe: Recipe, *, world_size: int, total_steps: int, accelerator: str,

@@ -11,10 +11,9 @@ import copy
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.plan.deepspeed_schema import find_non_objects, find_unknown_keys, removed_deepspeed_keys
 
 AUTO = "auto"
@@ -33,36 +32,13 @@ class CheckedDeepSpeedConfig:
 class ConfigContext:
     """What the check knows about the run: the config deepfleet would build, and the hardware."""
     reference: Mapping[str, Any]     # deepfleet's own config for this recipe and fleet: the source of "auto"
+                                     # ({} without a recipe)
     world_size: int
     hidden_size: Optional[int]       # for the bucket sizes HF's "auto" derives from the model
     bf16_supported: bool
     accelerator: str
     hf_export: bool = True           # `deepfleet train` always saves an HF model at the end
-    recipe_given: bool = True        # compare explicit batch values with the recipe's
-
-
-def read_deepspeed_json(path: str | Path) -> str:
-    """The text of a user's DeepSpeed JSON (the one file read outside the recipe, at the edge)."""
-    try:
-        return Path(path).expanduser().read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeepfleetError(f"cannot read DeepSpeed config: {exc.strerror}", where=str(path),
-                             fix="check deepspeed.config in the recipe (relative paths are from the current directory)"
-                             ) from None
-    except UnicodeDecodeError as exc:
-        raise not_utf8(path, exc, "DeepSpeed config", fix="save the file as UTF-8 (JSON must be UTF-8)") from None
-
-
-def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DeepfleetError(f"not valid JSON: {exc.msg}", where=f"{source}:{exc.lineno}:{exc.colno}",
-                             fix="check commas, quotes and brackets on that line (JSON allows no comments)") from None
-    if not isinstance(data, dict):
-        raise DeepfleetError("a DeepSpeed config must be a JSON object", where=source,
-                             fix='start with { "train_micro_batch_size_per_gpu": ... }')
-    return data
+    recipe_given: bool = True        # False: "auto" and missing batch sizes stay for the recipe to fill
 
 
 def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -132,6 +108,10 @@ def _scheduler_value(path: tuple[str, ...], reference: Mapping[str, Any]) -> Any
 def _fill_autos(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
     notes: list[str] = []
     problems: list[Problem] = []
+    if not ctx.recipe_given:
+        left = [".".join(path) for path in _auto_paths(config)]
+        return ([f'"auto" left for the recipe to fill when training: {", ".join(left)} '
+                 "(pass --recipe to check the values)"] if left else []), []
     for path in _auto_paths(config):
         value = _hidden_size_value(path, ctx.hidden_size)
         if value is None:
@@ -215,7 +195,8 @@ def _identity_problem(batch: int, micro: int, accum: int, world: int, where: str
 
 def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> tuple[list[str], list[Problem]]:
     """train_batch_size = micro x accumulation x world. Missing values come from the recipe when one was given
-    (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit."""
+    (its data loader runs that micro batch), else as DeepSpeed would derive them; all three end up explicit.
+    Without a recipe and with neither batch size, they are the recipe's at training time: left out here."""
     given = [config.get(key) for key in BATCH_KEYS]
     if any(value is not None and not _positive_int(value) for value in given):
         return [], []   # reported by _value_problems
@@ -231,10 +212,11 @@ def _batch_problems(config: dict[str, Any], ctx: ConfigContext, source: str) -> 
             return [], [Problem(what="batch sizes disagree with the recipe: " + ", ".join(mismatched), where=where,
                                 fix='set them to "auto" so the recipe decides, or change train.* in the recipe')]
         completed = [ref if value is None else value for value, ref in zip(given, reference)]
+    elif given[0] is None and given[1] is None:
+        return ["no train_batch_size or train_micro_batch_size_per_gpu: the recipe's are used when training "
+                "(pass --recipe to check them)"], []
     else:
         completed = list(_derive_like_deepspeed(*given, world))
-        if all(value is None for value in given[:2]):
-            completed = reference
     if None in completed:
         return [], [Problem(what=f"train_batch_size {given[0]} is not train_micro_batch_size_per_gpu x "
                                  f"gradient_accumulation_steps x world size {world} for whole numbers",

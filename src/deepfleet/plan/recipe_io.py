@@ -8,9 +8,9 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean, not_utf8
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean
 from deepfleet.plan.recipe import SECTION_SHORTHANDS, Recipe
-from deepfleet.user_text import KeyPath, key_lines, line_of, load_yaml, yaml_error
+from deepfleet.user_text import KeyPath, holds_no_yaml, key_lines, line_of, load_yaml, read_user_text, yaml_error
 
 def _override_parts(item: str) -> tuple[KeyPath, str]:
     """`a.b=value` -> (("a", "b"), "value")."""
@@ -122,11 +122,9 @@ def load_recipe(path: str | Path | None, overrides: Iterable[str] = ()) -> Recip
     if path is None:
         return parse_recipe("", "<defaults>", overrides)
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DeepfleetError(f"cannot read recipe: {exc.strerror}", where=str(path),
-                             fix="check the path, or run without a recipe for the built-in demo") from None
-    except UnicodeDecodeError as exc:
-        raise not_utf8(path, exc, "recipe", fix="save the file as UTF-8") from None
+    text = read_user_text(path, "recipe", fix="check the path, or run without a recipe for the built-in demo")
+    if holds_no_yaml(text):   # an empty file must not quietly train with every default
+        raise DeepfleetError("recipe is empty", where=str(path),
+                             fix="add the sections you need (model:, data:, train:; see examples/), or check "
+                                 "that this is the file you meant")
     return parse_recipe(text, str(path), overrides)

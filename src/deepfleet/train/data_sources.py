@@ -14,6 +14,7 @@ from typing import Any
 
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.train.builtin import BUILTIN_DATA_NAME, BUILTIN_TRAIN_RECORDS, builtin_task_records
+from deepfleet.user_text import read_user_text, user_text_lines
 
 MAX_LISTED_PROBLEMS = 5
 BUILTIN_VALIDATION_RECORDS = 256
@@ -36,18 +37,12 @@ def capped_problems(problems: list[Problem], *, fix: str) -> list[Problem]:
             Problem(what=f"... and {hidden} more like these", where=where, fix=fix)]
 
 
+def _path_fix(key: str) -> str:
+    return f"check the path and permissions in {key} (relative paths are from the current directory)"
+
+
 def _unreadable(path: Path, reason: str, key: str) -> DeepfleetError:
-    return DeepfleetError(f"cannot read data file: {reason}", where=str(path),
-                          fix=f"check the path and permissions in {key} (relative paths are from the current directory)")
-
-
-def _read_text(path: Path, key: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise _unreadable(path, "not UTF-8 text", key) from None
-    except OSError as exc:
-        raise _unreadable(path, exc.strerror or str(exc), key) from None
+    return DeepfleetError(f"cannot read data file: {reason}", where=str(path), fix=_path_fix(key))
 
 
 def _jsonl_line(line: str, where: str, records: list[SourceRecord]) -> str:
@@ -68,16 +63,10 @@ def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
     records: list[SourceRecord] = []
     problems: list[Problem] = []
     fix = "make each line one JSON object, e.g. {\"messages\": [...]}"
-    try:
-        with path.open(encoding="utf-8") as lines:  # streamed: JSONL files can be large
-            for number, line in enumerate(lines, start=1):
-                problem = _jsonl_line(line, f"{path}:{number}", records)
-                if problem:
-                    problems.append(Problem(what=problem, where=f"{path}:{number}", fix=fix))
-    except UnicodeDecodeError:
-        raise _unreadable(path, "not UTF-8 text", key) from None
-    except OSError as exc:
-        raise _unreadable(path, exc.strerror or str(exc), key) from None
+    for number, line in user_text_lines(path, "data file", fix=_path_fix(key)):   # streamed: JSONL can be large
+        problem = _jsonl_line(line, f"{path}:{number}", records)
+        if problem:
+            problems.append(Problem(what=problem, where=f"{path}:{number}", fix=fix))
     if problems:
         raise DeepfleetError(problems=capped_problems(problems, fix=fix))
     return records
@@ -85,7 +74,7 @@ def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
 
 def read_json(path: Path, key: str) -> list[SourceRecord]:
     try:
-        value = json.loads(_read_text(path, key))
+        value = json.loads(read_user_text(path, "data file", fix=_path_fix(key)))
     except json.JSONDecodeError as exc:
         raise DeepfleetError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}",
                              fix="fix the JSON, or use JSONL (one object per line)") from None
