@@ -1,0 +1,128 @@
+"""Prepared data against every rank tokenizing for itself, side by side in one run (2 CPU ranks, one host):
+
+    .venv/bin/python benchmarks/prepared_data.py [--conversations 100000]
+
+A generated chat dataset (messages format, about 300 tokens per conversation with the built-in
+character tokenizer) and the built-in tiny model, 3 steps. Three runs:
+- today: the rank program under plain torchrun (`python -m deepfleet.train --recipe`): each rank
+  reads, renders, tokenizes and labels the whole dataset;
+- cold: `deepfleet train` with an empty cache: the head prepares once, the ranks map it;
+- warm: `deepfleet train` again: the entry is found, the ranks map it.
+Reports seconds to the first step (first `kind: train` record in metrics.jsonl), the prepare time,
+and the peak RSS (VmHWM) of each rank process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PYTHON = sys.executable
+WORDS = "the a model data rank token batch host step loss train learn fleet node answer question".split()
+
+
+def write_conversations(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+
+    def sentence(chars: int) -> str:
+        words = []
+        while sum(len(w) + 1 for w in words) < chars:
+            words.append(rng.choice(WORDS))
+        return " ".join(words)
+
+    with path.open("w") as handle:
+        for _ in range(n):
+            handle.write(json.dumps({"messages": [{"role": "user", "content": sentence(rng.randint(60, 140))},
+                                                  {"role": "assistant", "content": sentence(rng.randint(80, 180))}]})
+                         + "\n")
+
+
+def recipe(work: Path, data: Path, name: str) -> Path:
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "builtin:tiny", "method": "full",
+        "data": {"train": [str(data)], "max_length": 512, "cache_dir": str(work / "cache")},
+        "train": {"max_steps": 3, "global_batch": 8, "micro_batch": 4, "warmup": 1, "seed": 1},
+        "deepspeed": {"zero": 2}, "logging": {"tensorboard": False}, "env": {"OMP_NUM_THREADS": "1"},
+        "output_dir": str(work / name), "resume": False}))
+    return path
+
+
+def rank_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"deepfleet.train" in (entry / "cmdline").read_bytes() \
+                    and b"torch.distributed.run" not in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def measure(argv: list[str], work: Path, output: Path) -> dict:
+    """Seconds to the first step and every rank's peak RSS, polled until the run ends."""
+    started = time.time()
+    process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_step, peaks = None, {}
+    metrics = output / "metrics.jsonl"
+    while process.poll() is None:
+        for pid in rank_pids():
+            rss = peak_rss_mib(pid)
+            if rss:
+                peaks[pid] = max(peaks.get(pid, 0), rss)
+        if first_step is None and metrics.exists() and '"kind": "train"' in metrics.read_text():
+            first_step = time.time() - started
+        time.sleep(0.05)
+    out = process.stdout.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {out[-2000:]}")
+    prepare = next((line for line in out.splitlines() if line.startswith("data: ")), "")
+    return {"first_step": first_step, "rss": sorted(peaks.values(), reverse=True)[:2], "prepare": prepare}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="deepfleet-prepared-") as directory:
+        work = Path(directory)
+        data = work / "chat.jsonl"
+        write_conversations(data, args.conversations)
+        print(f"{args.conversations:,} conversations, {data.stat().st_size / 2**20:.0f} MiB", flush=True)
+        runs = {
+            "today (every rank tokenizes)": measure(
+                [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "deepfleet.train",
+                 "--recipe", str(recipe(work, data, "today"))], work, work / "today"),
+            "prepared, cold cache": measure([PYTHON, "-m", "deepfleet.cli.app", "train",
+                                             str(recipe(work, data, "cold"))], work, work / "cold"),
+            "prepared, warm cache": measure([PYTHON, "-m", "deepfleet.cli.app", "train",
+                                             str(recipe(work, data, "warm"))], work, work / "warm"),
+        }
+    for name, run in runs.items():
+        rss = ", ".join(f"{value:.0f}" for value in run["rss"])
+        print(f"{name:<30} first step {run['first_step']:.1f} s   peak RSS per rank (MiB) {rss}   {run['prepare']}")
+
+
+if __name__ == "__main__":
+    main()
