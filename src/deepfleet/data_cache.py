@@ -154,8 +154,7 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) 
     staging = None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))
-        staging.chmod(0o755)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))   # 0700: the data may be private
         write_entry(staging, splits, report, inputs)
         shutil.rmtree(path, ignore_errors=True)          # a damaged entry
         os.rename(staging, path)
