@@ -81,9 +81,11 @@ def peak_rss_mib(pid: int) -> float | None:
 
 def measure(argv: list[str], work: Path, output: Path) -> dict:
     """Seconds to the first step and every rank's peak RSS, polled until the run ends."""
+    log = output.with_suffix(".out")
     started = time.time()
-    process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with log.open("w") as sink:   # a file, not a pipe: an undrained pipe would stall the run
+        process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=sink, stderr=subprocess.STDOUT)
     first_step, peaks = None, {}
     metrics = output / "metrics.jsonl"
     while process.poll() is None:
@@ -94,7 +96,7 @@ def measure(argv: list[str], work: Path, output: Path) -> dict:
         if first_step is None and metrics.exists() and '"kind": "train"' in metrics.read_text():
             first_step = time.time() - started
         time.sleep(0.05)
-    out = process.stdout.read()
+    out = log.read_text()
     if process.returncode != 0:
         raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {out[-2000:]}")
     prepare = next((line for line in out.splitlines() if line.startswith("data: ")), "")
