@@ -32,6 +32,10 @@ class Case:
         return " ".join(self.args)[:80]
 
 
+def at(text: str, root: Path) -> str:
+    return text.replace("{tmp}", str(root))
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file and dir under root: what a command created, changed or removed."""
     return {str(path.relative_to(root)): (path.lstat().st_size if not path.is_dir() else 0, path.lstat().st_mtime_ns)
@@ -45,7 +49,7 @@ def write_files(root: Path, files: dict[str, str | bytes]) -> None:
         if isinstance(content, bytes):
             path.write_bytes(content)
         else:
-            path.write_text(content.format(tmp=root), encoding="utf-8")
+            path.write_text(at(content, root), encoding="utf-8")
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, args: list[str]) -> tuple[int, str, str]:
@@ -63,7 +67,7 @@ def isolate(monkeypatch: pytest.MonkeyPatch, root: Path, env: dict[str, str]) ->
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
     for name, value in env.items():
-        monkeypatch.setenv(name, value.format(tmp=root))
+        monkeypatch.setenv(name, at(value, root))
 
 
 def assert_refused(case: Case, root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -71,8 +75,8 @@ def assert_refused(case: Case, root: Path, monkeypatch: pytest.MonkeyPatch, caps
     write_files(root, case.files)
     isolate(monkeypatch, root, case.env)
     before = snapshot(root)
-    code, _, err = run_main(monkeypatch, capsys, [arg.format(tmp=root) for arg in case.args])
+    code, _, err = run_main(monkeypatch, capsys, [at(arg, root) for arg in case.args])
     assert "Traceback" not in err, err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), (code, err)
-    assert err.startswith(case.expected.format(tmp=root)), err
+    assert err.startswith(at(case.expected, root)), err
     assert snapshot(root) == before, "a refused command left files behind"
