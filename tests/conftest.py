@@ -6,7 +6,7 @@ import os
 from hypothesis import HealthCheck, settings
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=60, deadline=2000, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=60, deadline=5000, derandomize=True, database=None,
                           suppress_health_check=_QUIET, print_blob=True)
 settings.register_profile("fuzz", max_examples=3000, deadline=None, database=None,
                           suppress_health_check=_QUIET, print_blob=True)

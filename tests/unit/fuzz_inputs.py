@@ -4,6 +4,7 @@ stray characters). Shared by the test_fuzz_* files."""
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Callable
 
@@ -51,11 +52,11 @@ def mutated(draw: Callable, valid: Any, *, max_mutations: int = 3) -> Any:
         if action == "drop":
             del parent[path[-1]]
         elif action == "replace":
-            parent[path[-1]] = draw(weird_value)
+            parent[path[-1]] = copy.deepcopy(draw(weird_value))   # WEIRD_VALUES' lists and dicts are shared
         elif action == "wrap":
             parent[path[-1]] = [parent[path[-1]]]
         elif isinstance(parent, dict):
-            parent[draw(weird_key)] = draw(weird_value)
+            parent[draw(weird_key)] = copy.deepcopy(draw(weird_value))
     return doc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -87,10 +88,20 @@ def _where(loc: KeyPath, source: str, lines: dict[KeyPath, int], overridden: dic
     return f"{source}:{line}" if line else source
 
 
-def _problem(error: dict, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> Problem:
+# The tags pydantic adds to loc: union members and validators ("function-before[...]", "list[str]") and "[key]".
+_PYDANTIC_TAG = re.compile(r"[a-z][\w-]*\[.*\]|\[key\]")
+
+
+def _user_path(error: dict) -> KeyPath:
+    """The key path in the user's recipe: pydantic's loc without its type tags. An unknown key, always last,
+    is kept as written (a key such as "[" or "a[b]" is the user's, not a tag)."""
     loc = tuple(str(part) for part in error["loc"])
-    # Union/shorthand validators add type tags such as "function-before[...]" to loc: drop them.
-    loc = tuple(part for part in loc if not part.startswith(("function-", "union[", "literal[")) and "[" not in part)
+    unknown_key = loc[-1:] if error["type"] == "extra_forbidden" else ()
+    return tuple(part for part in loc[:len(loc) - len(unknown_key)] if not _PYDANTIC_TAG.fullmatch(part)) + unknown_key
+
+
+def _problem(error: dict, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> Problem:
+    loc = _user_path(error)
     key_path = shown(".".join(loc)) or "(top level)"
     where = _where(loc, source, lines, overridden)
     if error["type"] == "extra_forbidden":
