@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev demo test test-unit clean
+.PHONY: install dev demo test test-unit fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The property-based fuzz tests of every input parser, with many more examples than `make test` runs.
+fuzz: $(STAMP)
+	DEEPFLEET_HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/unit -k fuzz -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.fleet.remote_probe_manifest import content_digest, is_manifest_file, refreshed_manifest
+from deepfleet.fleet.remote_probe_manifest import content_digest, is_manifest_file, load_manifest, scan, write_manifest
 from deepfleet.plan.recipe import BUILTIN_DATA, DataSpec, Recipe
 from deepfleet.train.examples import DatasetReport, TokenizedExample
+from deepfleet.train.data_sources import source_path
 from deepfleet.train.prepared_data import entry_problem, load_entry, write_entry
 from deepfleet.train.tokenizer import load_tokenizer, local_tokenizer_dir
 
@@ -43,14 +44,23 @@ def cache_root(data: DataSpec) -> Path:
     return Path(data.cache_dir).expanduser().resolve() if data.cache_dir else default_cache_root()
 
 
-def source_identity(source: str) -> str:
+Manifests = dict[str, dict]   # data path -> its content manifest, stored beside it once prepare succeeds
+
+
+def source_identity(source: str, key: str, manifests: Manifests) -> str:
     """What a data source's content is: the built-in generator's name, else the files' content digest."""
     if source == BUILTIN_DATA:
         return source
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DeepfleetError("data file does not exist", where=source, fix="check the path in data.train")
-    return "sha256:" + content_digest(refreshed_manifest(str(path)))
+    path = str(source_path(source, key))
+    manifests[path] = scan(path, load_manifest(path))
+    return "sha256:" + content_digest(manifests[path])
+
+
+def store_manifests(manifests: Manifests) -> None:
+    """Kept beside the data only after a successful prepare: a refused one leaves nothing behind."""
+    for path, manifest in manifests.items():
+        if manifest != load_manifest(path):
+            write_manifest(path, manifest)
 
 
 def tokenizer_dir_identity(directory: Path) -> str:
@@ -72,10 +82,11 @@ def loaded_tokenizer_identity(tokenizer) -> str:
         return type(tokenizer).__name__ + ":" + tokenizer_dir_identity(Path(directory))
 
 
-def key_inputs(recipe: Recipe, tokenizer_identity: str) -> dict:
+def key_inputs(recipe: Recipe, tokenizer_identity: str, manifests: Manifests) -> dict:
     data = recipe.data
-    return {"version": CACHE_VERSION, "train": [source_identity(s) for s in data.train],
-            "validation_files": [source_identity(s) for s in data.validation.files],
+    return {"version": CACHE_VERSION, "train": [source_identity(s, "data.train", manifests) for s in data.train],
+            "validation_files": [source_identity(s, "data.validation.files", manifests)
+                                 for s in data.validation.files],
             "validation_split": data.validation.split, "format": data.format, "max_length": data.max_length,
             "seed": recipe.train.seed, "tokenizer": tokenizer_identity}
 
@@ -132,12 +143,14 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) 
     directory = local_tokenizer_dir(recipe.model)
     tokenizer = None if directory else load_tokenizer(recipe.model)
     identity = tokenizer_dir_identity(directory) if directory else loaded_tokenizer_identity(tokenizer)
-    inputs = key_inputs(recipe, identity)
+    manifests: Manifests = {}
+    inputs = key_inputs(recipe, identity, manifests)
     root = cache_root(recipe.data)
     path = root / cache_key(inputs)
     if path.exists():
         problem = entry_problem(path)
         if problem is None:
+            store_manifests(manifests)
             return PreparedData(path=path, report=load_entry(path)[2], built=False,
                                 seconds=time.monotonic() - started)
         note(f"note: prepared data {path} is damaged ({problem}); building it again")
@@ -146,11 +159,19 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) 
 
     train, validation, report = build_datasets(recipe.data, tokenizer or load_tokenizer(recipe.model),
                                                seed=recipe.train.seed)
-    if key_inputs(recipe, identity) != inputs:
+    if key_inputs(recipe, identity, {}) != inputs:
         raise DeepfleetError("a data file changed while it was being prepared", where=", ".join(recipe.data.train),
                              fix="wait until the data is written completely, then run again")
     splits = {"train": train, "validation": validation}
     check_room(root, needed_bytes(splits))
+    _write_entry_once(root, path, splits, report, inputs)
+    store_manifests(manifests)
+    return PreparedData(path=path, report=report, built=True, seconds=time.monotonic() - started)
+
+
+def _write_entry_once(root: Path, path: Path, splits: dict[str, Sequence[TokenizedExample]],
+                      report: DatasetReport, inputs: dict) -> None:
+    """Staged and renamed into place; another process finishing the same entry first is fine."""
     staging = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -164,4 +185,3 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) 
         if entry_problem(path) is not None:              # not another process finishing first
             raise DeepfleetError(f"cannot write the prepared data: {exc.strerror or exc}", where=str(root),
                                  fix="check the disk, or set data.cache_dir to another dir") from None
-    return PreparedData(path=path, report=report, built=True, seconds=time.monotonic() - started)

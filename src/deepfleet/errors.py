@@ -53,6 +53,12 @@ def not_utf8(path: object, exc: UnicodeDecodeError, what: str, fix: str, first_l
                           fix=fix)
 
 
+def shown(text: str) -> str:
+    """User text for a one-line message: as written, or quoted with escapes when it holds a line break or
+    another control character (which would split the line or drive the terminal)."""
+    return text if text.isprintable() else repr(text)
+
+
 def exception_summary(exc: BaseException) -> str:
     """`Type: first line of the message`, for a library failure quoted inside a one-line error."""
     text = (str(exc).splitlines() or [""])[0]

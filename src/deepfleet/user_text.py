@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from deepfleet.errors import DeepfleetError, not_utf8
+from deepfleet.errors import DeepfleetError, not_utf8, shown
 
 KeyPath = tuple[str, ...]
 
@@ -79,7 +79,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:   # an unhashable key: PyYAML reports it below
                 continue
             if first is not None:
-                raise DuplicateKeyError(None, None, f"duplicate key {key} (first on line {first})",
+                raise DuplicateKeyError(None, None, f"duplicate key {shown(str(key))} (first on line {first})",
                                         key_node.start_mark)
             first_lines[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
@@ -90,13 +90,24 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
-def yaml_error(exc: yaml.YAMLError, source: str) -> DeepfleetError:
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong, in one line (a character YAML forbids comes as a two-line message without a mark)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character U+{exc.character:04X} is not allowed in YAML"
+    return " ".join(str(getattr(exc, "problem", None) or exc).split())
+
+
+def yaml_error(exc: yaml.YAMLError, source: str, text: str) -> DeepfleetError:
     """A YAML syntax error (or duplicate key) as one line at file:line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return DeepfleetError(f"not valid YAML: {yaml_problem(exc)}", where=f"{source}:{line}",
+                              fix="remove that character or write it as an escape in a double-quoted string")
     mark = getattr(exc, "problem_mark", None)
     where = f"{source}:{mark.line + 1}" if mark else source
     if isinstance(exc, DuplicateKeyError):
         return DeepfleetError(str(exc.problem), where=where, fix="keep only one of the two")
-    return DeepfleetError(f"not valid YAML: {getattr(exc, 'problem', exc)}", where=where,
+    return DeepfleetError(f"not valid YAML: {yaml_problem(exc)}", where=where,
                           fix="check indentation and quoting on that line")
 
 

@@ -18,10 +18,14 @@ JOB_NAME_PREFIX = "deepfleet-"
 SQUEUE_FIELDS = ("JOBID", "NAME", "STATE", "TIME", "TIME_LIMIT", "NODES", "NODELIST(REASON)")
 
 
-def _slurm(argv: list[str]) -> subprocess.CompletedProcess:
-    if shutil.which(argv[0]) is None:
-        raise DeepfleetError(f"{argv[0]} not found on PATH", where=argv[0],
+def _require_slurm_command(name: str) -> None:
+    if shutil.which(name) is None:
+        raise DeepfleetError(f"{name} not found on PATH", where=name,
                              fix="run on a SLURM login node (or `module load slurm`)")
+
+
+def _slurm(argv: list[str]) -> subprocess.CompletedProcess:
+    _require_slurm_command(argv[0])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
@@ -46,6 +50,7 @@ def status() -> None:
 
 
 def _log_of(job_id: int) -> Path:
+    _require_slurm_command("scontrol")   # job_state asks it
     fields = job_state(job_id)
     if not fields or not fields.get("StdOut"):
         raise DeepfleetError(f"job {job_id} is not known to SLURM (finished jobs are kept a few minutes)",

@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean, shown
 from deepfleet.fleet.inventory import DEFAULT_MASTER_PORT, Fleet, Host, SshSettings, check_unique, validate_host
 from deepfleet.user_text import KeyPath, key_lines, line_of, load_yaml, read_user_text, yaml_error
 
@@ -94,7 +94,7 @@ def _problem(error: dict, source: str, lines: dict[KeyPath, int]) -> Problem:
     loc = tuple(str(p) for p in error["loc"])
     line = line_of(loc, lines)
     where = f"{source}:{line}" if line else source
-    key_path = ".".join(loc) or "(top level)"
+    key_path = shown(".".join(loc)) or "(top level)"
     if error["type"] == "extra_forbidden":
         section = HostEntry if loc[:1] == ("hosts",) else _SECTIONS.get(loc[:-1], FleetFile)
         allowed = list(section.model_fields)
@@ -120,7 +120,7 @@ def parse_fleet_yaml(text: str, source: str) -> Fleet:
         data = load_yaml(text) if text.strip() else None
         lines = key_lines(text)
     except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
+        raise yaml_error(exc, source, text) from None
     if not isinstance(data, dict):
         raise DeepfleetError("a fleet file must be a mapping with a hosts: list", where=source,
                              fix="start with `hosts:` followed by `- hostname` lines")

@@ -75,7 +75,7 @@ def training_lines(train_argv: Sequence[str], *, term_after: int | None = None) 
 
 def write_and_submit(text: str, script: Path, submit: Callable[[Path], Submitted]) -> Submitted:
     """Write the script (and its directories), submit it; on a refusal remove what was created."""
-    created = [d for d in (script.parent.parent, script.parent) if not d.exists()]
+    created = [d for d in reversed(script.parents) if not d.exists()]   # every missing level, e.g. runs/ too
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
     try:

@@ -74,6 +74,10 @@ def parse_deepspeed_json(text: str, source: str) -> dict[str, Any]:
     except hjson.HjsonDecodeError as exc:
         raise DeepfleetError(f"not valid JSON: {exc.msg}", where=f"{source}:{exc.lineno}:{exc.colno}",
                              fix="check commas, quotes and brackets on that line") from None
+    except IndexError:   # hjson reads past the end of a text cut short inside a /* comment
+        raise DeepfleetError("not valid JSON: the text ends inside a comment, string or bracket",
+                             where=f"{source}:{_line_at(text, len(text))}",
+                             fix="close the /* comment, string or bracket that is still open") from None
     except (ValueError, OverflowError, RecursionError) as exc:   # e.g. 1e999: hjson's int() of infinity
         raise DeepfleetError(f"not valid JSON: {exception_summary(exc)}", where=source,
                              fix="check the numbers and nesting in the file") from None

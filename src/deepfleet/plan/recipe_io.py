@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean, shown
 from deepfleet.plan.recipe import SECTION_SHORTHANDS, Recipe
-from deepfleet.user_text import KeyPath, holds_no_yaml, key_lines, line_of, load_yaml, read_user_text, yaml_error
+from deepfleet.user_text import (KeyPath, holds_no_yaml, key_lines, line_of, load_yaml, read_user_text, yaml_error,
+                                 yaml_problem)
+
+def override_where(item: str) -> str:
+    return f"command line ({shown(item)})"
+
 
 def _override_parts(item: str) -> tuple[KeyPath, str]:
     """`a.b=value` -> (("a", "b"), "value")."""
@@ -27,8 +33,8 @@ def _override_value(item: str, raw: str) -> Any:
     try:
         return load_yaml(raw)
     except yaml.YAMLError as exc:
-        raise DeepfleetError(f"value is not valid YAML: {getattr(exc, 'problem', exc)}",
-                             where=f"command line ({item})", fix="quote the value or fix its YAML") from None
+        raise DeepfleetError(f"value is not valid YAML: {yaml_problem(exc)}",
+                             where=override_where(item), fix="quote the value or fix its YAML") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -44,7 +50,7 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if not isinstance(target.get(part), dict):
                 target[part] = {} if target.get(part) is None else target[part]
             if not isinstance(target[part], dict):
-                raise DeepfleetError(f"{part} is not a section", where=f"command line ({item})",
+                raise DeepfleetError(f"{part} is not a section", where=override_where(item),
                                      fix="override a key inside a section, e.g. train.lr=1e-4")
             target = target[part]
         target[parts[-1]] = _override_value(item, raw)
@@ -77,16 +83,26 @@ def _override_of(loc: KeyPath, overridden: dict[KeyPath, str], lines: dict[KeyPa
 def _where(loc: KeyPath, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> str:
     item = _override_of(loc, overridden, lines)
     if item is not None:
-        return f"command line ({item})"
+        return override_where(item)
     line = line_of(loc, lines)
     return f"{source}:{line}" if line else source
 
 
-def _problem(error: dict, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> Problem:
+# The tags pydantic adds to loc: union members and validators ("function-before[...]", "list[str]") and "[key]".
+_PYDANTIC_TAG = re.compile(r"[a-z][\w-]*\[.*\]|\[key\]")
+
+
+def _user_path(error: dict) -> KeyPath:
+    """The key path in the user's recipe: pydantic's loc without its type tags. An unknown key, always last,
+    is kept as written (a key such as "[" or "a[b]" is the user's, not a tag)."""
     loc = tuple(str(part) for part in error["loc"])
-    # Union/shorthand validators add type tags such as "function-before[...]" to loc: drop them.
-    loc = tuple(part for part in loc if not part.startswith(("function-", "union[", "literal[")) and "[" not in part)
-    key_path = ".".join(loc) or "(top level)"
+    unknown_key = loc[-1:] if error["type"] == "extra_forbidden" else ()
+    return tuple(part for part in loc[:len(loc) - len(unknown_key)] if not _PYDANTIC_TAG.fullmatch(part)) + unknown_key
+
+
+def _problem(error: dict, source: str, lines: dict[KeyPath, int], overridden: dict[KeyPath, str]) -> Problem:
+    loc = _user_path(error)
+    key_path = shown(".".join(loc)) or "(top level)"
     where = _where(loc, source, lines, overridden)
     if error["type"] == "extra_forbidden":
         hint = did_you_mean(loc[-1], _fields_at(Recipe, loc[:-1]))
@@ -103,7 +119,7 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: Iterable[str] =
         data = load_yaml(text) if text.strip() else {}
         lines = key_lines(text)
     except yaml.YAMLError as exc:
-        raise yaml_error(exc, source) from None
+        raise yaml_error(exc, source, text) from None
     if not isinstance(data, dict):
         raise DeepfleetError("a recipe must be a YAML mapping of sections", where=source,
                              fix="start with keys such as model:, data:, train:")

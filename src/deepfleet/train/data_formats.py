@@ -8,9 +8,9 @@ text:     {"text"}
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from deepfleet.errors import DeepfleetError, Problem, did_you_mean
+from deepfleet.errors import DeepfleetError, Problem, did_you_mean, shown
 from deepfleet.train.data_sources import SourceRecord, capped_problems
 
 Conversation = list[dict[str, str]]
@@ -37,6 +37,10 @@ def _expected(fmt: str) -> str:
     return "{" + ", ".join(f'"{key}"' for key in FORMAT_KEYS[fmt]) + "}"
 
 
+def _key_list(keys: Iterable[str]) -> str:
+    return ", ".join(shown(str(key)) for key in sorted(keys, key=str)) or "(none)"
+
+
 def _suggestion(keys: set[str], expected: list[str]) -> str:
     """A did-you-mean for the first key that is close to an expected one."""
     for key in sorted(keys):
@@ -52,7 +56,7 @@ def detect_format(record: SourceRecord) -> str:
     for fmt, required in FORMAT_KEYS.items():
         if keys.issuperset(required):
             return fmt
-    seen = ", ".join(sorted(keys)) or "(none)"
+    seen = _key_list(keys)
     hint = _suggestion(keys, [key for required in FORMAT_KEYS.values() for key in required])
     expected = " or ".join(f"{fmt} {_expected(fmt)}" for fmt in FORMAT_KEYS)
     raise DeepfleetError(f"cannot tell the data format from keys {seen}{hint}", where=record.where,
@@ -116,7 +120,7 @@ def _sharegpt(fields: dict) -> Conversation:
 def _convert(record: SourceRecord, fmt: str) -> Conversation | str:
     missing = [key for key in FORMAT_KEYS[fmt] if key not in record.fields]
     if missing:
-        seen = ", ".join(sorted(record.fields)) or "(none)"
+        seen = _key_list(record.fields)
         hint = _suggestion(set(record.fields), list(FORMAT_KEYS[fmt]))
         raise RecordShapeError(f"record has keys {seen}{hint} but {fmt} format needs {_expected(fmt)}")
     if fmt == "text":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.train.builtin import BUILTIN_DATA_NAME, BUILTIN_TRAIN_RECORDS, builtin_task_records
@@ -135,6 +135,22 @@ def read_builtin(*, seed: int, validation: bool) -> list[SourceRecord]:
     return [SourceRecord(fields=row, where=f"{name} record {index}") for index, row in enumerate(rows, start=1)]
 
 
+READERS: dict[str, Callable[[Path, str], list[SourceRecord]]] = {
+    ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet}
+
+
+def source_path(source: str, key: str) -> Path:
+    """The path of a data source that is not built in, checked to exist and to be a kind deepfleet reads."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DeepfleetError("data file not found", where=str(path),
+                             fix=f"check {key} (relative paths are from the current directory)")
+    if not path.is_dir() and path.suffix not in READERS:
+        raise DeepfleetError(f"unsupported data file type {path.suffix or '(none)'!r}", where=str(path),
+                             fix=f"use {SUPPORTED}")
+    return path
+
+
 def read_source(source: str, *, key: str, seed: int, validation: bool = False) -> list[SourceRecord]:
     """All records of one entry of `data.train` (or `data.validation.files`, which `key` names).
 
@@ -142,21 +158,8 @@ def read_source(source: str, *, key: str, seed: int, validation: bool = False) -
     """
     if source == BUILTIN_DATA_NAME:
         return read_builtin(seed=seed, validation=validation)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DeepfleetError("data file not found", where=str(path),
-                             fix=f"check {key} (relative paths are from the current directory)")
-    if path.is_dir():
-        records = read_dataset_dir(path, key)
-    elif path.suffix == ".jsonl":
-        records = read_jsonl(path, key)
-    elif path.suffix == ".json":
-        records = read_json(path, key)
-    elif path.suffix == ".parquet":
-        records = read_parquet(path, key)
-    else:
-        raise DeepfleetError(f"unsupported data file type {path.suffix or '(none)'!r}", where=str(path),
-                             fix=f"use {SUPPORTED}")
+    path = source_path(source, key)
+    records = read_dataset_dir(path, key) if path.is_dir() else READERS[path.suffix](path, key)
     if not records:
         raise DeepfleetError("data file holds no records", where=str(path),
                              fix=f"add records or remove it from {key}")
