@@ -84,6 +84,16 @@ def test_json_that_is_not_a_list(tmp_path, tokenizer):
     assert "list of records" in build_error(tokenizer, [str(path)]).problems[0].what
 
 
+def test_records_of_a_json_file_are_named_by_the_line_they_start_on(tmp_path, tokenizer):
+    path = tmp_path / "records.json"
+    path.write_text('[\n' + json.dumps(GOOD) + ',\n  "just text",\n\n  {"mesages": []},\n  [1,\n   2]\n]\n')
+    error = build_error(tokenizer, [str(path)])
+    assert [problem.where for problem in error.problems] == [f"{path}:3", f"{path}:6"]
+    shaped = tmp_path / "shaped.json"
+    shaped.write_text('[' + json.dumps(GOOD) + ',\n\n {"mesages": []}]')
+    assert build_error(tokenizer, [str(shaped)]).problems[0].where == f"{shaped}:3"
+
+
 def test_unknown_record_shape_lists_keys_seen_and_expected(tmp_path, tokenizer):
     path = tmp_path / "odd.jsonl"
     path.write_text(json.dumps({"mesages": [], "id": 3}) + "\n")

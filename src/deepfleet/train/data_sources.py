@@ -8,6 +8,7 @@ later problem with its shape can point at it. Unreadable files and malformed JSO
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -72,27 +73,42 @@ def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
     return records
 
 
+def element_lines(text: str) -> list[int]:
+    """The line each element of the top-level JSON array in `text` starts on (`text` is known to parse)."""
+    decoder, between = json.JSONDecoder(), re.compile(r"[\s,]*")
+    lines, line, counted = [], 1, 0
+    index = between.match(text, text.index("[") + 1).end()
+    while text[index] != "]":
+        line += text.count("\n", counted, index)
+        lines.append(line)
+        counted = index
+        index = between.match(text, decoder.raw_decode(text, index)[1]).end()
+    return lines
+
+
 def read_json(path: Path, key: str) -> list[SourceRecord]:
+    text = read_user_text(path, "data file", fix=_path_fix(key))
     try:
-        value = json.loads(read_user_text(path, "data file", fix=_path_fix(key)))
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DeepfleetError(f"malformed JSON: {exc.msg}", where=f"{path}:{exc.lineno}",
                              fix="fix the JSON, or use JSONL (one object per line)") from None
     if not isinstance(value, list):
         raise DeepfleetError(f"a .json data file must hold a list of records, not a {type(value).__name__}",
                              where=str(path), fix="write [ {...}, {...} ] or use JSONL (one object per line)")
-    return _records_from_rows(value, path)
+    return _records_from_rows(value, [f"{path}:{line}" for line in element_lines(text)])
 
 
-def _records_from_rows(rows: list[Any], path: Path) -> list[SourceRecord]:
+def _records_from_rows(rows: list[Any], wheres: list[str]) -> list[SourceRecord]:
+    """`wheres`: where each row is (file:line, or `file record N` where a file has no lines)."""
     records: list[SourceRecord] = []
     problems: list[Problem] = []
-    for index, row in enumerate(rows, start=1):
+    for row, where in zip(rows, wheres):
         if isinstance(row, dict):
-            records.append(SourceRecord(fields=row, where=f"{path} record {index}"))
+            records.append(SourceRecord(fields=row, where=where))
         else:
             problems.append(Problem(what=f"record is a {type(row).__name__}, not an object",
-                                    where=f"{path} record {index}", fix="make each record a JSON object"))
+                                    where=where, fix="make each record a JSON object"))
     if problems:
         raise DeepfleetError(problems=capped_problems(problems, fix="make each record a JSON object"))
     return records
@@ -106,7 +122,11 @@ def read_parquet(path: Path, key: str) -> list[SourceRecord]:
         rows = pyarrow.parquet.read_table(path).to_pylist()
     except (OSError, pyarrow.ArrowException) as exc:
         raise _unreadable(path, str(exc).splitlines()[0], key) from None
-    return _records_from_rows(rows, path)
+    return _records_from_rows(rows, _numbered(path, len(rows)))
+
+
+def _numbered(path: Path, count: int) -> list[str]:
+    return [f"{path} record {index}" for index in range(1, count + 1)]
 
 
 def read_dataset_dir(path: Path, key: str) -> list[SourceRecord]:
@@ -123,7 +143,8 @@ def read_dataset_dir(path: Path, key: str) -> list[SourceRecord]:
             raise DeepfleetError(f"saved DatasetDict has splits {splits} and none is 'train'", where=str(path),
                                  fix="save the split you want to train on by itself, or name it 'train'")
         loaded = loaded["train"] if "train" in loaded else loaded[splits[0]]
-    return _records_from_rows(loaded.to_list(), path)
+    rows = loaded.to_list()
+    return _records_from_rows(rows, _numbered(path, len(rows)))
 
 
 def read_builtin(*, seed: int, validation: bool) -> list[SourceRecord]:
