@@ -95,6 +95,12 @@ def train(
                   *([f"--nproc={nproc}"] if nproc else []), *(["--all-logs"] if all_logs else [])]
         raise typer.Exit(code=_submit(request, slurm=slurm, pbs=pbs, conflicting=conflicting, train_args=passed,
                                       output_dir=loaded.output_path.resolve(), detach=detach, dry_run=dry_run))
+    scheduler_only = [name for name, given in (("--nodes", nodes != 1), ("--gpus-per-node", gpus_per_node),
+                                               ("--partition", partition), ("--time", time_limit),
+                                               ("--account", account), ("--detach", detach)) if given]
+    if scheduler_only:
+        raise DeepfleetError(f"{scheduler_only[0]} is for a job submitted with --slurm or --pbs", where=scheduler_only[0],
+                             fix=f"add --slurm (or --pbs), or drop {scheduler_only[0]}: a fleet trains on its own hosts")
     if sync and dry_run:
         raise DeepfleetError("--sync copies files and --dry-run changes nothing", where="--sync",
                              fix="run `deepfleet sync` first, or drop --dry-run")
