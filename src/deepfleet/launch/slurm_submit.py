@@ -142,8 +142,8 @@ def follow(job_id: int, log: Path, write: Callable[[str], None], *, poll: float 
         write(f"# it stopped at a complete checkpoint: `scontrol requeue {job_id}` resumes it "
               f"(then `deepfleet logs {job_id} --follow`)")
     elif code != 0:
-        write(f"# `scontrol requeue {job_id}` runs it again on the nodes SLURM gives it, resuming from the newest "
-              f"complete checkpoint (then `deepfleet logs {job_id} --follow`)")
+        write("# the same `deepfleet train ... --slurm` command submits it again on the nodes SLURM gives it, "
+              "resuming from the newest complete checkpoint")
     return code
 
 
