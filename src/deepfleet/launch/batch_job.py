@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -54,6 +55,11 @@ def time_problems(request: BatchRequest) -> list[Problem]:
                     what=f"{limit} s leaves under {STARTUP_ALLOWANCE} s to start training before the checkpoint "
                          f"signal {request.grace_seconds} s before the end, so no checkpoint would be written",
                     fix=f"--time {-(-needed // 60)} (minutes) or more")]
+
+
+def in_job_train_argv(train_args: Sequence[str]) -> list[str]:
+    """`deepfleet train ...` as the job script runs it inside the allocation, with this Python."""
+    return [sys.executable, "-m", "deepfleet.cli.app", "train", *train_args]
 
 
 def training_lines(train_argv: Sequence[str], *, term_after: int | None = None) -> list[str]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from deepfleet.contract import EXIT_PREEMPTED
 from deepfleet.errors import DeepfleetError
-from deepfleet.launch.batch_job import BatchRequest, time_limit_seconds, time_problems, training_lines, write_and_submit
+from deepfleet.launch.batch_job import (BatchRequest, in_job_train_argv, time_limit_seconds, time_problems,
+                                        training_lines, write_and_submit)
 
 
 def walltime(text: str) -> str:
@@ -78,7 +78,7 @@ def train_on_pbs(request: BatchRequest, *, train_args: Sequence[str], output_dir
         raise DeepfleetError(problems=problems)
     pbs_dir = output_dir / "pbs"
     text = qsub_script(request, job_name=f"deepfleet-{output_dir.name}", workdir=str(Path.cwd()), log_dir=str(pbs_dir),
-                       train_argv=[sys.executable, "-m", "deepfleet.cli.app", "train", *train_args])
+                       train_argv=in_job_train_argv(train_args))
     if dry_run:
         write(text)
         return 0

@@ -16,14 +16,14 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from deepfleet.contract import EXIT_PREEMPTED
 from deepfleet.errors import DeepfleetError, Problem
-from deepfleet.launch.batch_job import BatchRequest, time_problems, training_lines, write_and_submit
+from deepfleet.launch.batch_job import (BatchRequest, in_job_train_argv, time_problems, training_lines,
+                                        write_and_submit)
 
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
@@ -160,7 +160,7 @@ def train_on_slurm(request: BatchRequest, *, train_args: Sequence[str], output_d
     slurm_dir = output_dir / "slurm"
     text = sbatch_script(request, job_name=f"deepfleet-{output_dir.name}", workdir=str(Path.cwd()),
                          log_pattern=str(slurm_dir / "job-%j.log"),
-                         train_argv=[sys.executable, "-m", "deepfleet.cli.app", "train", *train_args])
+                         train_argv=in_job_train_argv(train_args))
     if dry_run:
         write(text)
         return 0
