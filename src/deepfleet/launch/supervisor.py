@@ -29,6 +29,9 @@ from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPT
                                 RANK_PREEMPTED_LINE)
 
 SSH_FAILED = 255
+# Agents send an event every 2 s; a host missing three while a job hangs is the likelier cause
+# than any rank that is only waiting for it (it may be partitioned before link_timeout says so).
+SILENT_HOST_SECONDS = 6.0
 OUTPUT_LINE_LIMIT = 1 << 20   # longer lines (tqdm's \r updates on one line) lose their start, not the log
 # Library output known to be harmless: kept in the host logs, not shown on the console. A Python
 # warning is followed by its source line ("  warnings.warn(" or torch's "  return func(*args, ...)").
@@ -259,7 +262,8 @@ class Supervisor:
             await asyncio.sleep(0.25)
 
     def _check_progress(self, now: float) -> None:
-        """On a hang every rank stalls in the same collective; blame a stopped rank, else the one furthest behind."""
+        """On a hang every rank stalls in the same collective; blame a stopped rank, a silent host, else the
+        rank furthest behind."""
         beats = [(step, since, host, rank) for host in self.hosts if host.exit_code is None
                  for rank, (step, since) in host.steps.items()]
         def stale(step: int, since: float) -> bool:
@@ -272,6 +276,12 @@ class Supervisor:
         if stopped:
             host, rank = stopped[0]
             self._fail(host, rank, "rank is stopped (SIGSTOP or a debugger) and the job made no progress")
+            return
+        silent = [host for host in self.hosts if host.exit_code is None and now - host.last_event > SILENT_HOST_SECONDS]
+        if silent:
+            host = max(silent, key=lambda h: now - h.last_event)
+            self._fail(host, None, f"no word from the host for {now - host.last_event:.0f}s and the job made no "
+                                   "progress (network partition or host down)")
             return
         step, _, host, rank = min(beats, key=lambda beat: (beat[0], beat[1]))
         phase = "while starting" if step < 0 else f"after step {step}"
