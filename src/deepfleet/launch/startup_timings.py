@@ -191,10 +191,15 @@ def render_startup_table(timings: StartupTimings) -> str:
     return "\n".join(lines)
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 3)
+    return {key: _rounded(item) for key, item in value.items()} if isinstance(value, dict) else value
+
+
 def startup_json(timings: StartupTimings) -> str:
-    data = asdict(timings)
-    data["other"] = timings.other
-    return json.dumps(data, indent=2) + "\n"
+    """Seconds to the millisecond; null: not measured or not reached."""
+    return json.dumps(_rounded({**asdict(timings), "other": timings.other}), indent=2) + "\n"
 
 
 def write_startup_json(directory: Path, timings: StartupTimings) -> Path:
