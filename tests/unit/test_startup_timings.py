@@ -165,7 +165,7 @@ def test_the_supervisor_keeps_the_report_off_the_console_and_shows_the_summary(t
     from deepfleet.launch.supervisor import HostProcess, Supervisor, SupervisorOptions
 
     report = "[0]:" + contract.startup_line(1000.0, {"imports": 2.0, "first_step": 0.5})
-    started = contract.AGENT_EVENT_PREFIX + json.dumps({"event": "started", "agent_seconds": 0.1,
+    started = contract.AGENT_EVENT_PREFIX + json.dumps({"event": "started", "agent_seconds": 0.0,
                                                         "spawned_at": 999.0})
     script = f"import sys; sys.stdin.readline(); print({started!r}); print({report!r}); print('[0]:step 1/1')"
     host = HostProcess(label="h1", argv=[sys.executable, "-c", script], env={}, transport="ssh")
@@ -179,4 +179,4 @@ def test_the_supervisor_keeps_the_report_off_the_console_and_shows_the_summary(t
     assert "h1/[0]:step 1/1" in shown
     assert report in (tmp_path / "h1.log").read_text()      # the host log keeps everything
     timings = json.loads((tmp_path / "startup.json").read_text())
-    assert timings["agent_start"] == 0.1 and timings["connect"] >= 0 and timings["rank_imports"] == 2.0
+    assert timings["agent_start"] == 0.0 and timings["connect"] >= 0 and timings["rank_imports"] == 2.0

@@ -11,6 +11,7 @@ one host's time from another's:
   (torchrun's own rendezvous with the other hosts happens here);
 - the rank's phases, back to back inside rank 0 from its process start to the end of its first step.
 What is left of the total (output passing back through the agent and ssh, small gaps) is "other".
+Figures are not clamped at zero: a negative one would be a measuring error, and must show.
 Phases of rank 0's host; a phase not reached is None and shown as "-".
 """
 
@@ -131,7 +132,7 @@ def parse_rank_startup(text: str) -> RankStartup | None:
 def _connect_seconds(launch: HostLaunch) -> float | None:
     if launch.transport == "local" or None in (launch.spawned, launch.first_event, launch.agent_seconds):
         return None
-    return max(0.0, launch.first_event - launch.spawned - launch.agent_seconds)
+    return launch.first_event - launch.spawned - launch.agent_seconds
 
 
 def combine_startup(*, attempt: int, head: HeadStartup | None, attempt_started: float, host: str | None,
@@ -145,14 +146,14 @@ def combine_startup(*, attempt: int, head: HeadStartup | None, attempt_started: 
     launch = launches.get(host) if host else None
     torchrun = None
     if launch and rank and launch.torchrun_spawned_at is not None:
-        torchrun = max(0.0, rank.started_at - launch.torchrun_spawned_at)
+        torchrun = rank.started_at - launch.torchrun_spawned_at
     rank_fields = {_RANK_FIELDS[name]: seconds for name, seconds in (rank.phases if rank else {}).items()}
     reached_first_step = rank is not None and "first_step" in rank.phases and first_step_seen is not None
     return StartupTimings(
         attempt=attempt, host=host, total=first_step_seen - started if reached_first_step else None,
         cli_import=head.cli_import if head else None, planning=head.planning if head else None,
         head_data=head.data if head else None,
-        launch_prep=max(0.0, launch.spawned - prep_from) if launch and launch.spawned is not None else None,
+        launch_prep=launch.spawned - prep_from if launch and launch.spawned is not None else None,
         connect=_connect_seconds(launch) if launch else None,
         agent_start=launch.agent_seconds if launch else None, torchrun_start=torchrun, **rank_fields,
         hosts={label: {"connect": _connect_seconds(each), "agent_start": each.agent_seconds}
