@@ -57,6 +57,7 @@ class RunOptions:
     max_restarts: int = 0
     hang_timeout: float = 60.0
     all_logs: bool = False
+    startup_timings: bool = False             # the ranks report their startup (deepfleet.train); see startup_timings.py
     head_startup: HeadStartup | None = None   # the command's phases before the launch (deepfleet train)
     timings_table: bool = False               # print every startup phase after each attempt (--timings)
 
@@ -88,12 +89,13 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
         write(f"launching {plan.job.job_id} on {plan.job.nnodes} host(s) {ranks}"
               + (f" (restart {attempt}/{options.max_restarts})" if attempt else "") + f"; logs in {log_dir}")
         startup = StartupWatch(attempt=attempt, head=options.head_startup, log_dir=log_dir, started=attempt_started,
-                               transports={host.label: host.transport for host in plan.hosts})
+                               transports={host.label: host.transport for host in plan.hosts}) \
+            if options.startup_timings else None
         supervisor = Supervisor(plan.hosts, SupervisorOptions(log_dir=log_dir, hang_timeout=options.hang_timeout,
                                                               all_logs=options.all_logs), write=write, startup=startup)
         outcome = asyncio.run(supervisor.run())
         write(render_summary(outcome))
-        for line in finish_startup(startup, table=options.timings_table):
+        for line in finish_startup(startup, table=options.timings_table) if startup else ():
             write(line)
         if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.preempted or outcome.failure is None \
                 or outcome.bad_input:   # the same input fails the same way on every restart

@@ -93,7 +93,8 @@ def run_training_job(job: TrainingJob, *, max_restarts: int, hang_timeout: float
                      write: Callable[[str], None] = print, head_startup: HeadStartup | None = None,
                      timings_table: bool = False) -> JobOutcome:
     options = RunOptions(run_dir=job.output_dir, max_restarts=max_restarts, hang_timeout=hang_timeout,
-                         all_logs=all_logs, head_startup=head_startup, timings_table=timings_table)
+                         all_logs=all_logs, startup_timings=True, head_startup=head_startup,
+                         timings_table=timings_table)
     return run_with_restarts(job.fleet, job.settings, options, ssh_options=options_for(job.fleet),
                              extra_env=job.env, interface=job.interface, write=write)
 
