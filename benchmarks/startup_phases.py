@@ -35,8 +35,8 @@ def train_with_timings(work: Path, name: str, steps: int, *where: str) -> str:
                            *where, "--timings"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SystemExit(f"{name}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    table = done.stdout[done.stdout.index("startup phases on "):]
-    return table.split("\ndone in ")[0]
+    table = done.stdout[done.stdout.index("startup phases on "):].split("\ndone in ")[0]
+    return table + "\n" + (work / name / "logs" / "attempt-0" / "startup.json").read_text()
 
 
 def main() -> None:
@@ -53,7 +53,8 @@ def main() -> None:
             print("2 namespace hosts x 1 rank, over ssh:")
             print(train_with_timings(work, "fleet", args.steps, "--fleet", "fleet.yaml"))
             print("\nthis machine alone, 2 ranks:")
-            print(train_with_timings(work, "local", args.steps, "--nproc", "2"))
+            (work / "alone").mkdir()   # no ./fleet.yaml there
+            print(train_with_timings(work / "alone", "local", args.steps, "--nproc", "2"))
     finally:
         teardown_cluster(cluster)
 
