@@ -7,6 +7,7 @@ must not need torch. The head never imports `deepfleet.train`, and the ranks nev
 
 from __future__ import annotations
 
+import json
 import re
 
 # The rank program torchrun runs on every host.
@@ -72,3 +73,17 @@ def preempted_at(line: str) -> tuple[int, str] | None:
 
 # The host agent's reports to the head: one JSON object per line after this prefix.
 AGENT_EVENT_PREFIX = "@@deepfleet "
+
+
+# Rank 0's startup timings, printed once after its first step of each attempt (see
+# launch/startup_timings.py): "startup: {"started_at": unix time of the rank process's start,
+# "phases": {name: seconds}}". Phases run back to back from the process start, in this order;
+# one a rank did not reach is absent.
+STARTUP_LINE_PREFIX = "startup: "
+RANK_PHASES = ("imports", "rendezvous", "data", "model", "deepspeed_init", "setup", "first_step")
+RANK_STARTUP_LINE = re.compile(r"^\[(\d+)\]:" + re.escape(STARTUP_LINE_PREFIX) + r"(.*)$")
+
+
+def startup_line(started_at: float, phases: dict[str, float]) -> str:
+    return STARTUP_LINE_PREFIX + json.dumps({"started_at": round(started_at, 3),
+                                             "phases": {name: round(seconds, 3) for name, seconds in phases.items()}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -17,8 +18,10 @@ from deepfleet.fleet.sources import resolve_fleet
 from deepfleet.launch.batch_job import BatchRequest
 from deepfleet.launch.pbs_submit import train_on_pbs
 from deepfleet.launch.slurm_submit import train_on_slurm
+from deepfleet.launch.startup_timings import HeadClock
 from deepfleet.launch.training import run_training
 from deepfleet.plan.recipe_io import load_recipe
+from deepfleet.process_start import process_started_monotonic
 from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs, with_prepared_data
 
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
@@ -73,12 +76,14 @@ def train(
     time_limit: Optional[str] = typer.Option(None, "--time", help="With --slurm/--pbs: time limit, e.g. 04:00:00 (default: the partition's)"),
     account: Optional[str] = typer.Option(None, "--account", help="With --slurm/--pbs: the account to charge"),
     detach: bool = typer.Option(False, "--detach", help="With --slurm: submit and return (deepfleet logs JOBID --follow); --pbs always returns"),
+    timings: bool = typer.Option(False, "--timings", help="Print the seconds of every startup phase, command to first step (always: one line, and logs/attempt-N/startup.json)"),
 ) -> None:
     """Train on this machine or on every host (./fleet.yaml, --fleet, --hostfile, SLURM/PBS); saves output_dir/final.
 
     Resumes from the newest complete checkpoint in output_dir. Exit code 75: stopped by a signal
     after writing a checkpoint; run the same command again to resume.
     """
+    clock = HeadClock(process_started=process_started_monotonic(), entered=time.monotonic())
     recipe_path, override_list = _split_recipe_argument(recipe, overrides)
     override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
@@ -92,7 +97,8 @@ def train(
                                account=account)
         passed = [*([str(Path(recipe_path).resolve())] if recipe_path else []), *override_list,
                   f"--max-restarts={max_restarts}", f"--hang-timeout={hang_timeout:g}",
-                  *([f"--nproc={nproc}"] if nproc else []), *(["--all-logs"] if all_logs else [])]
+                  *([f"--nproc={nproc}"] if nproc else []), *(["--all-logs"] if all_logs else []),
+                  *(["--timings"] if timings else [])]
         raise typer.Exit(code=_submit(request, slurm=slurm, pbs=pbs, conflicting=conflicting, train_args=passed,
                                       output_dir=loaded.output_path.resolve(), detach=detach, dry_run=dry_run))
     scheduler_only = [name for name, given in (("--nodes", nodes != 1), ("--gpus-per-node", gpus_per_node),
@@ -114,13 +120,16 @@ def train(
             if (error := report.error()):
                 raise error
     prepared = prepare_training(loaded, hosts, nproc=nproc, facts_file=facts)
+    clock.end("planning")   # with --sync, the copy is in it too
     if prepared.note:
         print(f"# {prepared.note}")
     if dry_run:
         print(dry_run_report(prepared).table(), end="")
         return
-    seconds = run_training(with_prepared_data(prepared), max_restarts=max_restarts, hang_timeout=hang_timeout,
-                           all_logs=all_logs)
+    job = with_prepared_data(prepared)
+    clock.end("data")
+    seconds = run_training(job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs,
+                           head_startup=clock.startup(), timings_table=timings)
     print(f"done in {seconds:.0f} s: {prepared.recipe.output_path / 'final'}")
 
 

@@ -10,7 +10,8 @@ needs a broad `pkill`. Protocol on stdin (from the head, one line each):
   "term"       graceful stop: SIGTERM to every process of the job (ranks checkpoint), SIGKILL after --grace
   "kill"/EOF   teardown: SIGTERM, then SIGKILL after a short grace
 
-On stdout it passes CMD's output through and adds event lines `@@deepfleet {json}`: started,
+On stdout it passes CMD's output through and adds event lines `@@deepfleet {json}`: started (with
+the agent's own startup seconds and the unix time it spawned CMD, for startup timings),
 heartbeat (newest step and age per local rank, from the files ranks write to DEEPFLEET_HEARTBEAT_DIR)
 and exit. Only the standard library is used so it starts in milliseconds on every host.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_LIFELINE_LOST, HEARTBEAT_DIR_ENV, JOB_ID_ENV, heartbeat_rank,
                                 heartbeat_step)
+from deepfleet.process_start import own_process_age
 
 KILL_GRACE_SECONDS = 3.0
 
@@ -151,7 +153,9 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
     except OSError as exc:
         emit("exit", code=127, reason=f"cannot start {command[0]} in {cwd or os.getcwd()}: {exc.strerror}")
         return 127
-    emit("started", pid=child.pid, host_pid=os.getpid())
+    agent_seconds, spawned_at = own_process_age(), time.time()   # CMD is running: exec succeeded
+    emit("started", pid=child.pid, host_pid=os.getpid(), spawned_at=round(spawned_at, 3),
+         agent_seconds=None if agent_seconds is None else round(agent_seconds, 3))
     pump = threading.Thread(target=pump_output, args=(child.stdout, sys.stdout.buffer), daemon=True)
     pump.start()
     reason, next_beat = "", 0.0

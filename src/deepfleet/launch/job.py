@@ -107,5 +107,6 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
                               "command": rank_command(settings.command, python)})
         hosts.append(HostProcess(label=host.name, argv=host_argv(host, agent_argv(host_job, node_rank=node_rank),
                                                                  options=ssh_options),
-                                 env=agent_env(host_job)))
+                                 env=agent_env(host_job),
+                                 transport="local" if host.local else "srun" if host.via_srun else "ssh"))
     return LaunchPlan(job=job, hosts=hosts, interface=interface, ranks_per_host=ranks)

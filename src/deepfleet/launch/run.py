@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -20,6 +21,7 @@ from deepfleet.launch.backends import (deepspeed_runner_command, deepspeed_runne
                                        slurm_script)
 from deepfleet.launch.commands import new_job_id
 from deepfleet.launch.job import LaunchPlan, LaunchSettings, plan_launch
+from deepfleet.launch.startup_timings import HeadStartup, StartupWatch, finish_startup
 from deepfleet.launch.supervisor import JobOutcome, Supervisor, SupervisorOptions, render_summary
 
 # A host that is the first to fail this many attempts in a row is named and the run stops:
@@ -55,6 +57,9 @@ class RunOptions:
     max_restarts: int = 0
     hang_timeout: float = 60.0
     all_logs: bool = False
+    startup_timings: bool = False             # the ranks report their startup (deepfleet.train); see startup_timings.py
+    head_startup: HeadStartup | None = None   # the command's phases before the launch (deepfleet train)
+    timings_table: bool = False               # print every startup phase after each attempt (--timings)
 
 
 def plan_for(fleet: Fleet, settings: LaunchSettings, *, ssh_options: SshOptions, extra_env: Mapping[str, str],
@@ -76,16 +81,22 @@ def run_with_restarts(fleet: Fleet, settings: LaunchSettings, options: RunOption
         write(f"network: {interface.fabric.note}")
     failed_first: list[str] = []
     for attempt in range(options.max_restarts + 1):
+        attempt_started = time.monotonic()
         plan = plan_for(fleet, settings, ssh_options=ssh_options, extra_env=extra_env, interface=interface)
         log_dir = options.run_dir / "logs" / f"attempt-{attempt}"
         ranks = (f"x {plan.job.nproc_per_node} rank(s)" if len(set(plan.ranks_per_host)) == 1
                  else f"({'+'.join(map(str, plan.ranks_per_host))} ranks)")
         write(f"launching {plan.job.job_id} on {plan.job.nnodes} host(s) {ranks}"
               + (f" (restart {attempt}/{options.max_restarts})" if attempt else "") + f"; logs in {log_dir}")
+        startup = StartupWatch(attempt=attempt, head=options.head_startup, log_dir=log_dir, started=attempt_started,
+                               transports={host.label: host.transport for host in plan.hosts}) \
+            if options.startup_timings else None
         supervisor = Supervisor(plan.hosts, SupervisorOptions(log_dir=log_dir, hang_timeout=options.hang_timeout,
-                                                              all_logs=options.all_logs), write=write)
+                                                              all_logs=options.all_logs), write=write, startup=startup)
         outcome = asyncio.run(supervisor.run())
         write(render_summary(outcome))
+        for line in finish_startup(startup, table=options.timings_table) if startup else ():
+            write(line)
         if outcome.exit_code == 0 or outcome.stopped_by_signal or outcome.preempted or outcome.failure is None \
                 or outcome.bad_input:   # the same input fails the same way on every restart
             return outcome

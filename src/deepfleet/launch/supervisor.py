@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPTED, RANK_ERROR_LINE, RANK_LINE,
-                                RANK_PREEMPTED_LINE)
+                                RANK_PREEMPTED_LINE, RANK_STARTUP_LINE)
+from deepfleet.launch.startup_timings import StartupWatch
 
 SSH_FAILED = 255
 # Agents send an event every 2 s; a host missing three while a job hangs is the likelier cause
@@ -54,6 +55,7 @@ class HostProcess:
     label: str               # host name/address, used in logs and the summary
     argv: list[str]          # what the head runs to reach this host's agent
     env: dict[str, str]      # sent on stdin: never on a command line
+    transport: str = "local"  # how argv reaches the host: "ssh", "srun" or "local"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,9 +138,10 @@ class ConsoleWriter:
 
 class Supervisor:
     def __init__(self, hosts: list[HostProcess], options: SupervisorOptions,
-                 write: Callable[[str], None] = print) -> None:
+                 write: Callable[[str], None] = print, startup: StartupWatch | None = None) -> None:
         self.hosts = [HostState(spec=h) for h in hosts]
         self.options = options
+        self.startup = startup
         self.console = ConsoleWriter(write)
         self.failure: Failure | None = None
         self.stop_requested = False
@@ -182,6 +185,8 @@ class Supervisor:
         self.stop_requested = True
 
     async def _start(self, host: HostState) -> None:
+        if self.startup:
+            self.startup.spawned(host.spec.label)
         host.proc = await asyncio.create_subprocess_exec(
             *host.spec.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=OUTPUT_LINE_LIMIT)
@@ -210,6 +215,11 @@ class Supervisor:
                 if line.startswith(AGENT_EVENT_PREFIX):
                     self._on_event(host, json.loads(line[len(AGENT_EVENT_PREFIX):]))
                     continue
+                if (report := RANK_STARTUP_LINE.match(line)) and self.startup:
+                    log.write(line + "\n")
+                    if shown := self.startup.rank_report(host.spec.label, report.group(2)):
+                        self.console.put(shown)
+                    continue
                 log.write(line + "\n")
                 log.flush()
                 host.tail.append(line)
@@ -233,6 +243,8 @@ class Supervisor:
 
     def _on_event(self, host: HostState, event: dict) -> None:
         now = time.monotonic()
+        if self.startup:
+            self.startup.event(host.spec.label, event)
         if event.get("event") == "heartbeat":
             for rank, beat in event.get("ranks", {}).items():
                 previous = host.steps.get(rank)

@@ -22,6 +22,7 @@ from deepfleet.fleet.ssh import options_for
 from deepfleet.launch.job import LaunchSettings
 from deepfleet.fleet.network import InterfaceChoice
 from deepfleet.launch.run import RunOptions, plan_for, run_with_restarts
+from deepfleet.launch.startup_timings import HeadStartup
 from deepfleet.launch.supervisor import JobOutcome
 
 TRAIN_COMMAND = ["python", "-m", TRAIN_MODULE]
@@ -89,21 +90,25 @@ def render_training_plan(job: TrainingJob) -> str:
 
 
 def run_training_job(job: TrainingJob, *, max_restarts: int, hang_timeout: float, all_logs: bool,
-                     write: Callable[[str], None] = print) -> JobOutcome:
+                     write: Callable[[str], None] = print, head_startup: HeadStartup | None = None,
+                     timings_table: bool = False) -> JobOutcome:
     options = RunOptions(run_dir=job.output_dir, max_restarts=max_restarts, hang_timeout=hang_timeout,
-                         all_logs=all_logs)
+                         all_logs=all_logs, startup_timings=True, head_startup=head_startup,
+                         timings_table=timings_table)
     return run_with_restarts(job.fleet, job.settings, options, ssh_options=options_for(job.fleet),
                              extra_env=job.env, interface=job.interface, write=write)
 
 
 def run_training(job: TrainingJob, *, max_restarts: int = 0, hang_timeout: float = 60.0, all_logs: bool = False,
-                 write: Callable[[str], None] = print) -> float:
+                 write: Callable[[str], None] = print, head_startup: HeadStartup | None = None,
+                 timings_table: bool = False) -> float:
     """Run the job to the end; returns wall seconds, or raises what `outcome_error` makes of it. A run
-    that stops on bad input leaves no output_dir behind when it created it."""
+    that stops on bad input leaves no output_dir behind when it created it. `head_startup`: the
+    command's own phases, for the startup timings (`timings_table`: all of them as a table)."""
     existed = job.output_dir.exists()
     started = time.perf_counter()
     outcome = run_training_job(job, max_restarts=max_restarts, hang_timeout=hang_timeout, all_logs=all_logs,
-                               write=write)
+                               write=write, head_startup=head_startup, timings_table=timings_table)
     error = outcome_error(outcome, log_dir=job.output_dir / "logs")
     if error is None:
         return time.perf_counter() - started

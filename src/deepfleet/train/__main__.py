@@ -35,15 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from deepfleet.errors import DeepfleetError
     from deepfleet.train.distributed import RankEnv
+    from deepfleet.train.startup_marks import StartupMarks
     from deepfleet.train.preemption import Preempted
 
     rank_env = RankEnv.from_environ()
+    startup = StartupMarks()
     try:
         from deepfleet.plan.recipe_io import load_recipe, parse_recipe
         from deepfleet.train.loop import run_training
 
         recipe = load_recipe(args.recipe) if args.recipe else parse_recipe(os.environ[RECIPE_ENV], f"${RECIPE_ENV}")
-        run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None)
+        run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None, startup=startup)
     except DeepfleetError as exc:
         print(exc.render(), file=sys.stderr)
         return exc.exit_code

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints
                                         complete_checkpoints, load_checkpoint, output_dir_shared_by_all_ranks,
                                         remove_incomplete, run_fingerprint, save_checkpoint, step_dir)
 from deepfleet.train.preemption import Preempted, StopRequest
+from deepfleet.train.startup_marks import StartupMarks
 
 
 @dataclass(kw_only=True)
@@ -81,10 +83,13 @@ class TrainResult:
     final_dir: Path | None
 
 
-def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
+def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks | None = None) -> TrainingRun:
     import deepspeed
 
+    startup = startup or StartupMarks()
+    startup.end("imports")
     device = init_distributed(rank_env)
+    startup.end("rendezvous")
     tokenizer = load_tokenizer(recipe.model)
     train_set, validation_set, report = rank_datasets(recipe, tokenizer, os.environ.get(PREPARED_DATA_ENV))
     precision = resolve_precision(recipe.precision, accelerator=device.accelerator,
@@ -108,10 +113,13 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv) -> TrainingRun:
     micro, accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     order = replace(order, micro_batch=micro, grad_accum=accum)
     validation = replace(validation, micro_batch=micro) if validation else None
+    startup.end("data")
     built = build_model(recipe, tokenizer, ds_config=ds_config, precision=precision, device=device.device,
                         for_training=True)
+    startup.end("model")
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
+    startup.end("deepspeed_init")
     seed_rank(recipe.train.seed, rank_env.rank)
     peak = rank_peak(choose_peak(recipe_peak_tflops=recipe.logging.peak_tflops, device_type=device.device.type,
                                  device_name=device_name(device.device), precision=precision), device.device)
@@ -207,19 +215,22 @@ def validation_loss(run: TrainingRun) -> float | None:
     return weighted / count if count else None
 
 
-def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None) -> TrainResult:
+def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None,
+                 startup: StartupMarks | None = None) -> TrainResult:
     started = time.perf_counter()
     # Step -1 tells the supervisor this rank is still starting (loading, rendezvous): its longer timeout applies.
     Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds).busy()
-    run = build_training_run(recipe, rank_env)
-    return train_and_save(run, console_stream=console_stream, started=started)
+    startup = startup or StartupMarks()
+    run = build_training_run(recipe, rank_env, startup)
+    return train_and_save(run, console_stream=console_stream, started=started, startup=startup)
 
 
 def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
-                   started: float | None = None) -> TrainResult:
+                   started: float | None = None, startup: StartupMarks | None = None) -> TrainResult:
     """Train from the newest complete checkpoint (or step 0) to total_steps, validate, save output_dir/final.
 
-    Every rank calls this. Raises `Preempted` after checkpointing when a stop signal arrived.
+    Every rank calls this. Raises `Preempted` after checkpointing when a stop signal arrived. Rank 0
+    prints its startup timings (`startup`) after its first step.
     """
     started = time.perf_counter() if started is None else started
     recipe, rank_env = run.recipe, run.rank_env
@@ -242,10 +253,16 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
     val_every = recipe.data.validation.every_steps
     seconds_since_save = 0.0   # sum of all-reduced step times: the same on every rank, so saves agree
     console.start(state.step)
+    if startup:
+        startup.end("setup")
     try:
         while state.step < run.total_steps:
             metrics, stop_now = train_one_step(run, state, stop_requested=stop.requested)
             heartbeat.beat(state.step)
+            if startup and "first_step" not in startup.phases:
+                startup.end("first_step")
+                if rank_env.is_main:
+                    print(startup.line(), file=sys.stderr, flush=True)
             first_loss = metrics.loss if math.isnan(first_loss) else first_loss
             last_loss = metrics.loss
             seconds_since_save += metrics.step_seconds
