@@ -231,14 +231,37 @@ def _populate(cluster: Cluster, specs: list[HostSpec], octet: int) -> None:
         _keygen(host_key)
         known.append(f"{host.address} {' '.join(host_key.with_suffix('.pub').read_text().split()[:2])}")
         host.sshd_config.write_text(_sshd_config(cluster, host, host_key))
+        write_name_files(cluster)   # before sshd: `ip netns exec` binds the file as it starts it
         if spec.sshd:
             start_sshd(cluster, host)
     cluster.known_hosts.write_text("\n".join(known) + "\n")
+    write_name_files(cluster)
     cluster.ssh_config.write_text(
         "Host *\n"
         f"  IdentityFile {cluster.identity_file}\n"
         f"  UserKnownHostsFile {cluster.known_hosts}\n"
         "  User root\n  StrictHostKeyChecking yes\n  BatchMode yes\n  LogLevel ERROR\n")
+
+
+def hosts_file_dir(namespace: str) -> Path:
+    """`ip netns exec NS` bind-mounts each file of /etc/netns/NS/ over the same name in /etc."""
+    return Path("/etc/netns") / namespace
+
+
+def write_name_files(cluster: Cluster) -> None:
+    """Every host resolves every other by name and address, as cluster nodes do (DNS or /etc/hosts),
+    and this machine's own names as before; any other name fails at once (no DNS server).
+    Without it a reverse lookup waits for this machine's resolver, unreachable from the namespaces,
+    for 10 s: torch.distributed's store looks up each client that connects, so each rendezvous
+    stalled 10-40 s on it. Rewritten in place as hosts are added: a bind mount shows the same inode."""
+    machine = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else "127.0.0.1 localhost\n"
+    lines = [machine.rstrip("\n"), f"{cluster.bridge_address} head",
+             *(f"{host.address} {host.name}" for host in cluster.hosts)]
+    for host in cluster.hosts:
+        directory = hosts_file_dir(host.namespace)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hosts").write_text("\n".join(lines) + "\n")
+        (directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")   # no DNS here: fail at once
 
 
 def firewall_tool() -> str | None:
@@ -269,6 +292,7 @@ def teardown_cluster(cluster: Cluster) -> list[str]:
     for host in cluster.hosts:
         _run(["ip", "link", "del", host.veth], check=False)
         _run(["ip", "netns", "del", host.namespace], check=False)
+        shutil.rmtree(hosts_file_dir(host.namespace), ignore_errors=True)
     _run(["ip", "link", "del", cluster.bridge], check=False)
     shutil.rmtree(cluster.root, ignore_errors=True)
     names = _run(["ip", "netns", "list"], check=False).stdout
