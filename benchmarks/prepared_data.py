@@ -57,12 +57,29 @@ def recipe(work: Path, data: Path, name: str) -> Path:
     return path
 
 
-def rank_pids() -> list[int]:
+def parent_pid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = parent_pid(pid)
+    return False
+
+
+def rank_pids(root: int) -> list[int]:
+    """The rank processes started by `root` (not another run's on the same machine)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and b"deepfleet.train" in (entry / "cmdline").read_bytes() \
-                    and b"torch.distributed.run" not in (entry / "cmdline").read_bytes():
+                    and b"torch.distributed.run" not in (entry / "cmdline").read_bytes() \
+                    and descends_from(int(entry.name), root):
                 pids.append(int(entry.name))
         except OSError:
             continue
@@ -89,7 +106,7 @@ def measure(argv: list[str], work: Path, output: Path) -> dict:
     first_step, peaks = None, {}
     metrics = output / "metrics.jsonl"
     while process.poll() is None:
-        for pid in rank_pids():
+        for pid in rank_pids(process.pid):
             rss = peak_rss_mib(pid)
             if rss:
                 peaks[pid] = max(peaks.get(pid, 0), rss)

@@ -20,14 +20,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.remote_probe_manifest import content_digest, is_manifest_file, load_manifest, scan, write_manifest
 from deepfleet.plan.recipe import BUILTIN_DATA, DataSpec, Recipe
-from deepfleet.train.examples import DatasetReport, TokenizedExample
+from deepfleet.train.examples import DatasetReport
 from deepfleet.train.data_sources import source_path
-from deepfleet.train.prepared_data import entry_problem, load_entry, write_entry
+from deepfleet.train.prepared_data import ChunkPart, entry_problem, load_entry, write_entry
 from deepfleet.train.tokenizer import load_tokenizer, local_tokenizer_dir
 
 CACHE_VERSION = 1
@@ -109,8 +109,10 @@ class PreparedData:
                 f"{done}: {self.path}")
 
 
-def needed_bytes(splits: dict[str, Sequence[TokenizedExample]]) -> int:
-    return sum(8 * sum(len(e) for e in examples) + 8 * (len(examples) + 1) for examples in splits.values())
+def needed_bytes(splits: dict[str, list[ChunkPart]]) -> int:
+    """The entry's arrays: two int32 and one int64 per token, one int64 per example boundary."""
+    return sum(8 * int(part.lengths[part.keep].sum()) + 8 * part.count for parts in splits.values() for part in parts) \
+        + 8 * len(splits)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -136,9 +138,11 @@ def check_room(root: Path, needed: int) -> None:
                              fix="free some space, or point data.cache_dir at a larger disk")
 
 
-def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) -> PreparedData:
+def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print,
+                        workers: int | None = None) -> PreparedData:
     """The entry for `recipe`'s data: the existing one when whole, else built and written. A model
-    dir on this machine is keyed by its files, so a warm cache is found without loading transformers."""
+    dir on this machine is keyed by its files, so a warm cache is found without loading transformers.
+    `workers`: processes that build it (default data.prepare_workers, else one per core of the head)."""
     started = time.monotonic()
     directory = local_tokenizer_dir(recipe.model)
     tokenizer = None if directory else load_tokenizer(recipe.model)
@@ -155,33 +159,58 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print) 
                                 seconds=time.monotonic() - started)
         note(f"note: prepared data {path} is damaged ({problem}); building it again")
     check_writable(root)
-    from deepfleet.train.dataset import build_datasets
-
-    train, validation, report = build_datasets(recipe.data, tokenizer or load_tokenizer(recipe.model),
-                                               seed=recipe.train.seed)
-    if key_inputs(recipe, identity, {}) != inputs:
-        raise DeepfleetError("a data file changed while it was being prepared", where=", ".join(recipe.data.train),
-                             fix="wait until the data is written completely, then run again")
-    splits = {"train": train, "validation": validation}
-    check_room(root, needed_bytes(splits))
-    _write_entry_once(root, path, splits, report, inputs)
+    report = _build_entry(recipe, tokenizer or load_tokenizer(recipe.model), root=root, path=path, inputs=inputs,
+                          identity=identity, workers=workers or recipe.data.prepare_workers or default_workers())
     store_manifests(manifests)
     return PreparedData(path=path, report=report, built=True, seconds=time.monotonic() - started)
 
 
-def _write_entry_once(root: Path, path: Path, splits: dict[str, Sequence[TokenizedExample]],
-                      report: DatasetReport, inputs: dict) -> None:
-    """Staged and renamed into place; another process finishing the same entry first is fine."""
-    staging = None
+def default_workers() -> int:
+    """One per core this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _build_entry(recipe: Recipe, tokenizer, *, root: Path, path: Path, inputs: dict, identity: str,
+                 workers: int) -> DatasetReport:
+    """Built in a temporary dir beside the entry (its chunks too) and renamed into place; nothing is
+    left behind when it fails, and another process finishing the same entry first is fine."""
+    from deepfleet.data_build import build_chunked   # loads transformers: not for a warm cache
+
+    created, staging = _missing_dirs(root), None
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=root))   # 0700: the data may be private
-        write_entry(staging, splits, report, inputs)
+        built = build_chunked(recipe.data, tokenizer, model=recipe.model, seed=recipe.train.seed,
+                              scratch=staging / "chunks", workers=workers)
+        if key_inputs(recipe, identity, {}) != inputs:
+            raise DeepfleetError("a data file changed while it was being prepared",
+                                 where=", ".join(recipe.data.train),
+                                 fix="wait until the data is written completely, then run again")
+        check_room(root, needed_bytes(built.splits))
+        write_entry(staging, built.splits, built.report, inputs)
+        shutil.rmtree(staging / "chunks")
         shutil.rmtree(path, ignore_errors=True)          # a damaged entry
         os.rename(staging, path)
+        staging = None
+        return built.report
     except OSError as exc:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
         if entry_problem(path) is not None:              # not another process finishing first
             raise DeepfleetError(f"cannot write the prepared data: {exc.strerror or exc}", where=str(root),
                                  fix="check the disk, or set data.cache_dir to another dir") from None
+        return load_entry(path)[2]
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:                        # a refused prepare leaves no cache dir behind
+            try:
+                directory.rmdir()
+            except OSError:
+                break

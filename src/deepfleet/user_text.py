@@ -33,12 +33,20 @@ def read_user_text(path: Path, what: str, *, fix: str = "check the path") -> str
         raise not_utf8(path, exc, what, fix="save it as UTF-8 text") from None
 
 
-def user_text_lines(path: Path, what: str, *, fix: str = "check the path") -> Iterator[tuple[int, str]]:
+def user_text_lines(path: Path, what: str, *, fix: str = "check the path",
+                    span: tuple[int, int, int] | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) of a user's file, streamed for files too large to hold at once (JSONL data);
-    decoded and reported like read_user_text."""
+    decoded and reported like read_user_text. `span` (start byte, stop byte, first line number) reads
+    only the lines from a line start up to `stop`: one chunk of a file read in parallel."""
+    start, stop, first = span or (0, None, 1)
     try:
         with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+            handle.seek(start)
+            position = start
+            for number, raw in enumerate(handle, start=first):
+                if stop is not None and position >= stop:
+                    return
+                position += len(raw)
                 try:
                     yield number, _decode(raw, at_start=number == 1)
                 except UnicodeDecodeError as exc:

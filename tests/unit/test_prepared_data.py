@@ -123,9 +123,9 @@ def test_no_room_names_the_size_and_writes_nothing(data, tmp_path, monkeypatch):
 
 
 def test_a_data_file_changing_while_it_is_prepared_is_refused(data, tmp_path, monkeypatch):
-    from deepfleet.train import dataset
+    from deepfleet import data_build
 
-    real = dataset.build_datasets
+    real = data_build.build_chunked
 
     def build_then_change(*args, **kwargs):
         built = real(*args, **kwargs)
@@ -134,7 +134,7 @@ def test_a_data_file_changing_while_it_is_prepared_is_refused(data, tmp_path, mo
         os.utime(data, ns=(1, 1))
         return built
 
-    monkeypatch.setattr(dataset, "build_datasets", build_then_change)
+    monkeypatch.setattr(data_build, "build_chunked", build_then_change)
     with pytest.raises(DeepfleetError, match="a data file changed while it was being prepared"):
         prepare_recipe_data(recipe_for(data, tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()

@@ -67,6 +67,7 @@ class DataSpec(Section):
     packing: bool = True
     validation: ValidationSpec = ValidationSpec()
     cache_dir: Optional[str] = None             # prepared (tokenized) data; default $XDG_CACHE_HOME or ~/.cache, /deepfleet/data
+    prepare_workers: Optional[int] = Field(None, gt=0)   # processes preparing it on the head; unset: one per core
 
     @field_validator("train", mode="before")
     @classmethod

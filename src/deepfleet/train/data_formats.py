@@ -128,16 +128,25 @@ def _convert(record: SourceRecord, fmt: str) -> Conversation | str:
     return {"messages": _messages, "alpaca": _alpaca, "sharegpt": _sharegpt}[fmt](record.fields)
 
 
-def convert_records(records: list[SourceRecord], fmt: str) -> list[Conversation | str]:
-    """Each record as a conversation (chat formats) or a string (text); all shape problems at once."""
+def shape_fix(fmt: str) -> str:
+    return f"give every record the {fmt} shape {_expected(fmt)}, or set data.format to the format the file uses"
+
+
+def converted_records(records: list[SourceRecord], fmt: str) -> tuple[list[Conversation | str], list[Problem]]:
+    """Each record as a conversation (chat formats) or a string (text), and every shape problem, not raised."""
     converted: list[Conversation | str] = []
     problems: list[Problem] = []
-    fix = f"give every record the {fmt} shape {_expected(fmt)}, or set data.format to the format the file uses"
     for record in records:
         try:
             converted.append(_convert(record, fmt))
         except RecordShapeError as exc:
-            problems.append(Problem(what=str(exc), where=record.where, fix=fix))
+            problems.append(Problem(what=str(exc), where=record.where, fix=shape_fix(fmt)))
+    return converted, problems
+
+
+def convert_records(records: list[SourceRecord], fmt: str) -> list[Conversation | str]:
+    """Each record as a conversation (chat formats) or a string (text); all shape problems at once."""
+    converted, problems = converted_records(records, fmt)
     if problems:
-        raise DeepfleetError(problems=capped_problems(problems, fix=fix))
+        raise DeepfleetError(problems=capped_problems(problems, fix=shape_fix(fmt)))
     return converted

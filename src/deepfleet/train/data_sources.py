@@ -60,17 +60,48 @@ def _jsonl_line(line: str, where: str, records: list[SourceRecord]) -> str:
     return ""
 
 
-def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
+JSONL_FIX = "make each line one JSON object, e.g. {\"messages\": [...]}"
+Span = tuple[int, int, int]    # start byte, stop byte, line number at start: a run of whole lines
+
+
+def jsonl_records(path: Path, key: str, span: Span | None = None) -> tuple[list[SourceRecord], list[Problem]]:
+    """The records of a JSONL file (or of `span` of it) and every malformed line, not raised; a file
+    that cannot be read or decoded raises."""
     records: list[SourceRecord] = []
     problems: list[Problem] = []
-    fix = "make each line one JSON object, e.g. {\"messages\": [...]}"
-    for number, line in user_text_lines(path, "data file", fix=_path_fix(key)):   # streamed: JSONL can be large
+    for number, line in user_text_lines(path, "data file", fix=_path_fix(key), span=span):   # streamed
         problem = _jsonl_line(line, f"{path}:{number}", records)
         if problem:
-            problems.append(Problem(what=problem, where=f"{path}:{number}", fix=fix))
+            problems.append(Problem(what=problem, where=f"{path}:{number}", fix=JSONL_FIX))
+    return records, problems
+
+
+def read_jsonl(path: Path, key: str) -> list[SourceRecord]:
+    records, problems = jsonl_records(path, key)
     if problems:
-        raise DeepfleetError(problems=capped_problems(problems, fix=fix))
+        raise DeepfleetError(problems=capped_problems(problems, fix=JSONL_FIX))
     return records
+
+
+def first_jsonl_record(path: Path, key: str) -> SourceRecord | None:
+    """The first record of a JSONL file, reading no further (None: it has none)."""
+    records: list[SourceRecord] = []
+    for number, line in user_text_lines(path, "data file", fix=_path_fix(key)):
+        if not _jsonl_line(line, f"{path}:{number}", records) and records:
+            return records[0]
+    return None
+
+
+def jsonl_spans(path: Path, chunk_bytes: int) -> list[Span]:
+    """`path` cut into runs of whole lines of about `chunk_bytes` each, with the line each starts on."""
+    spans: list[Span] = []
+    start, line = 0, 1
+    with path.open("rb") as handle:
+        while block := handle.read(chunk_bytes):
+            block += handle.readline()
+            spans.append((start, start + len(block), line))
+            start, line = start + len(block), line + block.count(b"\n")
+    return spans
 
 
 def element_lines(text: str) -> list[int]:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Sample:
+class Sample:
     content: Conversation | str
     where: str
 
@@ -55,15 +55,15 @@ def finish_example(example: TokenizedExample, max_length: int) -> tuple[Tokenize
 
 
 def _load_samples(sources: list[str], *, fmt: str, key: str, seed: int,
-                  validation: bool) -> tuple[list[_Sample], list[str]]:
+                  validation: bool) -> tuple[list[Sample], list[str]]:
     """Samples from every source and the format each source was read as."""
-    samples: list[_Sample] = []
+    samples: list[Sample] = []
     formats: list[str] = []
     for source in sources:
         records: list[SourceRecord] = read_source(source, key=key, seed=seed, validation=validation)
         source_format = detect_format(records[0]) if fmt == "auto" else fmt
         contents = convert_records(records, source_format)
-        samples += [_Sample(content=content, where=record.where) for content, record in zip(contents, records)]
+        samples += [Sample(content=content, where=record.where) for content, record in zip(contents, records)]
         formats.append(source_format)
     return samples, formats
 
@@ -80,7 +80,7 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, formats: list[str], 
                              fix="use a chat/instruct model (e.g. a *-Instruct id), or data in format: text")
 
 
-def _tokenize_one(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> TokenizedExample:
+def _tokenize_one(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> TokenizedExample:
     if isinstance(sample.content, str):
         return tokenize_text(tokenizer, sample.content)
     try:
@@ -90,7 +90,7 @@ def _tokenize_one(tokenizer: PreTrainedTokenizerBase, sample: _Sample) -> Tokeni
                              fix="check the roles and their order (many templates need user/assistant turns alternating)") from None
 
 
-def _tokenize_chunk(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample]) -> list[TokenizedExample]:
+def _tokenize_chunk(tokenizer: PreTrainedTokenizerBase, samples: list[Sample]) -> list[TokenizedExample]:
     """Batched rendering and tokenization; on a template error, one by one to name the record."""
     if not all(isinstance(sample.content, list) for sample in samples):
         return [_tokenize_one(tokenizer, sample) for sample in samples]
@@ -102,13 +102,13 @@ def _tokenize_chunk(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample]) 
 
 
 @dataclass(frozen=True, kw_only=True)
-class _TokenizedSet:
+class TokenizedSet:
     examples: list[TokenizedExample]
     n_truncated: int
     n_without_answer: int
 
 
-def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample], max_length: int) -> _TokenizedSet:
+def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: list[Sample], max_length: int) -> TokenizedSet:
     """Tokenized, truncated examples; those left with no trained token are dropped and counted."""
     examples: list[TokenizedExample] = []
     n_truncated = n_without_answer = 0
@@ -120,7 +120,18 @@ def tokenize_samples(tokenizer: PreTrainedTokenizerBase, samples: list[_Sample],
                 n_without_answer += 1
                 continue
             examples.append(example)
-    return _TokenizedSet(examples=examples, n_truncated=n_truncated, n_without_answer=n_without_answer)
+    return TokenizedSet(examples=examples, n_truncated=n_truncated, n_without_answer=n_without_answer)
+
+
+def held_out_indices(n_examples: int, fraction: float, seed: int) -> set[int]:
+    """The indices of the round(fraction * n) examples (at least 1) held out for validation, chosen by `seed`."""
+    n_validation = max(1, round(fraction * n_examples))
+    if n_validation >= n_examples:
+        raise DeepfleetError(f"data.validation.split={fraction} leaves no training data from {n_examples} examples",
+                             where="data.validation.split", fix="lower the split or add data")
+    order = list(range(n_examples))
+    random.Random(f"deepfleet-validation:{seed}").shuffle(order)
+    return set(order[:n_validation])
 
 
 def split_validation(examples: list[TokenizedExample], fraction: float,
@@ -128,29 +139,29 @@ def split_validation(examples: list[TokenizedExample], fraction: float,
     """Hold out round(fraction * n) examples (at least 1), chosen by `seed`; both parts keep file order."""
     if fraction <= 0:
         return examples, []
-    n_validation = max(1, round(fraction * len(examples)))
-    if n_validation >= len(examples):
-        raise DeepfleetError(f"data.validation.split={fraction} leaves no training data from {len(examples)} examples",
-                             where="data.validation.split", fix="lower the split or add data")
-    order = list(range(len(examples)))
-    random.Random(f"deepfleet-validation:{seed}").shuffle(order)
-    held = set(order[:n_validation])
+    held = held_out_indices(len(examples), fraction, seed)
     train = [example for index, example in enumerate(examples) if index not in held]
     validation = [example for index, example in enumerate(examples) if index in held]
     return train, validation
 
 
-def _warn_truncated(n_truncated: int, n_total: int, max_length: int) -> None:
+def warn_truncated(n_truncated: int, n_total: int, max_length: int) -> None:
     if n_truncated:
         log.warning("%d of %d sequences are longer than data.max_length=%d and were truncated",
                     n_truncated, n_total, max_length)
 
 
-def _empty_dataset_error(data: DataSpec, n_without_answer: int) -> DeepfleetError:
+def empty_dataset_error(data: DataSpec, n_without_answer: int) -> DeepfleetError:
     if n_without_answer:
         return DeepfleetError(f"no training example has an answer token left ({n_without_answer} had none)",
                               where="data.train", fix="raise data.max_length, or check the records have assistant turns")
     return DeepfleetError("the training data is empty", where="data.train", fix="add records to the data files")
+
+
+def check_one_validation(data: DataSpec) -> None:
+    if data.validation.files and data.validation.split > 0:
+        raise DeepfleetError("both data.validation.split and data.validation.files are set",
+                             where="data.validation", fix="keep one of them")
 
 
 def build_datasets(data: DataSpec, tokenizer: PreTrainedTokenizerBase, *,
@@ -161,14 +172,12 @@ def build_datasets(data: DataSpec, tokenizer: PreTrainedTokenizerBase, *,
     `data.validation.split` fraction of the training examples. Sequences over `data.max_length`
     are truncated and counted, with one warning.
     """
-    if data.validation.files and data.validation.split > 0:
-        raise DeepfleetError("both data.validation.split and data.validation.files are set",
-                             where="data.validation", fix="keep one of them")
+    check_one_validation(data)
     samples, formats = _load_samples(data.train, fmt=data.format, key="data.train", seed=seed, validation=False)
     check_chat_template(tokenizer, formats, data.train)
     train_set = tokenize_samples(tokenizer, samples, data.max_length)
     if not train_set.examples:
-        raise _empty_dataset_error(data, train_set.n_without_answer)
+        raise empty_dataset_error(data, train_set.n_without_answer)
     train, validation = split_validation(train_set.examples, data.validation.split, seed)
     n_truncated, n_without_answer = train_set.n_truncated, train_set.n_without_answer
     n_total = len(samples)
@@ -183,7 +192,7 @@ def build_datasets(data: DataSpec, tokenizer: PreTrainedTokenizerBase, *,
         n_without_answer += held_set.n_without_answer
         n_total += len(held_samples)
         formats += held_formats
-    _warn_truncated(n_truncated, n_total, data.max_length)
+    warn_truncated(n_truncated, n_total, data.max_length)
     report = DatasetReport(
         n_train=len(train), n_validation=len(validation), n_truncated=n_truncated,
         n_tokens=sum(len(example) for example in train), format="+".join(dict.fromkeys(formats)),

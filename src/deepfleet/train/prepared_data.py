@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -50,24 +50,50 @@ class MappedExamples(Sequence[TokenizedExample]):
         return np.diff(self.offsets).tolist()
 
 
-def _arrays(examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray]:
-    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-    np.cumsum([len(example) for example in examples], out=offsets[1:])
-    ids = np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for e in examples for t in e.labels), dtype=np.int32, count=int(offsets[-1]))
-    return {"ids": ids, "labels": labels, "offsets": offsets}
+@dataclass(frozen=True, kw_only=True)
+class ChunkPart:
+    """The examples a split takes from one chunk of tokenized data (data_build.py)."""
+    ids: Path               # the chunk's tokens (int32 .npy), its examples end to end
+    labels: Path
+    lengths: np.ndarray     # every example's length
+    keep: np.ndarray        # which of them the split takes
+
+    @property
+    def count(self) -> int:
+        return int(self.keep.sum())
+
+    def kept(self, name: str) -> np.ndarray:
+        tokens = np.load(self.ids if name == "ids" else self.labels)
+        return tokens if self.keep.all() else tokens[np.repeat(self.keep, self.lengths)]
 
 
-def write_entry(directory: Path, splits: dict[str, Sequence[TokenizedExample]], report: DatasetReport,
-                inputs: dict) -> None:
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_tokens(handle, parts: list[ChunkPart], name: str, total: int) -> None:
+    """One .npy of every part's tokens, as np.save would write their concatenation, one chunk in memory at a time."""
+    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+                                                  "fortran_order": False, "shape": (total,)})
+    for part in parts:
+        handle.write(part.kept(name).astype(np.int32, copy=False).tobytes())
+
+
+def write_entry(directory: Path, splits: dict[str, list[ChunkPart]], report: DatasetReport, inputs: dict) -> None:
     sizes = {}
-    for split, examples in splits.items():
-        for name, array in _arrays(examples).items():
+    for split, parts in splits.items():
+        lengths = np.concatenate([part.lengths[part.keep] for part in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        for name in ARRAYS:
             path = directory / f"{split}.{name}.npy"
-            with open(path, "wb") as handle:
-                np.save(handle, array)
-                handle.flush()
-                os.fsync(handle.fileno())
+            if name == "offsets":
+                _write_synced(path, lambda handle: np.save(handle, offsets))
+            else:
+                _write_synced(path, lambda handle: _write_tokens(handle, parts, name, int(offsets[-1])))
             sizes[path.name] = path.stat().st_size
     (directory / REPORT).write_text(json.dumps({"report": asdict(report), "inputs": inputs, "sizes": sizes}))
     (directory / COMPLETE).write_text("")
