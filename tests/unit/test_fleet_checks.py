@@ -403,3 +403,13 @@ def test_hosts_without_slots_get_one_rank_per_gpu():
                                          "torch_sees": 4}
     found = [f for f in run_checks(collected(unset)) if f.check == "accelerators"]
     assert {(f.severity, f.message) for f in found} == {("ok", "4 GPU(s), one rank each")}
+
+
+def test_a_slow_reverse_lookup_on_the_master_is_a_warning_naming_the_address_and_hosts_file():
+    listener = {**RECORDED["listener"], "reverse_lookup": {"10.213.242.2": 0.01, "10.213.242.3": None}}
+    found = [f for f in run_checks(collected(listener=listener)) if f.check == "reverse-dns"]
+    assert [(f.host, f.severity) for f in found] == [("gpu1", "warn")]
+    assert "10.213.242.3 over 3 s" in found[0].message and "10.213.242.2" not in found[0].message
+    assert "/etc/hosts on gpu1" in found[0].fix
+    quick = {**RECORDED["listener"], "reverse_lookup": {"10.213.242.2": 0.01, "10.213.242.3": 0.02}}
+    assert [f.severity for f in run_checks(collected(listener=quick)) if f.check == "reverse-dns"] == ["ok"]

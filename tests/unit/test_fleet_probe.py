@@ -208,3 +208,23 @@ def test_master_port_is_reached_while_slow_facts_are_still_being_collected(monke
     result = remote_probe.facts({"master": ["127.0.0.1", port], "network_seconds": 1.0})
     accepting.join(3)
     assert result["network"]["master"]["ok"] and report["peers"] == ["127.0.0.1"]
+
+
+def test_the_master_times_the_reverse_lookup_of_each_host_that_connects(monkeypatch):
+    """What torch's store does for every client: a resolver that does not answer is reported, bounded."""
+    monkeypatch.setattr(remote_probe, "REVERSE_LOOKUP_LIMIT", 0.5)
+    def unanswered(*args):
+        time.sleep(1.0)
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+    monkeypatch.setattr(remote_probe.socket, "getnameinfo", unanswered)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    report = {"ready": True, "peers": []}
+    accepting = threading.Thread(target=remote_probe.accept_peers, args=(server, report, 1, 2.0), daemon=True)
+    accepting.start()
+    socket.create_connection(server.getsockname(), timeout=2).close()
+    started = time.monotonic()
+    accepting.join(5)
+    assert report["reverse_lookup"] == {"127.0.0.1": None} and time.monotonic() - started < 1.0
+    assert 1.0 <= remote_probe.reverse_lookup_seconds("127.0.0.1") < 1.5

@@ -13,7 +13,8 @@ from deepfleet.fleet.build_checks import check_deepspeed_ops
 from deepfleet.fleet.data_checks import check_checksums
 from deepfleet.fleet.facts import HostFacts
 from deepfleet.fleet.findings import FLEET, Collected, Finding, Severity, differs
-from deepfleet.fleet.network_checks import check_bandwidth, check_infiniband, check_interface, check_master_port
+from deepfleet.fleet.network_checks import (check_bandwidth, check_infiniband, check_interface, check_master_port,
+                                            check_reverse_dns)
 from deepfleet.fleet.ssh import diagnose
 
 GIB = 1 << 30
@@ -262,7 +263,7 @@ def check_clock_skew(c: Collected, limit_seconds: float = 1.0) -> list[Finding]:
 ALL_CHECKS: list[Callable[[Collected], list[Finding]]] = [
     check_ssh, check_ssh_matrix, check_python, check_packages, check_accelerators, check_deepspeed_ops, check_workdir,
     check_output_dir, check_resources, check_clock_skew, check_interface, check_infiniband,
-    check_master_port, check_bandwidth, check_checksums]
+    check_master_port, check_reverse_dns, check_bandwidth, check_checksums]
 
 
 def run_checks(collected: Collected) -> list[Finding]:

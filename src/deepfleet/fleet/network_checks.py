@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from deepfleet.fleet.findings import FLEET, Collected, Finding
 from deepfleet.fleet.network import choose_fabric
+from deepfleet.fleet.remote_probe import REVERSE_LOOKUP_LIMIT
+
+SLOW_LOOKUP_SECONDS = 1.0
 
 
 def check_interface(c: Collected) -> list[Finding]:
@@ -71,6 +74,26 @@ def check_master_port(c: Collected) -> list[Finding]:
         found.append(Finding(check="master-port", host=FLEET, severity="ok",
                              message=f"every host reaches {master}:{port}"))
     return found
+
+
+def check_reverse_dns(c: Collected) -> list[Finding]:
+    """torch.distributed's TCPStore looks up the name of every process that connects to it, one at a
+    time; a resolver that does not answer stalls each start by its timeout (10 s by default)."""
+    lookups = (c.listener or {}).get("reverse_lookup") or {}
+    if not lookups:
+        return []
+    master = c.fleet.master.name
+    slow = {address: seconds for address, seconds in lookups.items() if seconds is None or seconds >= SLOW_LOOKUP_SECONDS}
+    if not slow:
+        return [Finding(check="reverse-dns", host=master, severity="ok",
+                        message=f"{master} looks up every host's name at once")]
+    took = ", ".join(f"{address} {'over %g' % REVERSE_LOOKUP_LIMIT if s is None else '%.1f' % s} s"
+                     for address, s in sorted(slow.items()))
+    return [Finding(check="reverse-dns", host=master, severity="warn",
+                    message=f"looking up the name of a connecting host takes long on {master} ({took}): the "
+                            "rendezvous store does that for every process that connects, and waits each time",
+                    fix=f"list every host's address and name in /etc/hosts on {master}, or fix the DNS server "
+                        "in its /etc/resolv.conf")]
 
 
 def check_bandwidth(c: Collected, warn_gbit: float = 1.0) -> list[Finding]:

@@ -30,6 +30,7 @@ PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_a
 
 
 _LISTINGS = {}
+REVERSE_LOOKUP_LIMIT = 3.0   # seconds; glibc's resolver gives up after 5 s x 2 attempts by default
 
 
 def _installed_version(name):
@@ -312,7 +313,7 @@ def facts(params):
         # Past the bandwidth barrier every other host has finished its connect attempts.
         if params.get("bandwidth") and "error" not in (result["network"]["bandwidth"] or {}):
             stop.set()
-        accepting.join(params["listen"]["seconds"] + 1)
+        accepting.join(params["listen"]["seconds"] + REVERSE_LOOKUP_LIMIT + 1)
     result["listener"] = listener
     result["torch_imported"] = "torch" in sys.modules    # only with an NVIDIA device: it costs seconds
     result["time_end"] = time.time()
@@ -332,20 +333,38 @@ def open_master_port(params):
     return server, {"ready": True, "peers": []}
 
 
+def reverse_lookup_seconds(address):
+    """Seconds to look up the name of `address`, as torch's TCPStore does for each client that connects."""
+    started = time.monotonic()
+    try:
+        socket.getnameinfo((address, 0), socket.NI_NAMEREQD)
+    except OSError:
+        pass   # no name is fine; only the wait matters
+    return round(time.monotonic() - started, 2)
+
+
 def accept_peers(server, report, expect, seconds, stop=None):
-    """Accept until `expect` peers connected, `seconds` passed or `stop` is set; record peers."""
+    """Accept until `expect` peers connected, `seconds` passed or `stop` is set; record peers and how
+    long each one's reverse lookup took (None: not done after REVERSE_LOOKUP_LIMIT seconds)."""
     deadline = time.monotonic() + seconds
+    lookups, lookup_threads = {}, {}
     while len(report["peers"]) < expect and time.monotonic() < deadline and not (stop and stop.is_set()):
         server.settimeout(max(0.05, min(0.2, deadline - time.monotonic())))
         try:
             conn, peer = server.accept()
             report["peers"].append(peer[0])
             conn.close()
+            if peer[0] not in lookup_threads:
+                lookup_threads[peer[0]] = (time.monotonic(), in_thread(lookups, peer[0], reverse_lookup_seconds,
+                                                                       peer[0]))
         except socket.timeout:
             continue
         except OSError:
             break
     server.close()
+    for started, thread in lookup_threads.values():
+        thread.join(max(0.0, started + REVERSE_LOOKUP_LIMIT - time.monotonic()))
+    report["reverse_lookup"] = {address: lookups.get(address) for address in lookup_threads}
 
 
 def listen(params):
