@@ -96,16 +96,23 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def measure(argv: list[str], work: Path, output: Path) -> dict:
-    """Seconds to the first step and every rank's peak RSS, polled until the run ends."""
+def measure(argv: list[str], work: Path, output: Path, *, env: dict[str, str] | None = None,
+            timeout: float = 1800) -> dict:
+    """Seconds to the first step and every rank's peak RSS (ranks this process started), polled until
+    the run ends; a run past `timeout` is killed."""
     log = output.with_suffix(".out")
     started = time.time()
     with log.open("w") as sink:   # a file, not a pipe: an undrained pipe would stall the run
-        process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                                    stdout=sink, stderr=subprocess.STDOUT)
     first_step, peaks = None, {}
     metrics = output / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
     while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            break
         for pid in rank_pids(process.pid):
             rss = peak_rss_mib(pid)
             if rss:
@@ -114,7 +121,7 @@ def measure(argv: list[str], work: Path, output: Path) -> dict:
             first_step = time.time() - started
         time.sleep(0.05)
     out = log.read_text()
-    if process.returncode != 0:
+    if process.returncode != 0 or first_step is None:
         raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {out[-2000:]}")
     prepare = next((line for line in out.splitlines() if line.startswith("data: ")), "")
     return {"first_step": first_step, "rss": sorted(peaks.values(), reverse=True)[:2], "prepare": prepare}

@@ -16,10 +16,8 @@ record in metrics.jsonl (all hosts share this machine's clock and files). Goal: 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "cluster"), str(ROOT / "benchmarks")]
 
 from namespace_cluster import build_cluster, fleet_yaml_text, missing_prerequisites, teardown_cluster  # noqa: E402
-from prepared_data import write_conversations  # noqa: E402
+from prepared_data import measure, write_conversations  # noqa: E402
 
 PYTHON = sys.executable
 DEMO = ROOT / "src" / "deepfleet" / "assets" / "demo.yaml"
@@ -49,25 +47,6 @@ def write_recipe(work: Path, name: str, data: Path | None) -> Path:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def seconds_to_first_step(argv: list[str], work: Path, output: Path, env: dict[str, str]) -> float:
-    log = output.with_suffix(".out")
-    started = time.time()
-    with log.open("w") as sink:   # a file, not a pipe: an undrained pipe would stall the run
-        process = subprocess.Popen(argv, cwd=work, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)
-    first_step, deadline = None, time.monotonic() + 1800
-    metrics = output / "metrics.jsonl"
-    while process.poll() is None and time.monotonic() < deadline:
-        if first_step is None and metrics.exists() and any(
-                json.loads(line).get("kind") == "train" for line in metrics.read_text().splitlines() if line.strip()):
-            first_step = time.time() - started
-        time.sleep(0.05)
-    if process.poll() is None:
-        process.kill()
-    if process.wait() != 0 or first_step is None:
-        raise RuntimeError(f"{argv[:5]} exited {process.returncode}: {log.read_text()[-2000:]}")
-    return first_step
 
 
 def deepspeed_run(cluster, work: Path, recipe: Path, port: int) -> tuple[list[str], dict[str, str]]:
@@ -88,10 +67,10 @@ def compare(cluster, work: Path, label: str, data: Path | None, repeats: int) ->
     for run in range(repeats):
         name = f"{label}-deepspeed-{run}"
         argv, env = deepspeed_run(cluster, work, write_recipe(work, name, data), 29600 + run)
-        theirs.append(seconds_to_first_step(argv, work, work / name, env))
+        theirs.append(measure(argv, work, work / name, env=env)["first_step"])
         name = f"{label}-deepfleet-{run}"
         argv = [PYTHON, "-m", "deepfleet.cli.app", "train", str(write_recipe(work, name, data)), "--fleet", "fleet.yaml"]
-        ours.append(seconds_to_first_step(argv, work, work / name, {}))
+        ours.append(measure(argv, work, work / name)["first_step"])
         print(f"  {label} run {run + 1}: deepspeed {theirs[-1]:.1f} s, deepfleet {ours[-1]:.1f} s"
               f"{' (cold data cache)' if run == 0 else ''}", flush=True)
     warm = ours[1:] or ours
