@@ -23,7 +23,7 @@ from deepfleet.fleet_hardware import FleetHardware, fleet_hardware
 from deepfleet.launch.training import TrainingJob, default_nproc, is_local_only, render_training_plan
 from deepfleet.plan.choose import FleetShape
 from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig, planning_steps, resolve_run_config
-from deepfleet.plan.memory import ModelShape, model_shape_from_config
+from deepfleet.plan.memory import ModelShape
 from deepfleet.plan.recipe import BUILTIN_MODEL_PREFIX, Recipe
 
 SYNC_FIX = "run `deepfleet sync {path}` with this fleet, or `deepfleet train --sync`"
@@ -47,10 +47,9 @@ class PreparedRun:
 
 
 def shape_for(recipe: Recipe) -> ModelShape:
-    from deepfleet.train.model import load_model_config
+    from deepfleet.train.model_facts import model_facts
 
-    return model_shape_from_config(load_model_config(recipe.model), method=recipe.method, lora_rank=recipe.lora.r,
-                                   lora_targets=recipe.lora.target_modules)
+    return model_facts(recipe).shape
 
 
 def resolved_recipe_json(recipe: Recipe) -> str:
@@ -186,9 +185,9 @@ def run_summary(recipe: Recipe, found: FleetHardware, resolved: ResolvedDeepSpee
 def planned_attention(recipe: Recipe, found: FleetHardware) -> str:
     """The attention the ranks will choose (train/families.py), from the hosts' device and flash-attn."""
     from deepfleet.train.families import choose_attention
-    from deepfleet.train.model import load_model_config, model_family
+    from deepfleet.train.model_facts import model_facts
 
-    family = model_family(recipe, load_model_config(recipe.model))
+    family = model_facts(recipe).family
     choice = choose_attention(family, requested=recipe.model.attn_implementation, device_type=found.accelerator,
                               packed_rows=recipe.data.packing,
                               flash_available=found.accelerator == "cuda" and all(h.flash_attn for h in found.hosts))

@@ -16,7 +16,7 @@ from pathlib import Path
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.collect import collect, described, held_here, holdings, sources_for
 from deepfleet.fleet.inventory import Fleet
-from deepfleet.train.checkpoint import CHECKPOINTS_DIR, COMPLETE_MARKER, read_marker
+from deepfleet.train.checkpoint_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, read_marker
 
 RANK_FILE = re.compile(r"^rng-rank-(\d+)\.pt$")                 # one per rank, saved with its shards
 STEP_MARKER = re.compile(rf"^step-(\d+)/{COMPLETE_MARKER}$")

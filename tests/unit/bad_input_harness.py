@@ -36,10 +36,19 @@ def at(text: str, root: Path) -> str:
     return text.replace("{tmp}", str(root))
 
 
+# The model facts the head computed through transformers (train/model_facts.py) are kept even when a
+# later check refuses the command: whole files about a model that passed its own checks.
+MODEL_FACTS = Path("cache") / "deepfleet" / "models"
+
+
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file and dir under root: what a command created, changed or removed."""
     return {str(path.relative_to(root)): (path.lstat().st_size if not path.is_dir() else 0, path.lstat().st_mtime_ns)
-            for path in root.rglob("*")}
+            for path in root.rglob("*") if not _model_facts(path.relative_to(root))}
+
+
+def _model_facts(path: Path) -> bool:
+    return path.is_relative_to(MODEL_FACTS) or MODEL_FACTS.is_relative_to(path)
 
 
 def write_files(root: Path, files: dict[str, str | bytes]) -> None:

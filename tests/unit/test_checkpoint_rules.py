@@ -7,7 +7,7 @@ import pytest
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
-from deepfleet.train.checkpoint import (COMPLETE_MARKER, SavePolicy, check_resumable, complete_checkpoints,
+from deepfleet.train.checkpoint_layout import (COMPLETE_MARKER, SavePolicy, check_resumable, complete_checkpoints,
                                         remove_incomplete, run_fingerprint, step_dir)
 
 

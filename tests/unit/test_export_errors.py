@@ -11,7 +11,7 @@ import torch
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
-from deepfleet.train.checkpoint import COMPLETE_MARKER, DS_CONFIG_FILE, ENGINE_TAG, RECIPE_FILE, step_dir
+from deepfleet.train.checkpoint_layout import COMPLETE_MARKER, DS_CONFIG_FILE, ENGINE_TAG, RECIPE_FILE, step_dir
 from deepfleet.train.export import export_checkpoint
 from deepfleet.train.model import build_model
 from deepfleet.train.save import RUN_INFO_FILE

@@ -9,7 +9,7 @@ from deepfleet.plan.recipe_io import parse_recipe
 from deepfleet.train.distributed import RankEnv
 from deepfleet.train.metrics import (Heartbeat, MetricsWriter, StepMetrics, mfu, mfu_above_one_warning, plot_loss,
                                      read_metrics)
-from deepfleet.train.model import check_method_supported, check_model_source
+from deepfleet.train.model_facts import check_method_supported, check_model_source
 
 
 def test_qlora_needs_cuda_then_bitsandbytes(monkeypatch):

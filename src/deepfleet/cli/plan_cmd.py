@@ -87,8 +87,8 @@ def check_ds_config(
     accelerator = accelerator or found.accelerator
     if bf16 is None:  # a cuda check on CPU hosts assumes GPUs with bf16 (pass --no-bf16 for older ones)
         bf16 = accelerator == "cuda" and (found.accelerator == "cpu" or all(h.bf16 for h in found.hosts))
-    from deepfleet.train.model import load_model_config
-    hidden = load_model_config(loaded.model).hidden_size if loaded else None
+    from deepfleet.train.model_facts import model_facts
+    hidden = model_facts(loaded).shape.hidden_size if loaded else None
     world_size = found.world_size
     checked = check_deepspeed_json(read_deepspeed_json(file), source=file, recipe=loaded,
                                    world_size=world_size, accelerator=accelerator, bf16_supported=bf16,

@@ -7,10 +7,13 @@ tokenizer shipped in `deepfleet/assets/tiny_tokenizer`. The data are the tasks i
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from deepfleet.plan.recipe import BUILTIN_DATA as BUILTIN_DATA_NAME, TINY_MODEL_NAME  # noqa: F401 (re-exported)
 from deepfleet.train.builtin_tasks import generate_examples
+
+if TYPE_CHECKING:   # the head reads built-in data without importing transformers (seconds)
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 BUILTIN_TRAIN_RECORDS = 20_000   # records `builtin:tasks` yields as training data
 
@@ -25,6 +28,8 @@ TINY_MAX_POSITIONS = 1024
 
 def builtin_model_config(tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     """A small Llama config matching `tokenizer`; build the model with `AutoModelForCausalLM.from_config`."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=TINY_HIDDEN,

@@ -17,7 +17,7 @@ import torch
 from deepfleet.errors import DeepfleetError, exception_summary
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.train.builtin import TINY_MODEL_NAME
-from deepfleet.train.checkpoint import CHECKPOINTS_DIR, DS_CONFIG_FILE, ENGINE_TAG, RECIPE_FILE, complete_checkpoints
+from deepfleet.train.checkpoint_layout import CHECKPOINTS_DIR, DS_CONFIG_FILE, ENGINE_TAG, RECIPE_FILE, complete_checkpoints
 from deepfleet.train.model import build_model
 from deepfleet.train.save import is_model_dir, write_model_dir
 from deepfleet.train.tokenizer import load_tokenizer

@@ -37,9 +37,10 @@ from deepfleet.train.peak import RankPeak, choose_peak, device_name, peak_summar
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
 from deepfleet.train.builtin import TINY_MODEL_NAME
-from deepfleet.train.checkpoint import (SavePolicy, check_resumable, checkpoints_root, common_resume_step,
-                                        complete_checkpoints, load_checkpoint, output_dir_shared_by_all_ranks,
-                                        remove_incomplete, run_fingerprint, save_checkpoint, step_dir)
+from deepfleet.train.checkpoint import (common_resume_step, load_checkpoint, output_dir_shared_by_all_ranks,
+                                        save_checkpoint)
+from deepfleet.train.checkpoint_layout import (SavePolicy, check_resumable, checkpoints_root, complete_checkpoints,
+                                               remove_incomplete, run_fingerprint, step_dir)
 from deepfleet.train.preemption import Preempted, StopRequest
 from deepfleet.train.startup_marks import StartupMarks
 

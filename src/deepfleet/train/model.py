@@ -23,6 +23,7 @@ from deepfleet.train import packed_attention  # noqa: F401  (registers the per-s
 from deepfleet.train.families import (AttentionChoice, Family, check_packing, choose_attention, family_of,
                                       remote_code_refusal)
 from deepfleet.train.flops import TrainingFlops, training_flops_of
+from deepfleet.train.model_facts import check_method_supported, check_model_source
 
 
 @dataclass(kw_only=True)
@@ -34,39 +35,6 @@ class BuiltModel:
     family: Family
     attention: AttentionChoice
     zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
-
-
-def check_method_supported(recipe: Recipe, *, cuda_available: bool | None = None,
-                           bitsandbytes_installed: bool | None = None) -> None:
-    """QLoRA needs CUDA and bitsandbytes (on the hosts: the head passes their facts); say so before any
-    rank starts."""
-    if recipe.method != "qlora":
-        return
-    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if not cuda:
-        raise DeepfleetError("method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); none is visible",
-                             where="method", fix="use method: lora on this machine, or run on GPU hosts")
-    if bitsandbytes_installed is None:
-        bitsandbytes_installed = importlib.util.find_spec("bitsandbytes") is not None
-    if not bitsandbytes_installed:
-        raise DeepfleetError("method qlora needs the bitsandbytes package, which is not installed",
-                             where="method", fix="pip install 'deepfleet[qlora]', or use method: lora")
-    if recipe.deepspeed.zero == 3:
-        raise DeepfleetError("method qlora cannot be combined with ZeRO-3 here", where="deepspeed.zero",
-                             fix="use deepspeed.zero: 2 with qlora")
-
-
-def check_model_source(recipe: Recipe) -> None:
-    """A local model dir must exist and hold a config.json (Hub ids are checked when they load)."""
-    name = recipe.model.name
-    if name == TINY_MODEL_NAME:
-        return
-    path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
-    if looks_local and not (path / "config.json").is_file():
-        state = "has no config.json" if path.is_dir() else "does not exist"
-        raise DeepfleetError(f"model path {str(path)!r} {state}", where="model.name",
-                             fix="point model.name at a local HF model dir (with config.json) or use a Hub id")
 
 
 def flash_attention_available(device_type: str) -> bool:
@@ -89,7 +57,7 @@ def load_model_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None
         if not spec.trust_remote_code and "trust_remote_code" in str(exc):   # a model_type only its own code knows
             raise remote_code_refusal(spec.name) from None
         raise _config_error(spec, exc) from None
-    except OSError as exc:
+    except Exception as exc:   # transformers' own checks of a config raise anything from KeyError to AttributeError
         raise _config_error(spec, exc) from None
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, planning_steps
 from deepfleet.plan.recipe import Recipe
-from deepfleet.train.checkpoint import check_resumable, complete_checkpoints, run_fingerprint
-from deepfleet.train.model import check_method_supported, check_model_source, load_model_config, model_family
+from deepfleet.train.checkpoint_layout import check_resumable, complete_checkpoints, run_fingerprint
+from deepfleet.train.model_facts import check_method_supported, check_model_source, model_facts
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -43,7 +43,7 @@ def model_family_problems(recipe: Recipe) -> list[Problem]:
     if not name.startswith(BUILTIN_PREFIX) and not (Path(name).expanduser() / "config.json").is_file():
         return []
     try:
-        model_family(recipe, load_model_config(recipe.model))
+        model_facts(recipe)
     except DeepfleetError as exc:
         return exc.problems
     return []
