@@ -5,7 +5,8 @@ step on a 2-host namespace cluster (needs root), same model, recipe and data, al
 
 - deepfleet: `deepfleet train RECIPE --fleet fleet.yaml` (probe, plan, prepare the data on the
   head once, ssh + host agents + torchrun, the ranks map the prepared data). Its first run has a
-  cold data cache; later runs find the entry (warm).
+  cold cache (prepared data, and the model facts the head computes through transformers); later
+  runs find both (warm).
 - DeepSpeed: `deepspeed --hostfile ... --launcher pdsh --module deepfleet.train --recipe RECIPE`:
   the same rank program, each rank reading and tokenizing the data itself (what the launcher offers).
 Two data sets: the demo recipe (built-in tasks), then `--conversations` generated chat conversations
@@ -70,7 +71,7 @@ def compare(cluster, work: Path, label: str, data: Path | None, repeats: int) ->
         theirs.append(measure(argv, work, work / name, env=env)["first_step"])
         name = f"{label}-deepfleet-{run}"
         argv = [PYTHON, "-m", "deepfleet.cli.app", "train", str(write_recipe(work, name, data)), "--fleet", "fleet.yaml"]
-        ours.append(measure(argv, work, work / name)["first_step"])
+        ours.append(measure(argv, work, work / name, env={"XDG_CACHE_HOME": str(work / "xdg")})["first_step"])
         print(f"  {label} run {run + 1}: deepspeed {theirs[-1]:.1f} s, deepfleet {ours[-1]:.1f} s"
               f"{' (cold data cache)' if run == 0 else ''}", flush=True)
     warm = ours[1:] or ours

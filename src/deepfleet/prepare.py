@@ -135,12 +135,31 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
 
 def with_prepared_data(prepared: PreparedRun, write: Callable[[str], None] = print) -> TrainingJob:
     """The job, with the recipe's data prepared on this machine first (`deepfleet prepare`) for the
-    ranks to map instead of each tokenizing it all."""
+    ranks to map instead of each tokenizing it all, and sent to every host that does not see it."""
     from deepfleet.data_cache import prepare_recipe_data
 
     data = prepare_recipe_data(prepared.recipe, note=write)
     write(data.summary())
+    send_prepared_data(prepared.job.fleet, str(data.path), write)
     return replace(prepared.job, prepared_data=str(data.path))
+
+
+def send_prepared_data(fleet: Fleet, entry: str, write: Callable[[str], None]) -> None:
+    """The entry at the same path on every ssh host (`deepfleet sync`: hosts on shared storage already
+    hold it and get nothing). The ranks of a host it does not reach tokenize the data themselves.
+    Nodes of a SLURM allocation get nothing: they share storage as a rule, and a job step cannot
+    start the steps a copy between nodes would need."""
+    hosts = tuple(h for h in fleet.hosts if not (h.local or h.via_srun))
+    if not hosts:
+        return
+    report = run_sync(replace(fleet, hosts=hosts), [entry])
+    sent = [o for o in report.outcomes if o.verdict == "verified"]
+    if sent:
+        write(f"data: sent the prepared data ({sum(o.bytes for o in sent) / 2**20:.1f} MiB) to "
+              f"{', '.join(o.host for o in sent)} ({report.shape})")
+    for failed in report.failed:
+        write(f"warning: the prepared data did not reach {failed.host} ({failed.what}); its ranks tokenize "
+              "the data themselves")
 
 
 def training_job(recipe: Recipe, found: FleetHardware) -> TrainingJob:

@@ -251,9 +251,10 @@ def test_disk_filling_up_mid_transfer_is_one_line_and_no_partial_file(fault_host
 
 
 def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards(private_cluster, tmp_path):
-    """No shared storage: a host with other data is refused; `train --sync` copies it and trains ZeRO-2
-    (each host keeps its own rank's optimizer shard); export from the head, which holds none of the
-    checkpoint, collects both over ssh and writes the weights the run saved as final/."""
+    """No shared storage: a host with other data is refused; `train --sync` copies it, the launch sends
+    the prepared data to both hosts, and it trains ZeRO-2 (each host keeps its own rank's optimizer
+    shard); export from the head, which holds none of the checkpoint, collects both over ssh and
+    writes the weights the run saved as final/."""
     from safetensors.torch import load as load_safetensors
 
     cluster, private = private_cluster
@@ -262,7 +263,7 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
     on_host(cluster, "s2", f"mkdir -p {train.parent} && cat > {train}", input=train.read_bytes()[:-500])
     output = private / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", model="builtin:tiny", method="full",
-                          data={"train": [str(train)], "max_length": 64},
+                          data={"train": [str(train)], "max_length": 64, "cache_dir": str(private / "cache")},
                           train={"max_steps": 2, "global_batch": 4, "micro_batch": 2, "warmup": 1},
                           deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
                           checkpoint={"every_steps": 2}, output_dir=str(output))
@@ -284,6 +285,10 @@ def test_training_refuses_other_data_then_syncs_trains_and_exports_spread_shards
     assert "unchanged" in rows["s1"] and "verified" in rows["s2"], trained.stdout
     assert "done in" in trained.stdout
     assert on_host(cluster, "s2", f"cat {train}").stdout == train.read_bytes()
+    [entry] = (private / "cache").iterdir()
+    assert "data: sent the prepared data" in trained.stdout and "to s1, s2" in trained.stdout, trained.stdout
+    for host in ("s1", "s2"):
+        assert on_host(cluster, host, f"cat {entry}/train.ids.npy").stdout == (entry / "train.ids.npy").read_bytes()
     assert not (output / "checkpoints").exists(), "the head saw the hosts' checkpoints: storage was shared"
 
     (tmp_path / "elsewhere").mkdir()   # no ./fleet.yaml there: this machine alone has no checkpoint
