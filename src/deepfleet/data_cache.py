@@ -28,6 +28,7 @@ from deepfleet.plan.recipe import BUILTIN_DATA, DataSpec, Recipe
 from deepfleet.train.examples import DatasetReport
 from deepfleet.train.data_sources import source_path
 from deepfleet.train.prepared_data import ChunkPart, entry_problem, load_entry, write_entry
+from deepfleet.train.row_plan import store_row_plans
 from deepfleet.train.tokenizer import load_tokenizer, local_tokenizer_dir
 
 CACHE_VERSION = 1
@@ -155,13 +156,15 @@ def prepare_recipe_data(recipe: Recipe, *, note: Callable[[str], None] = print,
         problem = entry_problem(path)
         if problem is None:
             store_manifests(manifests)
-            return PreparedData(path=path, report=load_entry(path)[2], built=False,
-                                seconds=time.monotonic() - started)
+            train, _, report = load_entry(path)
+            store_row_plans(path, train, recipe)
+            return PreparedData(path=path, report=report, built=False, seconds=time.monotonic() - started)
         note(f"note: prepared data {path} is damaged ({problem}); building it again")
     check_writable(root)
     report = _build_entry(recipe, tokenizer or load_tokenizer(recipe.model), root=root, path=path, inputs=inputs,
                           identity=identity, workers=workers or recipe.data.prepare_workers or default_workers())
     store_manifests(manifests)
+    store_row_plans(path, load_entry(path)[0], recipe)
     return PreparedData(path=path, report=report, built=True, seconds=time.monotonic() - started)
 
 

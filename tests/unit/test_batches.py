@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.train.batches import collate, plan_rows, rank_rows, steps_in
+from deepfleet.train.batches import collate, rank_rows
+from deepfleet.train.row_plan import plan_rows, steps_in
 from deepfleet.train.dataset import IGNORE_INDEX, TokenizedExample
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from deepfleet.train.batches import collate, pack_first_fit, plan_rows
+from deepfleet.train.batches import collate
+from deepfleet.train.row_plan import pack_first_fit, plan_rows
 from deepfleet.train.dataset import IGNORE_INDEX, TokenizedExample
 from deepfleet.train.packed_attention import PER_SEQUENCE, sequence_bounds
 

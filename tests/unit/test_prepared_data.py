@@ -14,7 +14,7 @@ import pytest
 from deepfleet.data_cache import prepare_recipe_data
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.recipe_io import parse_recipe
-from deepfleet.train.batches import plan_rows
+from deepfleet.train.row_plan import plan_rows
 from deepfleet.train.builtin import builtin_task_records
 from deepfleet.train.dataset import build_datasets
 from deepfleet.train.prepared_data import load_entry, rank_datasets

@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 import torch
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.train.batches import Row, collate, plan_rows, rank_rows, steps_in
+from deepfleet.train.batches import collate, rank_rows
+from deepfleet.train.row_plan import Row, RowPlan, plan_rows, steps_in
 from deepfleet.train.dataset import TokenizedExample
 
 
@@ -36,13 +37,13 @@ class DataOrder:
     micro_batch: int
     grad_accum: int
     pad_id: int
-    _cache: dict[int, list[Row]] = field(default_factory=dict, repr=False)
+    _cache: dict[int, RowPlan] = field(default_factory=dict, repr=False)
 
     @property
     def rows_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.world_size
 
-    def all_rows(self, epoch: int) -> list[Row]:
+    def all_rows(self, epoch: int) -> RowPlan:
         if epoch not in self._cache:
             self._cache.clear()  # keep one epoch's plan in memory
             self._cache[epoch] = plan_rows(self.examples, max_length=self.max_length, packing=self.packing,
@@ -91,7 +92,7 @@ class DataOrder:
             rows = step_rows[start:start + self.micro_batch]
             yield self.collate(rows)
 
-    def collate(self, rows: list[Row]) -> MicroBatch:
+    def collate(self, rows: Sequence[Row]) -> MicroBatch:
         tensors = collate(rows, self.examples, pad_id=self.pad_id, max_length=self.max_length,
                           packing=self.packing)
         lengths = tuple(len(self.examples[index]) for row in rows for index in row)

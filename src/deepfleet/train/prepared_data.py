@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.examples import DatasetReport, TokenizedExample
+from deepfleet.train.row_plan import RowPlan, read_plan, stored_plan_name
 
 COMPLETE = "COMPLETE"
 REPORT = "report.json"
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 class MappedExamples(Sequence[TokenizedExample]):
     """Examples read from memory-mapped arrays: an example's tokens are read when it is indexed."""
 
-    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+    def __init__(self, ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, plans: Path | None = None):
         self.ids, self.labels, self.offsets = ids, labels, offsets
+        self.plans = plans   # the entry dir, which may hold row plans the head made (train split only)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -46,8 +49,12 @@ class MappedExamples(Sequence[TokenizedExample]):
     def __iter__(self) -> Iterator[TokenizedExample]:
         return (self[i] for i in range(len(self)))
 
-    def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+    def lengths(self) -> array:
+        return array("q", np.diff(self.offsets).astype(np.int64).tobytes())
+
+    def stored_rows(self, *, max_length: int, packing: bool, seed: int, epoch: int) -> RowPlan | None:
+        name = stored_plan_name(packing=packing, max_length=max_length, seed=seed, epoch=epoch)
+        return read_plan(self.plans, name, len(self)) if self.plans else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +132,8 @@ def entry_problem(path: Path) -> str | None:
 def load_entry(path: Path) -> tuple[MappedExamples, MappedExamples, DatasetReport]:
     """(train, validation, report) of a whole entry, memory-mapped."""
     meta = json.loads((path / REPORT).read_text())
-    splits = [MappedExamples(*(np.load(path / f"{split}.{name}.npy", mmap_mode="r") for name in ARRAYS))
+    splits = [MappedExamples(*(np.load(path / f"{split}.{name}.npy", mmap_mode="r") for name in ARRAYS),
+                             plans=path if split == "train" else None)
               for split in SPLITS]
     return splits[0], splits[1], DatasetReport(**meta["report"])
 
