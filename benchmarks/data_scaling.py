@@ -4,7 +4,7 @@
 
 Generated chat conversations (benchmarks/prepared_data.py: messages format, about 300 tokens each
 with the built-in character tokenizer), the built-in tiny model, 3 steps.
-1. `deepfleet prepare` of --compare conversations with data.prepare_workers=1 and =2, side by side
+1. (--compare 0: skipped) `deepfleet prepare` of --compare conversations with data.prepare_workers=1 and =2, side by side
    (wall seconds of the whole command), and the two entries compared byte for byte.
 2. --conversations: `deepfleet prepare` (one worker per core), then `deepfleet train` on the warm
    cache with 1 rank and with 2 ranks: seconds to the first step and every rank's peak RSS; and the
@@ -47,6 +47,8 @@ def same_entries(first: Path, second: Path) -> bool:
 
 def dataset(work: Path, n: int) -> Path:
     path = work / f"chat-{n}.jsonl"
+    if path.exists():
+        return path
     started = time.time()
     write_conversations(path, n)
     print(f"{n:,} conversations, {path.stat().st_size / 2**20:.0f} MiB, generated in {time.time() - started:.0f} s",
@@ -101,7 +103,8 @@ def main() -> None:
     print(f"cores: {len(os.sched_getaffinity(0))}", flush=True)
     with tempfile.TemporaryDirectory(prefix="deepfleet-scaling-") as directory:
         work = Path(directory)
-        compare_workers(work, args.compare)
+        if args.compare:
+            compare_workers(work, args.compare)
         scaling(work, args.conversations)
         if args.today:
             today(work, args.today)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -112,6 +113,10 @@ def main() -> int:
         return 1
     cluster = build_cluster([HostSpec(name=f"n{i + 1}") for i in range(args.nodes)])
     slurm = start_slurm(cluster)
+    # The venv's bin first on PATH for both, as deepfleet's ranks have it: DeepSpeed JIT-builds its CPU
+    # shm op with whichever ninja it finds, and the venv's and /usr/bin's rebuild each other's (~25 s
+    # inside init_process_group), which alternating runs would otherwise pay every time.
+    slurm.env["PATH"] = os.pathsep.join([str(Path(PYTHON).parent), slurm.env["PATH"]])
     ours, theirs = [], []
     try:
         work = slurm.root / "tmp"
