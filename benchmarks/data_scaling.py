@@ -80,18 +80,22 @@ def scaling(work: Path, n: int) -> None:
         print(f"prepare {size:,} conversations (one worker per core): {seconds:.1f} s   {summary}", flush=True)
         for nproc in (1, 2):
             run = train_warm(work, data, f"warm-{size}-{nproc}", nproc)
-            rss = ", ".join(f"{value:.0f}" for value in run["rss"][:nproc])
             print(f"train {size:,} conversations, warm cache, {nproc} rank(s): first step {run['first_step']:.1f} s   "
-                  f"peak RSS per rank (MiB) {rss}", flush=True)
+                  f"{memory(run, nproc)}", flush=True)
 
 
 def today(work: Path, n: int) -> None:
     data = dataset(work, n)
     run = measure([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "deepfleet.train",
                    "--recipe", str(recipe(work, data, f"today-{n}"))], work, work / f"today-{n}")
-    rss = ", ".join(f"{value:.0f}" for value in run["rss"])
     print(f"today {n:,} conversations (every rank tokenizes), 2 ranks: first step {run['first_step']:.1f} s   "
-          f"peak RSS per rank (MiB) {rss}", flush=True)
+          f"{memory(run, 2)}", flush=True)
+
+
+def memory(run: dict, ranks: int) -> str:
+    def mib(values: list[float]) -> str:
+        return ", ".join(f"{value:.0f}" for value in values[:ranks])
+    return f"peak RSS per rank (MiB) {mib(run['rss'])}, of it private (RssAnon) {mib(run['private'])}"
 
 
 def main() -> None:

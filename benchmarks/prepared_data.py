@@ -86,26 +86,29 @@ def rank_pids(root: int) -> list[int]:
     return pids
 
 
-def peak_rss_mib(pid: int) -> float | None:
+def memory_mib(pid: int) -> tuple[float, float] | None:
+    """(peak RSS, private RSS now): VmHWM counts mapped file pages too (the prepared data's page cache,
+    shared by every rank on the host and reclaimable); RssAnon is the process's own memory."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmHWM"].split()[0]) / 1024, int(fields["RssAnon"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
         return None
-    return None
 
 
 def measure(argv: list[str], work: Path, output: Path, *, env: dict[str, str] | None = None,
             timeout: float = 1800) -> dict:
-    """Seconds to the first step and every rank's peak RSS (ranks this process started), polled until
-    the run ends; a run past `timeout` is killed."""
+    """Seconds to the first step and the ranks' peak RSS and peak private RSS (ranks this process
+    started, the two largest), polled until the run ends; a run past `timeout` is killed."""
     log = output.with_suffix(".out")
     started = time.time()
     with log.open("w") as sink:   # a file, not a pipe: an undrained pipe would stall the run
-        process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        # The venv's bin first on PATH, as deepfleet's ranks have it: DeepSpeed JIT-builds its CPU shm op
+        # with whichever ninja it finds, and two ninjas rebuild each other's (~25 s, inside the rendezvous).
+        path = os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "/usr/bin:/bin")])
+        process = subprocess.Popen(argv, cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **(env or {})},
                                    stdout=sink, stderr=subprocess.STDOUT)
-    first_step, peaks = None, {}
+    first_step, peaks, private = None, {}, {}
     metrics = output / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while process.poll() is None:
@@ -114,9 +117,10 @@ def measure(argv: list[str], work: Path, output: Path, *, env: dict[str, str] | 
             process.wait()
             break
         for pid in rank_pids(process.pid):
-            rss = peak_rss_mib(pid)
-            if rss:
-                peaks[pid] = max(peaks.get(pid, 0), rss)
+            memory = memory_mib(pid)
+            if memory:
+                peaks[pid] = max(peaks.get(pid, 0), memory[0])
+                private[pid] = max(private.get(pid, 0), memory[1])
         if first_step is None and metrics.exists() and '"kind": "train"' in metrics.read_text():
             first_step = time.time() - started
         time.sleep(0.05)
@@ -124,7 +128,8 @@ def measure(argv: list[str], work: Path, output: Path, *, env: dict[str, str] | 
     if process.returncode != 0 or first_step is None:
         raise RuntimeError(f"{argv[:4]} exited {process.returncode}: {out[-2000:]}")
     prepare = next((line for line in out.splitlines() if line.startswith("data: ")), "")
-    return {"first_step": first_step, "rss": sorted(peaks.values(), reverse=True)[:2], "prepare": prepare}
+    return {"first_step": first_step, "rss": sorted(peaks.values(), reverse=True)[:2],
+            "private": sorted(private.values(), reverse=True)[:2], "prepare": prepare}
 
 
 def main() -> None:
