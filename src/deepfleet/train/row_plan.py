@@ -181,12 +181,12 @@ def stored_plan_name(*, packing: bool, max_length: int, seed: int, epoch: int) -
 
 def write_plan(directory: Path, name: str, plan: RowPlan) -> None:
     """Both arrays, each written whole and renamed in (members first: starts marks the plan complete)."""
-    for part, array in zip(("members", "starts"), plan.compacted()):
+    for part, values in zip(("members", "starts"), plan.compacted()):
         path = directory / f"{name}.{part}.npy"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as handle:
-                np.save(handle, array)
+                np.save(handle, values)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
