@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from deepfleet.contract import EXIT_PREEMPTED
+from deepfleet.contract import EXIT_PREEMPTED, JOB_ID_ENV
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"                       # W&B writes output_dir/wandb/ (offline runs, logs)
@@ -116,12 +116,21 @@ class WandbTracker:
         import wandb
 
         (run.output_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
-        # console="off": rank 0's output already reaches the head's console and logs; W&B's capture
-        # would wrap sys.stdout under the supervisor's line streaming.
-        self.run = wandb.init(project=run.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-                              name=run.run_name, tags=list(run.tags) or None, dir=str(run.output_dir),
-                              id=(previous or {}).get("run_id"), resume="allow",
-                              settings=wandb.Settings(console="off"))
+        # W&B writes through a wandb-core process that rank 0 starts. A graceful stop SIGTERMs every
+        # process marked with the job's id, and wandb-core would die at once, losing what rank 0 logs
+        # while it checkpoints and finishes. Unmarked, it outlives that wave; it ends by itself when
+        # rank 0 does (wandb passes it rank 0's pid), so no process outlives the job.
+        marker = os.environ.pop(JOB_ID_ENV, None)
+        try:
+            # console="off": rank 0's output already reaches the head's console and logs; W&B's capture
+            # would wrap sys.stdout under the supervisor's line streaming.
+            self.run = wandb.init(project=run.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                                  name=run.run_name, tags=list(run.tags) or None, dir=str(run.output_dir),
+                                  id=(previous or {}).get("run_id"), resume="allow",
+                                  settings=wandb.Settings(console="off"))
+        finally:
+            if marker is not None:
+                os.environ[JOB_ID_ENV] = marker
         self.run.config.update(run.config, allow_val_change=True)
         self.upload_model = run.upload_model
 
