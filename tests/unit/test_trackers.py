@@ -222,7 +222,22 @@ def test_mlflow_probe_takes_any_answer_and_gives_up_after_its_timeout():
 
 
 def test_importing_deepfleet_loads_no_tracker_library():
-    code = ("import sys, deepfleet.cli.app, deepfleet.train.loop, deepfleet.train.tracker_set, deepfleet.train.preflight;"
+    code = ("import sys, deepfleet.cli.app, deepfleet.train.tracker_set, deepfleet.train.preflight, deepfleet.prepare;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wandb', 'mlflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_rank0_hosts_probe_decides_which_tracker_libraries_are_installed():
+    from deepfleet.fleet.facts import HostFacts
+    from deepfleet.fleet.host_hardware import hardware_from_facts
+    from deepfleet.fleet.inventory import Host
+
+    def probed(packages):
+        return hardware_from_facts(HostFacts(host=Host(name="gpu1", address="10.0.0.1"), data={"packages": packages}))
+
+    assert probed({"wandb": {"version": "0.31.0"}, "mlflow_skinny": {"version": None}}).trackers == {"wandb"}
+    assert probed({"torch": {"version": "2.13.0"}}).trackers is None     # recorded before the probe asked
+    problems = tracker_problems(recipe(["wandb", "mlflow"]), {"WANDB_MODE": "offline"}, installed=frozenset({"wandb"}),
+                                host="gpu1")
+    assert [p.what for p in problems] == ["tracker mlflow is not installed on gpu1 (rank 0's host)"]

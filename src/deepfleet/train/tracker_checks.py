@@ -20,21 +20,25 @@ from deepfleet.errors import Problem, exception_summary
 from deepfleet.plan.recipe import Recipe
 
 WHERE = "logging.trackers"
-INSTALL = {"wandb": ("wandb", "pip install wandb"), "mlflow": ("mlflow", "pip install mlflow-skinny")}
+INSTALL = {"wandb": "pip install wandb", "mlflow": "pip install mlflow-skinny"}   # the library's import name is the tracker's
 WANDB_QUIET_MODES = frozenset({"offline", "disabled", "dryrun"})
 WANDB_DEFAULT_HOST = "api.wandb.ai"
 PROBE_SECONDS = 3.0
 
 
-def tracker_problems(recipe: Recipe, environ: Mapping[str, str], *, netrc_path: Path | None = None,
+def tracker_problems(recipe: Recipe, environ: Mapping[str, str], *, installed: frozenset[str] | None = None,
+                     host: str | None = None, netrc_path: Path | None = None,
                      probe: Callable[[str], str | None] | None = None) -> list[Problem]:
-    """Every tracker problem rank 0 would meet at its start; [] when there are none."""
+    """Every tracker problem rank 0 would meet at its start; [] when there are none. `installed`: the
+    tracker libraries on rank 0's host `host` (from its probe); None: those importable here, on the head."""
     env = {**environ, **recipe.env}
     problems: list[Problem] = []
     for name in recipe.logging.enabled_trackers:
-        if name in INSTALL and importlib.util.find_spec(INSTALL[name][0]) is None:
-            problems.append(Problem(what=f"tracker {name} is not installed", where=f"{WHERE}: {name}",
-                                    fix=f"{INSTALL[name][1]} (or pip install 'deepfleet[tracking]') on every host, "
+        missing = (name not in installed) if installed is not None else importlib.util.find_spec(name) is None
+        if name in INSTALL and missing:
+            on_host = f" on {host} (rank 0's host)" if installed is not None and host else ""
+            problems.append(Problem(what=f"tracker {name} is not installed{on_host}", where=f"{WHERE}: {name}",
+                                    fix=f"{INSTALL[name]} (or pip install 'deepfleet[tracking]') on every host, "
                                         f"or remove {name} from {WHERE}"))
         elif name == "wandb":
             problems += _wandb_problems(env, netrc_path)
