@@ -128,7 +128,7 @@ def test_stop_and_resume_continue_one_wandb_and_one_mlflow_run(tmp_path, mlflow_
 
 
 def test_kill_and_resume_send_no_step_twice(tmp_path, mlflow_uri):
-    recipe = tracked_recipe(tmp_path, "killed", ["tensorboard", "mlflow"])
+    recipe = tracked_recipe(tmp_path, "killed", ["tensorboard", "mlflow"], upload_model=True)
     out = tmp_path / "killed"
     env = tracker_env(mlflow_uri)
     crash = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -152,6 +152,15 @@ def test_kill_and_resume_send_no_step_twice(tmp_path, mlflow_uri):
     assert [step for step, _ in history(client, run.info.run_id, "val_loss")] == [3, 6]
     assert run.info.status == "FINISHED"
     assert sorted(train_records(out)) == list(range(1, STEPS + 1))
+    uploaded = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/model.safetensors" in uploaded and "model/config.json" in uploaded   # upload_model: true
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    steps = [event.step for event in board.Scalars("train/loss")]
+    assert steps == list(range(1, STEPS + 1))            # the first attempt's step 5 purged, the retrained one kept
 
 
 def test_mlflow_server_lost_mid_run_costs_one_warning_line(tmp_path):

@@ -142,6 +142,8 @@ def test_a_tracker_that_fails_mid_run_warns_once_and_the_rest_goes_on(tmp_path):
     assert warnings == ["warning: wandb tracker stopped (ConnectionError: server went away); training goes on "
                         "without it, metrics.jsonl has every step"]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3, 4, 5]
+    state = json.loads((tmp_path / TRACKERS_FILE).read_text())   # a resume continues its run, after step 2
+    assert state == {"wandb": {"run": {"run_id": failing.run_id}, "sent": {"train": 2}}}
 
 
 def test_a_tracker_that_cannot_start_warns_and_is_left_out(tmp_path):

@@ -37,6 +37,8 @@ class Trackers:
     def __init__(self, trackers: list[Tracker], *, state_path: Path, sent: dict[str, dict[str, int]],
                  warn: Callable[[str], None] = warn_on_stderr):
         self.active = list(trackers)
+        # Kept for a tracker that fails later too, so a resume continues its run rather than starting one.
+        self.references = {t.name: reference for t in trackers if (reference := t.reference()) is not None}
         self.state_path = state_path
         self.sent = sent           # tracker name -> record kind -> last step sent
         self.warn = warn
@@ -89,8 +91,7 @@ class Trackers:
             return False
 
     def _save(self) -> None:
-        state = {tracker.name: {"run": tracker.reference(), "sent": self.sent[tracker.name]}
-                 for tracker in self.active if tracker.reference() is not None}
+        state = {name: {"run": reference, "sent": self.sent[name]} for name, reference in self.references.items()}
         if not state and not self.state_path.exists():
             return
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")

@@ -100,6 +100,7 @@ class TensorBoardTracker:
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
             self.board.add_scalar(key, value, step)
+        self.board.flush()   # its own flush is every 2 minutes: a killed run would lose them
 
     def finish(self, final_dir: Path | None) -> None:
         self.board.close()
