@@ -118,6 +118,20 @@ def test_a_resumed_run_continues_the_tracker_run_and_sends_no_step_twice(tmp_pat
     assert continued.finished == [tmp_path / "final"]
 
 
+def test_a_tracker_that_cannot_start_on_resume_keeps_its_run_for_the_next_one(tmp_path):
+    FakeTracker.opened = []
+    open_fakes(tmp_path).log(train(1))
+    run_id = FakeTracker.opened[1].run_id
+
+    def unreachable(run, previous):
+        raise OSError("connection refused")
+
+    run = TrackerRun(output_dir=tmp_path, run_name="r", resume_after_step=1)
+    Trackers.open(("wandb",), run, warn=[].append, types={"wandb": unreachable})
+    assert json.loads((tmp_path / TRACKERS_FILE).read_text()) == {"wandb": {"run": {"run_id": run_id},
+                                                                            "sent": {"train": 1}}}
+
+
 def test_training_from_step_zero_starts_new_tracker_runs(tmp_path):
     FakeTracker.opened = []
     open_fakes(tmp_path).log(train(1))
@@ -156,6 +170,7 @@ def test_a_tracker_that_cannot_start_warns_and_is_left_out(tmp_path):
                              warn=warnings.append, types={"tensorboard": FakeBoard, "mlflow": unreachable})
     trackers.log(train(1))
     assert [t.name for t in trackers.active] == ["tensorboard"]
+    assert not (tmp_path / TRACKERS_FILE).exists()     # no run to continue
     assert warnings == ["warning: mlflow tracker could not start (OSError: connection refused); training goes on "
                         "without it, metrics.jsonl has every step"]
 

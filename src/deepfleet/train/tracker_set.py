@@ -35,10 +35,11 @@ def warn_on_stderr(line: str) -> None:
 
 class Trackers:
     def __init__(self, trackers: list[Tracker], *, state_path: Path, sent: dict[str, dict[str, int]],
-                 warn: Callable[[str], None] = warn_on_stderr):
+                 references: dict[str, dict[str, Any]], warn: Callable[[str], None] = warn_on_stderr):
         self.active = list(trackers)
-        # Kept for a tracker that fails later too, so a resume continues its run rather than starting one.
-        self.references = {t.name: reference for t in trackers if (reference := t.reference()) is not None}
+        # Every tracker's run, also one that failed (now or earlier): a resume continues it rather than
+        # starting another.
+        self.references = references
         self.state_path = state_path
         self.sent = sent           # tracker name -> record kind -> last step sent
         self.warn = warn
@@ -49,16 +50,18 @@ class Trackers:
              types: dict[str, type] = TRACKER_TYPES) -> "Trackers":
         state_path = run.output_dir / TRACKERS_FILE
         previous = read_tracker_state(state_path) if run.resume_after_step else {}
-        opened, sent = [], {}
+        opened, sent, references = [], {}, {}
         for name in names:
             kept = previous.get(name, {})
+            sent[name], reference = dict(kept.get("sent", {})), kept.get("run")
             try:
-                opened.append(types[name](run, kept.get("run")))
+                opened.append(types[name](run, reference))
+                reference = opened[-1].reference()
             except Exception as exc:   # noqa: BLE001 - any tracker failure must leave training running
                 warn(_warning(name, "could not start", exc))
-                continue
-            sent[name] = dict(kept.get("sent", {}))
-        return cls(opened, state_path=state_path, sent=sent, warn=warn)
+            if reference is not None:
+                references[name] = reference
+        return cls(opened, state_path=state_path, sent=sent, references=references, warn=warn)
 
     def log(self, record: dict[str, Any]) -> None:
         """Send one metrics.jsonl record ("train" or "validation") to every tracker that lacks its step."""
