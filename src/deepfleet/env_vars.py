@@ -15,6 +15,10 @@ def is_secret(name: str) -> bool:
     return bool(SECRET_NAME.search(name))
 
 
+# The password of a URL with credentials, e.g. MLFLOW_TRACKING_URI=https://user:password@host
+URL_PASSWORD = re.compile(r"(?<=://)([^/:@\s]*):([^/\s]+)@")
+
+
 def masked(env: Mapping[str, str]) -> dict[str, str]:
-    """A copy safe to print or log: secret values replaced."""
-    return {name: (MASK if is_secret(name) else value) for name, value in env.items()}
+    """A copy safe to print or log: secret values replaced, and passwords inside URLs."""
+    return {name: (MASK if is_secret(name) else URL_PASSWORD.sub(rf"\1:{MASK}@", value)) for name, value in env.items()}

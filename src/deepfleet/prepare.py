@@ -129,7 +129,8 @@ def prepare_training(recipe: Recipe, fleet: Fleet, *, nproc: int | None, facts_f
     check_before_launch(recipe, world_size=shape.world_size, accelerator=shape.accelerator,
                         bf16_supported=shape.bf16_supported, cuda_available=gpus,
                         bitsandbytes_installed=all(h.bitsandbytes for h in found.hosts),
-                        checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus))
+                        checkpoint_size=estimated_checkpoint_bytes(recipe, gpus=gpus),
+                        rank0_host=found.fleet.hosts[0].name, rank0_trackers=found.hosts[0].trackers)
     return PreparedRun(recipe=recipe, job=training_job(recipe, found), hardware=found, shape=shape, note=note)
 
 

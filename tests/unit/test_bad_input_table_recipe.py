@@ -38,11 +38,15 @@ RECIPE_MISTAKES: list[tuple[str | bytes, str]] = [
     ("data:\n  validation:\n    split: 2\n", ":3: data.validation.split: Input should be less than 1"),
     ("checkpoint:\n  keep: 0\n", ":2: checkpoint.keep: Input should be greater than or equal to 1"),
     ("logging:\n  every_steps: 0\n", ":2: logging.every_steps: Input should be greater than 0"),
+    ("logging:\n  trackers: [tensorboard, wandbb]\n",
+     ":2: logging.trackers: unknown tracker 'wandbb' (did you mean \"wandb\"?); trackers are tensorboard, wandb, mlflow"),
 ]
 COMMANDS = [("train", "r.yaml", "--dry-run"), ("plan", "r.yaml", "--nodes", "1", "--gpus-per-node", "1"),
             ("prepare", "r.yaml")]
 # (override, start of the error line)
 OVERRIDE_MISTAKES = [
+    ("logging.trackers=[mlfow]",
+     "error: command line (logging.trackers=[mlfow]): logging.trackers: unknown tracker 'mlfow' (did you mean \"mlflow\"?)"),
     ("train.lr=abc", "error: command line (train.lr=abc): train.lr: Input should be a valid number"),
     ("train.lr", "error: command line: override 'train.lr' is not key=value"),
     ("=1", "error: command line: override '=1' is not key=value"),
@@ -83,7 +87,16 @@ CASES += [
     Case(("plan", "r.yaml", "--nodes", "1"), "error: ds.json:2: duplicate key \"a\" (first on line 1)",
          files={"r.yaml": "deepspeed: ds.json\n", "ds.json": '{"a": 1,\n "a": 2}\n'}),
     Case(("train", "r.yaml", "--dry-run"), "error: train.global_batch: train.global_batch 4 is not micro_batch 3",
-         files={"r.yaml": "train:\n  micro_batch: 3\n  global_batch: 4\n"}),
+         files={"r.yaml": "train:\n  micro_batch: 3\n  global_batch: 4\n"}),    # Trackers: checked on the head before any rank starts (the key or server rank 0 would need).
+    Case(("train", "r.yaml", "--dry-run"), "error: logging.trackers: wandb: W&B logs online (WANDB_MODE online) but "
+         "has no API key", files={"r.yaml": GOOD_RECIPE + "logging:\n  trackers: [wandb]\n"},
+         env={"WANDB_API_KEY": "", "WANDB_MODE": "online", "NETRC": "{tmp}/no-netrc"}),
+    Case(("train", "r.yaml", "--dry-run"), "error: logging.trackers: mlflow: tracker mlflow needs MLFLOW_TRACKING_URI",
+         files={"r.yaml": GOOD_RECIPE + "logging:\n  trackers: [tensorboard, mlflow]\n"},
+         env={"MLFLOW_TRACKING_URI": ""}),
+    Case(("train", "r.yaml", "--dry-run"), "error: MLFLOW_TRACKING_URI: MLflow tracking server http://127.0.0.1:9 "
+         "does not answer (ConnectionRefusedError", files={"r.yaml": GOOD_RECIPE + "logging:\n  trackers: mlflow\n"},
+         env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
 ]
 
 

@@ -52,6 +52,18 @@ def test_secrets_never_on_a_command_line_and_masked_in_dry_run():
     assert "secret_value" not in shown and "HF_TOKEN=****" in shown and "WANDB_API_KEY=****" in shown
 
 
+def test_tracker_credentials_reach_the_ranks_and_are_masked_in_dry_run():
+    launch = plan(parent_env={"WANDB_API_KEY": "wandb_secret_value", "MLFLOW_TRACKING_TOKEN": "mlflow_secret_value",
+                              "MLFLOW_TRACKING_URI": "https://bob:url_secret_value@mlflow.example:5000"})
+    env = launch.hosts[0].env
+    assert env["WANDB_API_KEY"] == "wandb_secret_value" and env["MLFLOW_TRACKING_TOKEN"] == "mlflow_secret_value"
+    assert env["MLFLOW_TRACKING_URI"] == "https://bob:url_secret_value@mlflow.example:5000"
+    assert "secret_value" not in " ".join(launch.hosts[0].argv)
+    shown = launch.render()
+    assert "secret_value" not in shown and "MLFLOW_TRACKING_TOKEN=****" in shown
+    assert "https://bob:****@mlflow.example:5000" in shown
+
+
 def test_recipe_env_wins_over_shell_and_interface():
     env = job_environment({"OMP_NUM_THREADS": "8"}, interface="eth0", extra={"OMP_NUM_THREADS": "2", "GLOO_SOCKET_IFNAME": "eth1"})
     assert env["OMP_NUM_THREADS"] == "2" and env["GLOO_SOCKET_IFNAME"] == "eth1"

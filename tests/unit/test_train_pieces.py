@@ -64,12 +64,12 @@ def step(n, loss):
 
 
 def test_metrics_file_resume_drops_steps_after_the_checkpoint_and_plot(tmp_path):
-    writer = MetricsWriter(tmp_path, tensorboard=False, run_info={"peak": "first attempt"})
+    writer = MetricsWriter(tmp_path, run_info={"peak": "first attempt"})
     for n in range(1, 6):
         writer.write_step(step(n, 5.0 - n))
     writer.write_validation(step=5, val_loss=0.5)
     writer.close()
-    resumed = MetricsWriter(tmp_path, tensorboard=False, resume_after_step=3, run_info={"peak": "resumed"})
+    resumed = MetricsWriter(tmp_path, resume_after_step=3, run_info={"peak": "resumed"})
     resumed.write_step(step(4, 0.25))
     resumed.close()
     records = read_metrics(tmp_path / "metrics.jsonl")

@@ -34,7 +34,7 @@ def recipe_for_count(recipe: Recipe, nodes: int, steps: int) -> Recipe:
     output = recipe.output_path.resolve() / f"bench-nodes-{nodes}"
     train = recipe.train.model_copy(update={"max_steps": steps})
     checkpoint = recipe.checkpoint.model_copy(update={"every_steps": 0, "every_minutes": 0})
-    logging = recipe.logging.model_copy(update={"every_steps": 1, "tensorboard": False})
+    logging = recipe.logging.model_copy(update={"every_steps": 1, "trackers": [], "tensorboard": None})
     return recipe.model_copy(update={"train": train, "checkpoint": checkpoint, "logging": logging,
                                      "output_dir": str(output), "resume": False})
 

@@ -29,6 +29,7 @@ class HostHardware:
     flash_attn: bool = False             # the flash-attn package is installed
     bitsandbytes: bool = False           # the bitsandbytes package is installed (QLoRA)
     prebuilt_ops: frozenset[str] = frozenset()   # DeepSpeed ops compiled at install time (fused_adam, ...)
+    trackers: frozenset[str] | None = None       # tracker libraries installed (wandb, mlflow); None: not known
 
     @property
     def gpu_model(self) -> str:
@@ -44,6 +45,10 @@ def bf16_capable(compute_capability: str | None, name: str, vendor: str | None) 
         pass
     known = bf16_supported_by_name(name)
     return known if known is not None else vendor == "amd"   # every AMD Instinct since MI100 has bf16
+
+
+# logging.trackers name -> the distribution the probe reads (mlflow-skinny: the full mlflow requires it too)
+TRACKER_DISTRIBUTIONS = {"wandb": "wandb", "mlflow": "mlflow_skinny"}
 
 
 def hardware_from_facts(facts: HostFacts) -> HostHardware:
@@ -62,7 +67,15 @@ def hardware_from_facts(facts: HostFacts) -> HostHardware:
                         host_memory_bytes=facts.get("memory_available_bytes"), cpu_count=facts.get("cpu_count"),
                         flash_attn=bool((packages.get("flash_attn") or {}).get("version")),
                         bitsandbytes=bool((packages.get("bitsandbytes") or {}).get("version")),
-                        prebuilt_ops=frozenset(facts.get("build", "deepspeed_ops", "prebuilt", default=None) or ()))
+                        prebuilt_ops=frozenset(facts.get("build", "deepspeed_ops", "prebuilt", default=None) or ()),
+                        trackers=_trackers_installed(packages))
+
+
+def _trackers_installed(packages: dict) -> frozenset[str] | None:
+    """None for facts recorded before the probe asked (an old `doctor --record` file)."""
+    if not all(dist in packages for dist in TRACKER_DISTRIBUTIONS.values()):
+        return None
+    return frozenset(name for name, dist in TRACKER_DISTRIBUTIONS.items() if (packages[dist] or {}).get("version"))
 
 
 def local_hardware(name: str) -> HostHardware:
@@ -78,7 +91,8 @@ def local_hardware(name: str) -> HostHardware:
                         bf16=count > 0 and hardware.gpu_bf16_supported(),
                         host_memory_bytes=hardware.host_memory_bytes(), cpu_count=os.cpu_count(),
                         flash_attn=importlib.util.find_spec("flash_attn") is not None,
-                        bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+                        bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+                        trackers=frozenset(name for name in TRACKER_DISTRIBUTIONS if importlib.util.find_spec(name)))
 
 
 def default_slots(hardware: HostHardware) -> int:

@@ -26,7 +26,8 @@ if __name__ != "__main__":   # imported (tests, the head); over ssh their text c
 
 # The last two decide the attention kernel and whether QLoRA can run (planning reads them).
 # deepfleet itself: its rank code runs on every host, so its version must match too.
-PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes", "deepfleet")
+PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "flash_attn", "bitsandbytes", "deepfleet",
+            "wandb", "mlflow_skinny")
 
 
 _LISTINGS = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-PROPAGATED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_", "HF_", "WANDB_", "PYTHON", "OMP_")
+PROPAGATED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CUDA_", "HF_", "WANDB_", "MLFLOW_", "PYTHON", "OMP_")
 # Variables that describe the launching machine, not the job; never forwarded.
 LOCAL_ONLY = frozenset({"PYTHONHOME", "PYTHONSTARTUP", "PYTHONBREAKPOINT", "CUDA_VISIBLE_DEVICES"})
 

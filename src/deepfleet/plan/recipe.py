@@ -13,6 +13,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationIn
                       model_validator)
 
 from deepfleet import env_vars
+from deepfleet.errors import did_you_mean
 
 BUILTIN_MODEL_PREFIX = "builtin:"
 TINY_MODEL_NAME = "builtin:tiny"
@@ -130,11 +131,41 @@ class CheckpointSpec(Section):
     preempt_signal: Literal["SIGTERM", "SIGUSR1"] = "SIGTERM"
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 class LoggingSpec(Section):
     every_steps: int = Field(1, gt=0)
-    tensorboard: bool = True
+    trackers: list[str] = ["tensorboard"]     # where rank 0 sends metrics.jsonl's fields: tensorboard, wandb, mlflow
+    tensorboard: Optional[bool] = None        # older switch: when set, turns TensorBoard on/off whatever trackers says
+    project: Optional[str] = None             # W&B project / MLflow experiment; unset: $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, else "deepfleet"
+    run_name: Optional[str] = None            # the trackers' run name; unset: output_dir's name
+    tags: list[str] = []                      # the trackers' run tags
+    upload_model: bool = False                # upload output_dir/final to W&B/MLflow (default: record its path only)
     peak_tflops: Optional[float] = Field(None, gt=0)   # per rank, for MFU; unset: the GPU peak table, else measured
     heartbeat_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("trackers", "tags", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("trackers")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r}{did_you_mean(name, TRACKERS)}; "
+                                 f"trackers are {', '.join(TRACKERS)}")
+        return list(dict.fromkeys(names))
+
+    @property
+    def enabled_trackers(self) -> tuple[str, ...]:
+        """`trackers`, with TensorBoard added or removed by the `tensorboard` switch when it is set."""
+        names = [name for name in self.trackers if name != "tensorboard" or self.tensorboard is not False]
+        if self.tensorboard and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        return tuple(names)
 
 
 class Recipe(Section):

@@ -36,6 +36,7 @@ from deepfleet.train.packed_attention import model_inputs
 from deepfleet.train.peak import RankPeak, choose_peak, device_name, peak_summary, rank_peak
 from deepfleet.train.save import save_final_model
 from deepfleet.train.tokenizer import load_tokenizer
+from deepfleet.train.tracker_set import open_trackers
 from deepfleet.train.builtin import TINY_MODEL_NAME
 from deepfleet.train.checkpoint import (common_resume_step, load_checkpoint, output_dir_shared_by_all_ranks,
                                         save_checkpoint)
@@ -242,8 +243,9 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
     state = resume_or_start(run, console)
     writer = None
     if rank_env.is_main:
-        writer = MetricsWriter(output_dir, tensorboard=recipe.logging.tensorboard, resume_after_step=state.step,
-                               run_info={"peak": run.peak_summary, "peak_flops_per_rank": run.rank_peak_flops})
+        run_info = {"peak": run.peak_summary, "peak_flops_per_rank": run.rank_peak_flops}
+        trackers = open_trackers(recipe, ds_config=run.ds_config, run_info=run_info, resume_after_step=state.step)
+        writer = MetricsWriter(output_dir, trackers=trackers, resume_after_step=state.step, run_info=run_info)
     heartbeat = Heartbeat(rank_env.heartbeat_dir, rank_env.rank, recipe.logging.heartbeat_seconds)
     heartbeat.beat(state.step, force=True)
     policy = SavePolicy(every_steps=recipe.checkpoint.every_steps, every_minutes=recipe.checkpoint.every_minutes,
@@ -295,7 +297,7 @@ def train_and_save(run: TrainingRun, *, console_stream: IO[str] | None = None,
                              save_base_weights=recipe.model.name == TINY_MODEL_NAME,
                              run_info={"steps": state.step, "world_size": rank_env.world_size})
     if writer is not None:
-        writer.close()
+        writer.close(final_dir=final)
         plot_loss(writer.path, output_dir / LOSS_PLOT_FILE)
         console.say(f"saved {final} ({'LoRA adapter' if recipe.method != 'full' else 'HF model'}), "
                     f"metrics in {writer.path}, plot in {output_dir / LOSS_PLOT_FILE}")

@@ -1,4 +1,4 @@
-"""Training metrics: metrics.jsonl and TensorBoard on rank 0, heartbeats on every rank, loss.png at the end.
+"""Training metrics: metrics.jsonl and the experiment trackers on rank 0, heartbeats on every rank, loss.png at the end.
 
 MFU is the step's model FLOPs (`flops.py`, the standard count) over the step time and the sum of
 the ranks' peak FLOP/s (`peak.py`). metrics.jsonl starts with a "run" record naming that peak.
@@ -7,18 +7,19 @@ the ranks' peak FLOP/s (`peak.py`). metrics.jsonl starts with a "run" record nam
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepfleet.contract import HEARTBEAT_BUSY_STEP, heartbeat_file_name, heartbeat_text
 
+if TYPE_CHECKING:
+    from deepfleet.train.tracker_set import Trackers
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
-TENSORBOARD_DIR = "tensorboard"
 RUN_KIND = "run"          # metrics.jsonl's first record; then "train" and "validation" records
 
 
@@ -75,12 +76,13 @@ class Heartbeat:
 
 
 class MetricsWriter:
-    """Rank 0's sinks: one JSON object per line in metrics.jsonl, and TensorBoard scalars.
+    """Rank 0's sinks: one JSON object per line in metrics.jsonl, and the same records to the trackers
+    (`tracker_set.Trackers`: TensorBoard, W&B, MLflow).
 
     The first line is a "run" record (step 0, so readers indexing every record's step still work)
     with `run_info`: what this attempt's MFU divides by."""
 
-    def __init__(self, output_dir: Path, *, tensorboard: bool, resume_after_step: int = 0,
+    def __init__(self, output_dir: Path, *, trackers: Trackers | None = None, resume_after_step: int = 0,
                  run_info: dict[str, Any] | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / METRICS_FILE
@@ -93,19 +95,13 @@ class MetricsWriter:
         self.file = self.path.open("w", encoding="utf-8")
         for record in [{"kind": RUN_KIND, "step": 0, **(run_info or {})}, *kept]:
             self.file.write(json.dumps(record) + "\n")
-        self.board = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
+        self.trackers = trackers
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.board is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.board.add_scalar(f"train/{key}" if not key.startswith("val") else key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def write_step(self, metrics: StepMetrics) -> None:
         self.write({"kind": "train", **asdict(metrics)})
@@ -113,10 +109,11 @@ class MetricsWriter:
     def write_validation(self, *, step: int, val_loss: float) -> None:
         self.write({"kind": "validation", "step": step, "val_loss": val_loss})
 
-    def close(self) -> None:
+    def close(self, final_dir: Path | None = None) -> None:
+        """`final_dir`: the saved model, for the trackers to record; None when the run stopped to be resumed."""
         self.file.close()
-        if self.board is not None:
-            self.board.close()
+        if self.trackers is not None:
+            self.trackers.finish(final_dir)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, planning_s
 from deepfleet.plan.recipe import Recipe
 from deepfleet.train.checkpoint_layout import check_resumable, complete_checkpoints, run_fingerprint
 from deepfleet.train.model_facts import check_method_supported, check_model_source, model_facts
+from deepfleet.train.tracker_checks import tracker_problems
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -92,9 +93,11 @@ def resume_problems(recipe: Recipe, *, world_size: int) -> list[Problem]:
 
 def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, bf16_supported: bool,
                         cuda_available: bool, bitsandbytes_installed: bool,
-                        checkpoint_size: int | None = None) -> None:
-    """Model source, method, batch layout / DeepSpeed settings, data paths, output dir; all problems at once.
-    The hardware facts are the fleet's hosts' (not the head's, which may be a login node)."""
+                        checkpoint_size: int | None = None, rank0_host: str | None = None,
+                        rank0_trackers: frozenset[str] | None = None) -> None:
+    """Model source, method, batch layout / DeepSpeed settings, data paths, output dir, trackers; all problems at once.
+    The hardware facts are the fleet's hosts' (not the head's, which may be a login node); `rank0_trackers`
+    are the tracker libraries installed on rank 0's host `rank0_host` (None: check the head's)."""
     problems: list[Problem] = []
     for check in (lambda: check_model_source(recipe),
                   lambda: check_method_supported(recipe, cuda_available=cuda_available,
@@ -110,5 +113,6 @@ def check_before_launch(recipe: Recipe, *, world_size: int, accelerator: str, bf
     problems += data_problems(recipe)
     problems += output_dir_problems(recipe.output_path, needed_bytes=checkpoint_size)
     problems += resume_problems(recipe, world_size=world_size)
+    problems += tracker_problems(recipe, os.environ, installed=rank0_trackers, host=rank0_host)
     if problems:
         raise DeepfleetError(problems=problems)
