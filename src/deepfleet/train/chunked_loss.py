@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deepfleet.plan.memory import loss_chunk_tokens
+
 IGNORE_INDEX = -100
-# Elements of one chunk's logits. With fp32 logits, their softmax and the model-dtype logits, a chunk holds
-# ~3 such buffers: 2**26 elements is ~0.8 GB at peak, 441 tokens per chunk at Qwen2.5's vocabulary of 152,064
-# (benchmarks/loss_memory.py measures the share of peak memory this leaves to the loss).
-CHUNK_ELEMENTS = 2 ** 26
-
-
-def chunk_tokens_for(vocab_size: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +34,7 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     for `labels` [...] with HF's shift, computed `chunk_tokens` tokens at a time."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     targets = shifted_targets(labels.to(hidden.device))
-    chunk = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
     return _LinearCrossEntropy.apply(flat, weight, bias, targets, softcap, chunk)
 
 

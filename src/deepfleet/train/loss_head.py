@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Literal, Union
 
 import torch
 
-from deepfleet.train.chunked_loss import chunk_tokens_for, chunked_causal_lm_loss
+from deepfleet.plan.memory import loss_chunk_tokens, uses_chunked_loss
+from deepfleet.train.chunked_loss import chunked_causal_lm_loss
 
 ChunkedLossSetting = Union[Literal["auto"], bool]
 # Config keys of transformers models that scale the logits after the output layer (Cohere, Granite);
@@ -52,9 +53,7 @@ def choose_loss(model: torch.nn.Module, *, requested: ChunkedLossSetting, device
     logits are exactly its output layer's (plus soft-capping); otherwise plain, saying why."""
     if requested is False:
         return LossChoice(chunked=False, why_plain="train.chunked_loss: false")
-    if requested == "auto" and device_type != "cpu":
-        # auto follows benchmarks/loss_memory.py (RESULTS.md, "Chunked cross-entropy"): measured at least as fast
-        # as the plain loss on CPU. It has not been measured on a GPU here, so there auto keeps the plain loss.
+    if not uses_chunked_loss(requested, device_type):
         return LossChoice(chunked=False, why_plain=f"train.chunked_loss: auto is on only where measured "
                                                    f"at least as fast, not yet on {device_type}")
     reason = _why_not_chunked(model)
@@ -63,7 +62,7 @@ def choose_loss(model: torch.nn.Module, *, requested: ChunkedLossSetting, device
     head = model.get_output_embeddings()
     text = _text_config(model)
     return LossChoice(chunked=True, softcap=getattr(text, "final_logit_softcapping", None),
-                      chunk_tokens=chunk_tokens_for(head.out_features))
+                      chunk_tokens=loss_chunk_tokens(head.out_features))
 
 
 def _text_config(model: torch.nn.Module) -> Any:
