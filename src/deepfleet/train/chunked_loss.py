@@ -3,7 +3,7 @@
 It equals transformers' `ForCausalLMLoss` on `lm_head(hidden)` (labels shifted left by one, -100
 ignored, mean over the remaining targets; NaN when there are none, as there) with the optional final
 logit soft-capping of Gemma 2/3 applied the way their forward applies it (in the model's dtype,
-before the fp32 upcast). Per chunk the forward computes the logits, the loss, and already the
+before the fp32 upcast; fp64 stays fp64). Per chunk the forward computes the logits, the loss, and already the
 gradients of the hidden states, weight and bias (as Liger's fused linear cross-entropy does), so the
 backward only scales them by the incoming gradient: three matmuls per chunk, like the plain path, and
 one chunk's logits alive at a time. The weight gradient is accumulated in fp32 across chunks.
@@ -43,11 +43,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, softcap, chunk):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         n_targets = (targets != IGNORE_INDEX).sum()
-        scale = 1.0 / n_targets.float()     # inf with no targets: the loss is NaN, as F.cross_entropy's mean
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss_dtype = torch.promote_types(hidden.dtype, torch.float32)     # fp32 as HF's upcast; fp64 kept
+        scale = 1.0 / n_targets.to(loss_dtype)     # inf with no targets: the loss is NaN, as F.cross_entropy's mean
+        total = torch.zeros((), dtype=loss_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=loss_dtype, device=bias.device) if need_bias else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = F.linear(h, weight, bias)
@@ -55,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            logits = logits.float()
+            logits = logits.to(loss_dtype)
             valid = t != IGNORE_INDEX
             safe = torch.where(valid, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -67,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(grad.shape[0], device=grad.device), safe] -= 1.0
             grad.mul_(torch.where(valid, scale, 0.0)[:, None])
             if capped is not None:
-                grad.mul_(1.0 - capped.float().square())
+                grad.mul_(1.0 - capped.to(loss_dtype).square())
             grad = grad.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start:start + chunk] = grad @ weight
