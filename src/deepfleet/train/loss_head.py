@@ -75,8 +75,9 @@ def _why_not_chunked(model: torch.nn.Module) -> str:
     if head is None:
         return "the model names no output layer (get_output_embeddings)"
     if type(head) is not torch.nn.Linear:
-        return (f"its output layer is a {type(head).__name__} (LoRA-wrapped or quantized), not a plain Linear "
-                "whose weight the loss can read")
+        kind = type(head)
+        return (f"its output layer is a {kind.__module__}.{kind.__qualname__} (LoRA-wrapped or quantized?), "
+                "not a torch.nn.Linear whose weight and bias alone make the logits")
     text = _text_config(model)
     scaled = [key for key in LOGIT_SCALES if getattr(text, key, None) not in (None, 1, 1.0)]
     if scaled:
