@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from deepfleet.plan.memory import loss_chunk_tokens
@@ -104,13 +105,22 @@ def test_frozen_weight_gets_no_gradient_and_no_grad_mode_builds_no_graph():
     loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
     loss.backward()
     assert weight.grad is None and hidden.grad is not None
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         again = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
     assert not again.requires_grad
     torch.testing.assert_close(again, loss.detach())
+    assert counter.get_total_flops() == 2 * hidden.shape[0] * hidden.shape[1] * HIDDEN * VOCAB   # logits only
 
 
 def test_chunk_size_follows_the_vocabulary():
     assert loss_chunk_tokens(152_064) == 441        # Qwen2.5: 441 x 152,064 logits per chunk
     assert loss_chunk_tokens(32_000) == 2097
     assert loss_chunk_tokens(10 ** 9) == 1
+
+
+def test_a_second_backward_is_refused():
+    (hidden, weight), labels = inputs(torch.float64)
+    loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        loss.backward()

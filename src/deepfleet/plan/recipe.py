@@ -92,6 +92,13 @@ class TrainSpec(Section):
     # wherever the model allows it (a model that does not says why in the startup line); false: the model's own loss.
     chunked_loss: Union[Literal["auto"], bool] = "auto"
 
+    @field_validator("chunked_loss", mode="before")
+    @classmethod
+    def _auto_or_boolean(cls, value):
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not auto, true or false")
+        return value
+
 
 def _model_shorthand(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value

@@ -35,13 +35,14 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     flat = hidden.reshape(-1, hidden.shape[-1])
     targets = shifted_targets(labels.to(hidden.device))
     chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
-    return _LinearCrossEntropy.apply(flat, weight, bias, targets, softcap, chunk)
+    # Inside the Function grad mode is always off and needs_input_grad ignores it: pass it on.
+    return _LinearCrossEntropy.apply(flat, weight, bias, targets, softcap, chunk, torch.is_grad_enabled())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, grad_enabled):
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         n_targets = (targets != IGNORE_INDEX).sum()
         loss_dtype = torch.promote_types(hidden.dtype, torch.float32)     # fp32 as HF's upcast; fp64 kept
         scale = 1.0 / n_targets.to(loss_dtype)     # inf with no targets: the loss is NaN, as F.cross_entropy's mean
@@ -72,25 +73,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = grad.to(hidden.dtype)
             if need_hidden:
                 grad_hidden[start:start + chunk] = grad @ weight
-            if need_weight:
+            if need_weight and grad_weight.dtype == h.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            elif need_weight:
                 grad_weight.add_(grad.t() @ h)
             if need_bias:
                 grad_bias.add_(grad.sum(0))
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # Kept on ctx, not saved tensors: backward scales them in place and hands them over (no second copy of
+        # the [vocab x hidden] weight gradient), so a second backward through the same loss is refused.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = []
-        for needed, dtype in ((need_hidden, None), (need_weight, ctx.weight_dtype), (need_bias, ctx.bias_dtype)):
-            if not needed:
-                grads.append(None)
-                continue
-            grad = next(saved)
-            grad = grad if dtype is None else grad.to(dtype)
-            grads.append(grad * grad_loss.to(grad.dtype))
-        return (*grads, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss was already backpropagated once; compute it again")
+        grads, ctx.grads = ctx.grads, None
+        return (*(None if grad is None else grad.mul_(grad_loss.to(grad.dtype)).to(dtype)
+                  for grad, dtype in zip(grads, ctx.dtypes)), None, None, None, None)
