@@ -112,3 +112,8 @@ def test_setting_and_device_decide_before_the_model():
     assert choose_loss(model, requested="auto", device_type="cpu").chunked
     assert not choose_loss(model, requested="auto", device_type="cuda").chunked
     assert choose_loss(model, requested=True, device_type="cuda").chunked
+
+
+def test_falls_back_in_fp16():
+    choice = choose_loss(tiny_model("llama").half(), requested=True, device_type="cuda")
+    assert not choice.chunked and "fp16" in choice.why_plain

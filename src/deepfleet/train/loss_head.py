@@ -78,6 +78,9 @@ def _why_not_chunked(model: torch.nn.Module) -> str:
         kind = type(head)
         return (f"its output layer is a {kind.__module__}.{kind.__qualname__} (LoRA-wrapped or quantized?), "
                 "not a torch.nn.Linear whose weight and bias alone make the logits")
+    if head.weight.dtype == torch.float16:
+        return ("fp16: it forms the gradients in the forward, before DeepSpeed's loss scale, where small ones "
+                "would underflow")
     text = _text_config(model)
     scaled = [key for key in LOGIT_SCALES if getattr(text, key, None) not in (None, 1, 1.0)]
     if scaled:
