@@ -12,6 +12,8 @@ runs, in turn:
 and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before and after.
 With --compare-block-mask, deepfleet also runs with `model.attn_implementation: sdpa` (packed rows
 through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
+With --compare-chunked-loss, deepfleet also runs with `train.chunked_loss: false` (the model's own loss on
+full logits; the deepfleet row uses the recipe default, auto, which is the chunked loss on CPU).
 Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = model FLOPs/s over the peak, per
 round and as the median over rounds. Model FLOPs are the standard count of `deepfleet.train.flops`
 (6 x matmul parameters per token plus causal attention per real sequence): deepfleet records them in
@@ -47,6 +49,7 @@ GRAD_ACCUM = 2
 RANKS = 2
 HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 5, 1024, 4
 BLOCK_MASK = "deepfleet sdpa mask"
+PLAIN_LOSS = "deepfleet plain loss"
 WORDS = ["the", "model", "of", "a", "fleet", "trains", "on", "every", "host", "and", "data", "flows", "to",
          "rank", "zero", "while", "gradients", "reduce", "across", "links"]
 
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--compare-block-mask", action="store_true",
                         help="also run deepfleet with sdpa's block-diagonal mask for packed rows")
+    parser.add_argument("--compare-chunked-loss", action="store_true",
+                        help="also run deepfleet with train.chunked_loss: false")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="df-speed-"))
@@ -209,6 +214,9 @@ def main() -> None:
         if args.compare_block_mask:
             masked = {**recipe, "model": {"name": recipe["model"], "attn_implementation": "sdpa"}}
             result[BLOCK_MASK] = run_deepfleet(work, masked, args.warmup_steps, f"block-mask-{index}")
+        if args.compare_chunked_loss:
+            plain = {**recipe, "train": {**recipe["train"], "chunked_loss": False}}
+            result[PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"plain-loss-{index}")
         for mode in ("max_length", "dynamic"):
             result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
                                          args.warmup_steps, f"{mode}-{index}")
@@ -237,6 +245,10 @@ def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
     if BLOCK_MASK in names:
         values = [r["deepfleet"]["tokens_per_second"] / r[BLOCK_MASK]["tokens_per_second"] for r in rounds]
         print(f"{'per-sequence / sdpa mask':28}" + "".join(f"{v:>11.2f}x" for v in values)
+              + f"{statistics.median(values):>11.2f}x")
+    if PLAIN_LOSS in names:
+        values = [r["deepfleet"]["tokens_per_second"] / r[PLAIN_LOSS]["tokens_per_second"] for r in rounds]
+        print(f"{'chunked / plain loss':28}" + "".join(f"{v:>11.2f}x" for v in values)
               + f"{statistics.median(values):>11.2f}x")
     for name, values in mfu.items():
         label = f"(c) MFU {name}" if name == "deepfleet" else f"    MFU {name}"

@@ -135,3 +135,22 @@ def test_qlora_frozen_weights_are_four_bit():
     frozen = lora.total_params - lora.trainable_params
     assert a.params - b.params == pytest.approx(frozen * (2 - 0.5 - 0.127 / 8), abs=2)
     assert a.optimizer_states == b.optimizer_states
+
+
+def test_chunked_loss_counts_one_chunk_of_logits():
+    shape = model_shape_from_config(LlamaConfig(hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
+                                                num_attention_heads=14, num_key_value_heads=2, vocab_size=152_064))
+    plain = estimate_activation_bytes(shape, micro_batch=1, seq_len=4096, precision="bf16")
+    chunked = estimate_activation_bytes(shape, micro_batch=1, seq_len=4096, precision="bf16", chunked_loss=True)
+    layers = estimate_activation_bytes(shape, micro_batch=1, seq_len=4096, precision="bf16").without_checkpointing
+    plain_logits = 4096 * 152_064 * (2 + 4)
+    chunk_logits = 441 * 152_064 * (2 + 8) + 4 * 152_064 * 896 + 4096 * 896 * 2
+    assert plain.without_checkpointing - chunked.without_checkpointing == plain_logits - chunk_logits
+    assert plain.with_checkpointing - chunked.with_checkpointing == plain_logits - chunk_logits
+    assert layers == plain.without_checkpointing
+
+
+def test_the_plan_counts_the_chunked_loss_where_training_uses_it():
+    from deepfleet.plan.memory import uses_chunked_loss
+    assert uses_chunked_loss("auto", "cpu") and not uses_chunked_loss("auto", "cuda")
+    assert uses_chunked_loss(True, "cuda") and not uses_chunked_loss(False, "cpu")

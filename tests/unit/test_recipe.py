@@ -176,3 +176,11 @@ def test_every_command_that_reads_a_recipe_refuses_an_empty_one(monkeypatch, cap
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.splitlines() == [err.strip()], err
     assert err.startswith(f"error: {paths['recipe']}: recipe is empty (fix: ")
+
+
+def test_chunked_loss_setting():
+    assert parse_recipe("").train.chunked_loss == "auto"
+    assert parse_recipe("train:\n  chunked_loss: false\n").train.chunked_loss is False
+    assert parse_recipe("", "r.yaml", ["train.chunked_loss=true"]).train.chunked_loss is True
+    assert any('did you mean "chunked_loss"' in p for p in problems("train:\n  chunked_los: true\n"))
+    assert any(p.startswith("r.yaml:2: train.chunked_loss") for p in problems("train:\n  chunked_loss: sometimes\n"))

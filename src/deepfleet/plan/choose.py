@@ -9,12 +9,12 @@ the worst of these (users report 10-20x slowdowns), so there optimizer offload i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.plan.memory import (OFFLOADS, STAGES, ActivationBytes, ModelShape, ModelStateBytes, Offload,
                                    Precision, estimate_activation_bytes, estimate_model_state_bytes,
-                                   is_valid_zero_setting)
+                                   is_valid_zero_setting, uses_chunked_loss)
 
 # Links slower than this (Gbit/s, measured by doctor / bench comm) make ZeRO-3 across hosts slow;
 # 100 Gbit/s InfiniBand/RoCE is where multi-node ZeRO-3 starts to pay off in DeepSpeed's own reports.
@@ -70,6 +70,7 @@ class Workload:
     precision: Precision
     gradient_checkpointing: bool
     eager_attention: bool = False
+    chunked_loss: Union[Literal["auto"], bool] = False   # train.chunked_loss; auto is on for CPU ranks only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,7 +161,8 @@ def evaluate_setting(shape: ModelShape, fleet: FleetShape, workload: Workload, *
                                         ranks_per_node=fleet.ranks_per_node, precision=workload.precision,
                                         world_size=fleet.world_size)
     acts = estimate_activation_bytes(shape, micro_batch=micro_batch, seq_len=workload.seq_len,
-                                     precision=workload.precision, eager_attention=workload.eager_attention)
+                                     precision=workload.precision, eager_attention=workload.eager_attention,
+                                     chunked_loss=uses_chunked_loss(workload.chunked_loss, fleet.accelerator))
     activation = acts.with_checkpointing if workload.gradient_checkpointing else acts.without_checkpointing
     width = 4 if workload.precision == "fp32" else 2
     buffers = int(OVERLAP_BUFFER_FACTOR * 2 * bucket_elements(shape) * width) if stage > 0 else 0
@@ -259,5 +261,6 @@ def _plan(shape: ModelShape, fleet: FleetShape, workload: Workload, choice: Zero
                  for s in STAGES for o in OFFLOADS
                  if is_valid_zero_setting(s, o) and (fleet.accelerator != "cpu" or o == "none"))
     acts = estimate_activation_bytes(shape, micro_batch=choice.micro_batch, seq_len=workload.seq_len,
-                                     precision=workload.precision, eager_attention=workload.eager_attention)
+                                     precision=workload.precision, eager_attention=workload.eager_attention,
+                                     chunked_loss=uses_chunked_loss(workload.chunked_loss, fleet.accelerator))
     return Plan(shape=shape, fleet=fleet, workload=workload, activations=acts, rows=rows, choice=choice)

@@ -185,7 +185,8 @@ def _workload(recipe: Recipe, precision: Precision) -> Workload:
     return Workload(global_batch=recipe.train.global_batch, micro_batch=recipe.train.micro_batch,
                     seq_len=recipe.data.max_length, precision=precision,
                     gradient_checkpointing=recipe.train.gradient_checkpointing,
-                    eager_attention=recipe.model.attn_implementation == "eager")
+                    eager_attention=recipe.model.attn_implementation == "eager",
+                    chunked_loss=recipe.train.chunked_loss)
 
 
 def _plan(recipe: Recipe, shape: Optional[ModelShape], fleet: Optional[FleetShape], precision: Precision

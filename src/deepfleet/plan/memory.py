@@ -25,6 +25,23 @@ QLORA_FROZEN_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 HOST_BUFFER_FACTOR = 1.5
 ADAM_STATE_BYTES = 8      # fp32 momentum + variance per trainable parameter
 FP32_BYTES = 4
+# Elements of one chunk's logits in the chunked loss (train/chunked_loss.py); set here so the plan counts what
+# training allocates. With fp32 logits, their softmax and the model-dtype logits a chunk holds ~3 such buffers:
+# 2**26 elements is ~0.8 GB at peak, 441 tokens per chunk at Qwen2.5's vocabulary of 152,064.
+LOSS_CHUNK_ELEMENTS = 2 ** 26
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss at this vocabulary size."""
+    return max(1, LOSS_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def uses_chunked_loss(setting: Union[Literal["auto"], bool], device_type: str) -> bool:
+    """`train.chunked_loss` for ranks on this device type (a model whose logits it cannot reproduce still
+    falls back to the plain loss when built). auto follows benchmarks/loss_memory.py (benchmarks/RESULTS.md,
+    "Chunked cross-entropy"): on CPU the chunked loss measured at least as fast as the plain one; it has not
+    been measured on a GPU here, so there auto keeps the plain loss."""
+    return setting is True or (setting == "auto" and device_type == "cpu")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,14 +207,16 @@ class ActivationBytes:
 
 
 def estimate_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
-                              eager_attention: bool = False) -> ActivationBytes:
+                              eager_attention: bool = False, chunked_loss: bool = False) -> ActivationBytes:
     """Activations kept for backward on one rank (an estimate, not an oracle).
 
     Per layer and token of a pre-norm decoder with SwiGLU MLP, the saved tensors are: attention norm
     input and output, q, k, v, attention output (4h + 2kv); MLP norm input and output, gate, up, act(gate),
     gate*up (2h + 4i). Eager attention also keeps scores and probabilities (2 x heads x seq per token).
-    Logits are kept in 16-bit plus an fp32 copy for the loss. With gradient checkpointing only each layer's
-    input is kept, plus one layer's activations while it is recomputed.
+    Logits are kept in 16-bit plus an fp32 copy for the loss. The chunked loss instead holds one chunk of
+    logits (16-bit, fp32 and its softmax), the fp32 gradient of the output weight it accumulates, and the
+    gradient of the hidden states. With gradient checkpointing only each layer's input is kept, plus one
+    layer's activations while it is recomputed.
     """
     width = FP32_BYTES if precision == "fp32" else 2
     tokens = micro_batch * seq_len
@@ -206,6 +225,10 @@ def estimate_activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: i
         per_token += 2 * shape.num_attention_heads * seq_len
     layer = tokens * per_token * width
     logits = tokens * shape.vocab_size * (width + FP32_BYTES)
+    if chunked_loss:
+        chunk = min(tokens, loss_chunk_tokens(shape.vocab_size))
+        logits = (chunk * shape.vocab_size * (width + 2 * FP32_BYTES)
+                  + FP32_BYTES * shape.vocab_size * shape.hidden_size + tokens * shape.hidden_size * width)
     checkpoints = shape.num_layers * tokens * shape.hidden_size * width
     return ActivationBytes(without_checkpointing=shape.num_layers * layer + logits,
                            with_checkpointing=checkpoints + layer + logits)

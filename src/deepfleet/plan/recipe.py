@@ -88,6 +88,17 @@ class TrainSpec(Section):
     max_grad_norm: float = Field(1.0, ge=0)        # 0 turns clipping off
     seed: int = Field(42, ge=0, lt=2**32)         # numpy seeds must fit in 32 bits
     gradient_checkpointing: bool = False
+    # Cross-entropy over chunks of tokens from the last hidden states, never the whole [tokens x vocab] logits
+    # (train/chunked_loss.py). auto: on where measured at least as fast as the plain loss (CPU); true: on
+    # wherever the model allows it (a model that does not says why in the startup line); false: the model's own loss.
+    chunked_loss: Union[Literal["auto"], bool] = "auto"
+
+    @field_validator("chunked_loss", mode="before")
+    @classmethod
+    def _auto_or_boolean(cls, value):
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not auto, true or false")
+        return value
 
 
 def _model_shorthand(value: Any) -> Any:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deepfleet.plan.choose import Plan, PlanRow
 from deepfleet.plan.deepspeed_config import ResolvedDeepSpeedConfig
-from deepfleet.plan.memory import OFFLOADS, STAGES
+from deepfleet.plan.memory import OFFLOADS, STAGES, uses_chunked_loss
 from deepfleet.plan.recipe import Recipe
 
 GiB = 2**30
@@ -67,7 +67,10 @@ def render_plan(console: Console, recipe: Recipe, resolved: ResolvedDeepSpeedCon
     acts = plan.activations
     console.print(f"activations per rank at micro batch {plan.choice.micro_batch} x {recipe.data.max_length} tokens: "
                   f"{_size(acts.without_checkpointing)}, {_size(acts.with_checkpointing)} with gradient "
-                  f"checkpointing ({'on' if recipe.train.gradient_checkpointing else 'off'})")
+                  f"checkpointing ({'on' if recipe.train.gradient_checkpointing else 'off'}); the loss counted as "
+                  + ("chunked cross-entropy (one chunk of logits at a time)"
+                     if uses_chunked_loss(recipe.train.chunked_loss, plan.fleet.accelerator)
+                     else "plain cross-entropy (all logits)"))
     console.print(memory_table(plan))
     choice = plan.choice
     console.print(f"[bold]choice[/]: ZeRO-{choice.stage}, offload {choice.offload}, micro batch {choice.micro_batch} "

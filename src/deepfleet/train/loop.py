@@ -31,6 +31,7 @@ from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across
                                          sum_across_ranks, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, mfu, mfu_above_one_warning,
                                      plot_loss)
+from deepfleet.train.loss_head import LossOutput, model_loss
 from deepfleet.train.model import BuiltModel, build_model, torch_dtype_for
 from deepfleet.train.packed_attention import model_inputs
 from deepfleet.train.peak import RankPeak, choose_peak, device_name, peak_summary, rank_peak
@@ -131,8 +132,8 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
                        built=built, engine=engine, precision=precision, peak=peak, rank_peak_flops=rank_peak_flops)
 
 
-def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool):
-    """The engine's output for one micro batch, in the form the model's attention needs.
+def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool) -> LossOutput:
+    """The engine's loss for one micro batch, in the form the model's attention needs, plain or chunked.
 
     MoE models add their router load-balancing loss (with the model's own coefficient) in training."""
     tensors = {key: value.to(run.device.device, non_blocking=True) for key, value in batch.tensors.items()}
@@ -140,7 +141,7 @@ def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool):
     tensors = model_inputs(tensors, block_mask=attention.block_mask, flatten_rows=attention.flatten_rows,
                            mask_dtype=torch_dtype_for(run.precision))
     extra = {"output_router_logits": training} if run.built.family.is_moe else {}
-    return run.engine(**tensors, use_cache=False, **extra)
+    return model_loss(run.engine, run.engine.module, run.built.loss, tensors, use_cache=False, **extra)
 
 
 def _local_grad_norm(engine) -> float:
@@ -353,7 +354,7 @@ def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter |
 def _startup_line(run: TrainingRun) -> str:
     recipe, report, built = run.recipe, run.report, run.built
     stage = run.ds_config["zero_optimization"]["stage"]
-    model = f"{built.family.label}, attention {built.attention.describe()}"
+    model = f"{built.family.label}, attention {built.attention.describe()}, loss {built.loss.describe()}"
     if built.family.is_moe:
         model += f", router aux loss x {built.model.config.router_aux_loss_coef:g}"
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "

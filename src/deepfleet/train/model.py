@@ -23,6 +23,7 @@ from deepfleet.train import packed_attention  # noqa: F401  (registers the per-s
 from deepfleet.train.families import (AttentionChoice, Family, check_packing, choose_attention, family_of,
                                       remote_code_refusal)
 from deepfleet.train.flops import TrainingFlops, training_flops_of
+from deepfleet.train.loss_head import LossChoice, choose_loss
 from deepfleet.train.model_facts import check_method_supported, check_model_source
 
 
@@ -34,6 +35,7 @@ class BuiltModel:
     flops: TrainingFlops       # what a training step costs per sequence, for MFU
     family: Family
     attention: AttentionChoice
+    loss: LossChoice           # plain or chunked cross-entropy, and why
     zero3_config: Any = None   # the HfDeepSpeedConfig; transformers only keeps a weak reference
 
 
@@ -127,7 +129,8 @@ def build_model(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, ds_config
         _register_moe_leaves(model, family)
     return BuiltModel(model=model, n_params=count_parameters(model), zero3_config=zero3_config,
                       n_trainable=count_parameters(model, trainable_only=True), flops=training_flops_of(model, config),
-                      family=family, attention=attention)
+                      family=family, attention=attention,
+                      loss=choose_loss(model, requested=recipe.train.chunked_loss, device_type=device.type))
 
 
 def _register_moe_leaves(model: torch.nn.Module, family: Family) -> None:
