@@ -87,8 +87,10 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_learns_in_a_shortened_run(tmp_path):
-    done = run_cli("demo", "train.max_steps=250", f"output_dir={tmp_path / 'demo'}", "--heldout", "40",
+def test_demo_learns(tmp_path):
+    # The demo's own 300 steps: at 250 held-out exact match still climbs steeply, and a rounding-level
+    # change (another summation order in the loss) moved it between 10% and 22% there.
+    done = run_cli("demo", f"output_dir={tmp_path / 'demo'}", "--heldout", "40",
                    cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     match = re.search(r"exact match before: (\d+)%\s+after: (\d+)%", done.stdout)
