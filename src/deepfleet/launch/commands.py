@@ -26,8 +26,8 @@ class JobSpec:
     master_port: int
     nnodes: int
     nproc_per_node: int             # ranks on this host (the job's: on the master host)
-    first_rank: int = 0             # global rank of this host's first rank (hosts are numbered in order)
-    world_size: int = 0             # ranks in the job; 0: nnodes x nproc_per_node
+    first_rank: int | None = None   # global rank of this host's first rank; None: node rank x nproc_per_node
+    world_size: int | None = None   # ranks in the job; None: nnodes x nproc_per_node (hosts alike)
     lifeline_timeout: float = 15.0  # agent tears down by itself after this long without the head
     grace: float = 60.0             # SIGTERM -> SIGKILL on a graceful stop (ranks checkpoint meanwhile)
     env: dict[str, str] = field(default_factory=dict)   # job environment, sent on stdin
@@ -52,12 +52,13 @@ def agent_argv(job: JobSpec, *, node_rank: int) -> list[str]:
     The process marker is per node, so an agent only ever signals its own node's processes, even
     where hosts share a PID namespace (the namespace test cluster).
     """
-    world_size = job.world_size or job.nnodes * job.nproc_per_node
+    first_rank = node_rank * job.nproc_per_node if job.first_rank is None else job.first_rank
+    world_size = job.nnodes * job.nproc_per_node if job.world_size is None else job.world_size
     return [
         job.python, "-m", "deepfleet.launch.host_agent", f"--job-id={job.job_id}.{node_rank}",
         f"--cwd={job.workdir}", f"--lifeline-timeout={job.lifeline_timeout:g}", f"--grace={job.grace:g}",
         f"--nnodes={job.nnodes}", f"--node-rank={node_rank}", f"--nproc={job.nproc_per_node}",
-        f"--first-rank={job.first_rank}", f"--world-size={world_size}",
+        f"--first-rank={first_rank}", f"--world-size={world_size}",
         f"--master-addr={job.master_addr}", f"--master-port={job.master_port}",
         "--", *job.command,
     ]

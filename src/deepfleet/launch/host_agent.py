@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ from pathlib import Path
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_LIFELINE_LOST, HEARTBEAT_DIR_ENV, JOB_ID_ENV, heartbeat_rank,
                                 heartbeat_step)
 from deepfleet.launch.host_ranks import HostRanks, RankLayout
-from deepfleet.process_start import own_process_age
+from deepfleet.process_start import own_process_age, wall_now_on_tick_grid
 
 KILL_GRACE_SECONDS = 3.0
 
@@ -144,6 +145,7 @@ def run(job_id: str, layout: RankLayout, command: list[str], *, env: dict[str, s
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
     # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: setattr(lifeline, "request", "term"))
+    agent_seconds, spawned_at = own_process_age(), wall_now_on_tick_grid()
     try:
         ranks = HostRanks(layout, command, env=child_env, cwd=cwd)
     except OSError as exc:
@@ -152,8 +154,7 @@ def run(job_id: str, layout: RankLayout, command: list[str], *, env: dict[str, s
                 if exc.filename is None else f"cannot start {command[0]} in {cwd or os.getcwd()}")
         emit("exit", code=127, reason=f"{what}: {exc.strerror}")
         return 127
-    agent_seconds, spawned_at = own_process_age(), time.time()   # the ranks are running: exec succeeded
-    emit("started", pids=ranks.pids, host_pid=os.getpid(), spawned_at=round(spawned_at, 3),
+    emit("started", pids=ranks.pids, host_pid=os.getpid(), spawned_at=math.floor(spawned_at * 1000) / 1000,
          agent_seconds=None if agent_seconds is None else round(agent_seconds, 3))
     reason, next_beat = "", 0.0
     while (code := ranks.poll()) is None:
