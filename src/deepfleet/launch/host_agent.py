@@ -150,9 +150,10 @@ def run(job_id: str, layout: RankLayout, command: list[str], *, env: dict[str, s
         ranks = HostRanks(layout, command, env=child_env, cwd=cwd)
     except OSError as exc:
         stop_job(job_id, KILL_GRACE_SECONDS)
-        what = (f"cannot listen for the rendezvous on {layout.master_addr}:{layout.master_port}"
-                if exc.filename is None else f"cannot start {command[0]} in {cwd or os.getcwd()}")
-        emit("exit", code=127, reason=f"{what}: {exc.strerror}")
+        reason = (f"cannot listen for the rendezvous on {layout.master_addr}:{layout.master_port}: {exc.strerror} "
+                  "(free the port or choose another master_port)" if exc.filename is None
+                  else f"cannot start {command[0]} in {cwd or os.getcwd()}: {exc.strerror}")
+        emit("exit", code=127, reason=reason)
         return 127
     emit("started", pids=ranks.pids, host_pid=os.getpid(), spawned_at=math.floor(spawned_at * 1000) / 1000,
          agent_seconds=None if agent_seconds is None else round(agent_seconds, 3))
