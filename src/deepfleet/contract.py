@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-# The rank program torchrun runs on every host.
+# The rank program the host agents run on every host.
 TRAIN_MODULE = "deepfleet.train"
 
 # Environment the head sets for the ranks.
@@ -48,9 +48,11 @@ def heartbeat_step(text: str) -> int:
     return int(text.split()[0])
 
 
-# Lines on a rank's output. torchrun prefixes each line with the global rank ("[3]:...").
-RANK_PREFIX_TEMPLATE = "[${rank}]:"
-RANK_PREFIX_ENV = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+# Lines on a rank's output. The host agent prefixes each line with the global rank ("[3]:...", as torchrun does).
+def rank_prefix(rank: int) -> str:
+    return f"[{rank}]:"
+
+
 RANK_LINE = re.compile(r"^\[(\d+)\]:")
 ERROR_LINE_PREFIX = "error: "           # a rank's DeepfleetError.render()
 PREEMPTED_LINE_PREFIX = "preempted: "   # after the preemption checkpoint is complete

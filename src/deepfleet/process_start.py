@@ -52,3 +52,14 @@ def process_started_wall() -> float:
     """This process's start as a unix time (the module's import where /proc is missing)."""
     now, age = time.time(), own_process_age()
     return _IMPORTED_WALL if age is None else min(now - age, _IMPORTED_WALL)
+
+
+def wall_now_on_tick_grid() -> float:
+    """Now as a unix time, floored to the kernel tick that /proc counts process starts in: a spawn
+    marked with it is never after the spawned process's start as `process_started_wall` reads it."""
+    wall = time.time()
+    try:
+        boottime, ticks = time.clock_gettime(time.CLOCK_BOOTTIME), os.sysconf("SC_CLK_TCK")
+    except (AttributeError, ValueError, OSError):
+        return wall
+    return wall - (boottime - int(boottime * ticks) / ticks)

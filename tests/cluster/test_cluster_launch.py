@@ -18,7 +18,7 @@ pytestmark = pytest.mark.cluster
 
 HOSTS = ["h1", "h2"]
 SECRET = "hf_do_not_leak_7f3a"
-JOB_PROCESS_WORDS = (b"deepfleet.launch.host_agent", b"deepfleet.launch.bound_torchrun", b"worker.py")
+JOB_PROCESS_WORDS = (b"deepfleet.launch.host_agent", b"deepfleet.launch.rendezvous_store", b"worker.py")
 WORKER = textwrap.dedent("""
     import os, sys, time, torch, torch.distributed as dist
     beat = os.environ.get("DEEPFLEET_HEARTBEAT_DIR", ".")

@@ -1,4 +1,4 @@
-"""Host agent stops and supervisor output handling, with stand-in processes instead of torchrun (fast)."""
+"""Host agent stops and supervisor output handling, with stand-in ranks (fast)."""
 
 import asyncio
 import os
@@ -16,31 +16,31 @@ from deepfleet.launch.supervisor import HostProcess, Supervisor, SupervisorOptio
 
 pytestmark = pytest.mark.integration
 
-# Stands in for torchrun: starts one "rank" (unless RANKS=0) and waits for it. The rank takes
-# SAVE_SECONDS to "checkpoint" after SIGTERM, then writes `saved`.
-LAUNCHER = textwrap.dedent("""
-    import os, signal, subprocess, sys, time
-    if os.environ.get("RANKS") == "0":
-        time.sleep(600)                       # still in rendezvous: no rank yet
-    rank = subprocess.Popen([sys.executable, "-c", '''
-    import os, signal, sys, time
+# A rank that takes SAVE_SECONDS to "checkpoint" after SIGTERM, then writes `saved`, and `store-up`
+# when the rendezvous store still answers then (ranks may need it until they have saved).
+RANK = textwrap.dedent("""
+    import os, signal, socket, sys, time
     def save(*_):
-        time.sleep(float(os.environ["SAVE_SECONDS"])); open("saved", "w").close(); sys.exit(0)
+        time.sleep(float(os.environ["SAVE_SECONDS"]))
+        open("saved", "w").close()
+        try:
+            socket.create_connection(("127.0.0.1", int(os.environ["MASTER_PORT"])), timeout=5).close()
+            open("store-up", "w").close()
+        except OSError:
+            pass
+        sys.exit(0)
     signal.signal(signal.SIGTERM, save)
     open("rank-up", "w").close()
     time.sleep(600)
-    '''], start_new_session=True)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(rank.wait())
 """)
 
 
 def start_agent(tmp_path, env, grace=30):
-    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    (tmp_path / "rank.py").write_text(RANK)
     job_id = new_job_id() + ".0"
     agent = subprocess.Popen([sys.executable, "-m", "deepfleet.launch.host_agent", f"--job-id={job_id}",
                               f"--cwd={tmp_path}", f"--grace={grace}", "--lifeline-timeout=60", "--",
-                              sys.executable, str(tmp_path / "launcher.py")],
+                              sys.executable, str(tmp_path / "rank.py")],
                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     agent.stdin.write('{"env": %s}\n' % str(env).replace("'", '"'))
     agent.stdin.flush()
@@ -54,17 +54,20 @@ def wait_for(predicate, seconds):
     return predicate()
 
 
-def test_term_before_any_rank_exists_stops_the_launcher_itself(tmp_path):
-    agent, job_id = start_agent(tmp_path, {"RANKS": "0", "SAVE_SECONDS": "0"})
-    assert wait_for(lambda: job_pids(job_id), 10)
+def test_term_gives_the_ranks_their_grace_with_the_rendezvous_store_still_up(tmp_path):
+    agent, job_id = start_agent(tmp_path, {"SAVE_SECONDS": "3"})
+    assert wait_for(lambda: (tmp_path / "rank-up").exists(), 20)
     agent.stdin.write("term\n")
     agent.stdin.flush()
-    agent.wait(timeout=20)
-    assert job_pids(job_id) == [], "the launcher must not outlive its agent"
+    asked = time.monotonic()
+    agent.wait(timeout=40)
+    assert (tmp_path / "saved").exists() and (tmp_path / "store-up").exists()
+    assert time.monotonic() - asked < 20, "the agent waited out its 30 s grace after the ranks had ended"
+    assert job_pids(job_id) == [], "the store must not outlive its agent"
 
 
 def test_sigterm_to_the_agent_gives_the_ranks_their_grace_to_checkpoint(tmp_path):
-    agent, job_id = start_agent(tmp_path, {"RANKS": "1", "SAVE_SECONDS": "5"})
+    agent, job_id = start_agent(tmp_path, {"SAVE_SECONDS": "5"})
     assert wait_for(lambda: (tmp_path / "rank-up").exists(), 20)
     agent.send_signal(signal.SIGTERM)
     agent.wait(timeout=40)

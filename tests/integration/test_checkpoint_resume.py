@@ -39,7 +39,7 @@ def train_losses(output_dir):
 
 
 def rank_pids(pid):
-    """The rank processes under `deepfleet train` (its torchrun's children), from /proc."""
+    """The rank processes under `deepfleet train` (its host agent's children), from /proc."""
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -48,7 +48,7 @@ def rank_pids(pid):
             command = open(f"/proc/{current}/cmdline").read()
         except OSError:
             continue
-        if "deepfleet.train" in command and "bound_torchrun" not in command:
+        if command.split("\0")[1:3] == ["-m", "deepfleet.train"]:
             found.append(current)
         todo += [int(child) for child in children]
     assert len(found) == 2, found

@@ -1,4 +1,4 @@
-"""The supervisor and host agents on two loopback 'nodes': real torchrun + gloo, faults injected."""
+"""The supervisor and host agents on two loopback 'nodes': real ranks + gloo, faults injected."""
 
 import asyncio
 import os

@@ -61,7 +61,7 @@ def test_recipe_typo_names_file_line_and_suggestion(tmp_path):
 
 def test_error_found_inside_the_ranks_is_one_line_too(tmp_path):
     # Malformed JSONL is only seen when the ranks read the data: the error comes back as the ranks'
-    # own error line, not torchrun's traceback, and the output dir this run created is removed.
+    # own error line, not a traceback, and the output dir this run created is removed.
     train, _ = write_task_data(tmp_path / "data", n_train=20, n_validation=4)
     train.write_text(train.read_text() + "{not json\n")
     recipe = write_recipe(tmp_path / "r.yaml", output_dir=str(tmp_path / "out"),
@@ -76,9 +76,9 @@ def test_dry_run_prints_the_command_and_masks_secrets(tmp_path):
                           env={"HF_TOKEN": "hf_secret_value", "NCCL_DEBUG": "WARN"})
     done = run_cli("train", str(recipe), "--dry-run", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
-    command = next(line for line in done.stdout.splitlines() if "deepfleet.launch.bound_torchrun" in line)
-    for part in ("--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", "--master-port=0", "--nproc-per-node=2",
-                 "-m deepfleet.train"):
+    command = next(line for line in done.stdout.splitlines() if "deepfleet.launch.host_agent" in line)
+    for part in ("--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", "--master-port=0", "--nproc=2",
+                 "--world-size=2", "-m deepfleet.train"):
         assert part in command, command
     assert "deepfleet.launch.host_agent" in command and " ssh " not in command   # this machine: no ssh
     assert "hf_secret_value" not in done.stdout + done.stderr and "HF_TOKEN=****" in done.stdout

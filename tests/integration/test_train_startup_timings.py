@@ -41,7 +41,7 @@ def test_timings_cover_the_whole_startup_and_add_up_to_no_more_than_the_wall_tim
     assert "startup phases on " in rest and "total to the first step" in rest    # --timings' table
 
     timings = json.loads((tmp_path / "out" / "logs" / "attempt-0" / "startup.json").read_text())
-    phases = ["cli_import", "planning", "head_data", "launch_prep", "agent_start", "torchrun_start", "rank_imports",
+    phases = ["cli_import", "planning", "head_data", "launch_prep", "agent_start", "rank_spawn", "rank_imports",
               "rendezvous", "rank_data", "model_build", "deepspeed_init", "run_setup", "first_step"]
     assert timings["connect"] is None                          # this machine: no ssh
     missing = [name for name in phases if timings[name] is None]

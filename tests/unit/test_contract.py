@@ -29,7 +29,7 @@ def test_rank_lines_round_trip():
     assert contract.preempted_at(line) == (12, "/runs/x/checkpoints/step-12")
     error = contract.RANK_ERROR_LINE.match("[1]:error: model.name: bad (fix: other)")
     assert error.groups() == ("1", "error: model.name: bad (fix: other)")
-    assert contract.RANK_PREFIX_TEMPLATE.replace("${rank}", "4") == "[4]:"
+    assert contract.RANK_LINE.match(contract.rank_prefix(4) + "x").group(1) == "4"
 
 
 def test_the_contract_module_needs_only_the_standard_library():

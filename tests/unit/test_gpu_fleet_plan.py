@@ -50,7 +50,7 @@ def test_two_hosts_of_eight_h100(llama_recipe, tmp_path, command):
     assert "attention flash_attention_2 (rows flattened)" in out
     assert "optimizer: torch AdamW" in out
     assert '"bf16": {\n    "enabled": true' in out or '"enabled": true' in out
-    assert "--nproc-per-node=8" in out and "--nnodes=2" in out
+    assert "--nproc=8" in out and "--nnodes=2" in out and "--first-rank=8 --world-size=16" in out
     # The interface every host shares with the addresses ssh uses; the rendezvous on h100-a's address there.
     assert "env NCCL_SOCKET_IFNAME=eth0" in out and "env GLOO_SOCKET_IFNAME=eth0" in out
     assert "--master-addr=10.1.0.11" in out
@@ -101,7 +101,7 @@ def test_one_host_of_four_a100_without_flash_attn(llama_recipe, tmp_path):
     assert code == 0, out
     assert "ranks: 4 ranks (4 per host) on cuda, NCCL, precision bf16" in out
     assert "attention sdpa" in out and "flash_attention_2" not in out
-    assert "--nproc-per-node=4" in out and "NCCL_SOCKET_IFNAME" not in out   # one host: no inter-host traffic
+    assert "--nproc=4" in out and "NCCL_SOCKET_IFNAME" not in out   # one host: no inter-host traffic
 
 
 def test_v100_plans_fp16_and_refuses_bf16(llama_recipe, tmp_path):
@@ -161,7 +161,7 @@ def test_eight_plus_four_h100(llama_recipe, tmp_path, command):
     code, out = invoke(*command, llama_recipe, "train.global_batch=192", "--fleet", fleet, "--facts", facts)
     assert code == 0, out
     assert "ranks: 12 ranks (8+4 per host) on cuda, NCCL, precision bf16" in out
-    assert "--nproc-per-node=8" in out and "--nproc-per-node=4" in out
+    assert "--nproc=8" in out and "--nproc=4" in out
     code, out = invoke(*command, llama_recipe, "--fleet", fleet, "--facts", facts)   # 256 rows over 12 ranks
     assert code == 2 and "cannot be split evenly over 12 ranks" in out
 

@@ -22,18 +22,19 @@ def plan(settings=None, parent_env=None, **kwargs):
                        interface=kwargs.get("interface", CHOICE), ssh_options=SshOptions(known_hosts_file="/k"))
 
 
-def test_each_host_gets_ssh_agent_and_torchrun_with_its_node_rank():
+def test_each_host_gets_ssh_and_an_agent_with_its_node_rank_and_ranks():
     launch = plan()
     for node_rank, host in enumerate(launch.hosts):
         argv = host.argv
         assert argv[0] == "ssh" and "BatchMode=yes" in argv and "StrictHostKeyChecking=yes" in argv
         remote = shlex.split(argv[-1])
         assert remote[:3] == ["/opt/venv/bin/python", "-m", "deepfleet.launch.host_agent"]
-        assert f"--job-id=df-test.{node_rank}" in remote and "--cwd=/work/proj" in remote
-        torchrun = remote[remote.index("--") + 1:]
-        assert f"--node-rank={node_rank}" in torchrun and "--nnodes=2" in torchrun
-        assert "--master-addr=192.168.7.1" in torchrun, "rendezvous must use the chosen private interface"
-        assert torchrun[-4:] == ["/opt/venv/bin/python", "train.py", "--deepspeed", "ds.json"]
+        agent = remote[:remote.index("--")]
+        assert f"--job-id=df-test.{node_rank}" in agent and "--cwd=/work/proj" in agent
+        assert f"--node-rank={node_rank}" in agent and "--nnodes=2" in agent and "--nproc=2" in agent
+        assert f"--first-rank={2 * node_rank}" in agent and "--world-size=4" in agent
+        assert "--master-addr=192.168.7.1" in agent, "rendezvous must use the chosen private interface"
+        assert remote[remote.index("--") + 1:] == ["/opt/venv/bin/python", "train.py", "--deepspeed", "ds.json"]
 
 
 def test_interface_variables_and_allow_list_but_no_unlisted_variables():
@@ -151,7 +152,7 @@ def test_manual_mode_prints_one_line_per_host_with_secret_references():
 
 
 def test_hosts_with_different_gpu_counts_get_their_own_nproc():
-    """Seed 001's hostfile: node2 slots=4 beside 8-slot nodes. torchrun numbers ranks host after host."""
+    """Seed 001's hostfile: node2 slots=4 beside 8-slot nodes. Ranks are numbered host after host."""
     from deepfleet.launch.backends import deepspeed_runner_command, slurm_script
 
     uneven = Fleet(hosts=(Host(name="a", address="10.0.0.1", slots=8), Host(name="b", address="10.0.0.2", slots=4)),
@@ -159,8 +160,10 @@ def test_hosts_with_different_gpu_counts_get_their_own_nproc():
     launch = plan_launch(uneven, LaunchSettings(command=["python", "t.py"]), job_id="j", cwd="/w", parent_env={},
                          extra_env={}, interface=None, ssh_options=SshOptions())
     assert launch.ranks_per_host == (8, 4) and launch.world_size == 12
-    assert ["--nproc-per-node=8" in h.argv[-1] for h in launch.hosts] == [True, False]
-    assert "--nproc-per-node=4" in launch.hosts[1].argv[-1] and "--node-rank=1" in launch.hosts[1].argv[-1]
+    assert ["--nproc=8" in h.argv[-1] for h in launch.hosts] == [True, False]
+    second = launch.hosts[1].argv[-1]
+    assert "--nproc=4" in second and "--node-rank=1" in second and "--first-rank=8" in second
+    assert all("--world-size=12" in h.argv[-1] for h in launch.hosts)
     assert "12 rank(s)" in launch.render().splitlines()[0]
     ds = deepspeed_runner_command(uneven, launch, state_dir="/s", ssh_args=[], cwd="/w")
     assert ds.files["/s/hostfile"] == "10.0.0.1 slots=8\n10.0.0.2 slots=4\n"

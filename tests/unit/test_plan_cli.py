@@ -39,7 +39,7 @@ def test_plan_json_for_a_local_model_dir(mistral_recipe):
     assert plan["deepspeed_config"]["train_batch_size"] == 64
     commands = plan["commands"]
     assert commands[0].startswith("job ") and "2 host(s)" in commands[0]
-    assert any(line.startswith("[node2] ") and "--node-rank=1" in line and "--nproc-per-node=4" in line
+    assert any(line.startswith("[node2] ") and "--node-rank=1" in line and "--nproc=4" in line
                for line in commands), commands
     assert commands[-1].startswith("(at launch:")
 
@@ -57,7 +57,7 @@ def test_plan_table_and_local_command(mistral_recipe):
     assert result.exit_code == 0, result.output
     assert "memory per rank (GPU)" in result.output and "chosen" in result.output
     assert "reason:" in result.output and '"zero_optimization"' in result.output
-    assert "--nproc-per-node=8" in result.output
+    assert "--nproc=8" in result.output
 
 
 def test_bad_memory_size_is_a_user_error(mistral_recipe):

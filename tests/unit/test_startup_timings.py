@@ -74,7 +74,7 @@ RANK = RankStartup(started_at=5001.5, phases={"imports": 6.0, "rendezvous": 0.1,
 
 def _launch(transport="ssh"):
     return HostLaunch(transport=transport, spawned=103.0, first_event=103.5, agent_seconds=0.125,
-                      torchrun_spawned_at=5000.0)
+                      ranks_spawned_at=5000.0)
 
 
 def test_combined_figures_take_each_duration_from_one_clock():
@@ -85,7 +85,7 @@ def test_combined_figures_take_each_duration_from_one_clock():
     assert timings.launch_prep == 0.5              # head data ended at 102.5, agent spawned at 103.0
     assert timings.connect == 0.375                # 0.5 s to the first event, 0.125 s of it the agent's
     assert timings.agent_start == 0.125
-    assert timings.torchrun_start == 1.5           # both on h1's clock
+    assert timings.rank_spawn == 1.5           # both on h1's clock
     assert (timings.rank_imports, timings.deepspeed_init, timings.first_step) == (6.0, 1.0, 0.5)
     assert timings.total == 15.0                   # the command's start to the first step seen
     measured = [seconds for _, _, seconds in phase_rows(timings) if seconds is not None]
@@ -152,7 +152,7 @@ def test_the_watch_reports_rank_0_once_and_saves_at_the_end(tmp_path):
     report = json.dumps({"started_at": 1001.0, "phases": {"imports": 2.0, "first_step": 0.5}})
     shown = watch.rank_report("h1", report)
     assert shown and shown.startswith("startup ") and watch.rank_report("h1", report) is None
-    assert json.loads((tmp_path / "startup.json").read_text())["torchrun_start"] == 1.0
+    assert json.loads((tmp_path / "startup.json").read_text())["rank_spawn"] == 1.0
     assert finish_startup(watch, table=False) == []                    # the line was already shown
     assert "total to the first step" in finish_startup(watch, table=True)[0]
     unseen = StartupWatch(attempt=0, head=None, log_dir=tmp_path / "b", transports={"h1": "ssh"})
@@ -175,7 +175,7 @@ def test_the_supervisor_keeps_the_report_off_the_console_and_shows_the_summary(t
                                      startup=watch).run())
     assert outcome.exit_code == 0
     assert not any(contract.STARTUP_LINE_PREFIX in line for line in shown), shown
-    assert any(line.startswith("startup ") and "torchrun 1.0" in line for line in shown), shown
+    assert any(line.startswith("startup ") and "rank spawn 1.0" in line for line in shown), shown
     assert "h1/[0]:step 1/1" in shown
     assert report in (tmp_path / "h1.log").read_text()      # the host log keeps everything
     timings = json.loads((tmp_path / "startup.json").read_text())

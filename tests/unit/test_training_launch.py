@@ -31,7 +31,7 @@ def test_this_machine_alone_runs_without_ssh_on_a_free_loopback_port():
                        interface=None, ssh_options=options_for(job.fleet))
     argv = plan.hosts[0].argv
     assert "ssh" not in argv[0] and argv[1:3] == ["-m", "deepfleet.launch.host_agent"]
-    for part in ("--master-addr=127.0.0.1", "--master-port=0", "--nproc-per-node=2", "--nnodes=1"):
+    for part in ("--master-addr=127.0.0.1", "--master-port=0", "--nproc=2", "--nnodes=1"):
         assert part in argv
     assert argv[-3:] == [job.fleet.python, "-m", "deepfleet.train"]
     env = plan.hosts[0].env

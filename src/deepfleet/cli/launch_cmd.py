@@ -35,7 +35,7 @@ def launch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run on each host; run nothing"),
     backend: Backend = typer.Option(Backend.torchrun, "--backend", help="torchrun (supervised), deepspeed, slurm, manual"),
 ) -> None:
-    """Run CMD on every host of the fleet under torchrun, supervised (see `deepfleet launch --help`)."""
+    """Run CMD on every host of the fleet as one supervised job, each rank with torchrun's environment."""
     from deepfleet.fleet.sources import resolve_fleet
     from deepfleet.fleet.ssh import options_for
     from deepfleet.launch.job import LaunchSettings

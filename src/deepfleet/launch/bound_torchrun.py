@@ -1,4 +1,5 @@
-"""torchrun whose rendezvous store listens on the master's address only, not on every interface.
+"""torchrun whose rendezvous store listens on the master's address only, not on every interface: for
+the scripts a user runs by hand (`launch --backend slurm|manual`); supervised jobs do not use torchrun.
 
 With `--master-addr/--master-port` (static rendezvous), node 0's torchrun hosts a TCPStore that
 binds the wildcard address: torch has no option for the listen address. This entry point first
@@ -15,8 +16,6 @@ run has no window between choosing a port and listening on it.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import sys
 from datetime import timedelta
 
@@ -25,17 +24,7 @@ from torch.distributed.run import get_args_parser
 from torch.distributed.run import main as torchrun_main
 
 from deepfleet.fleet.inventory import is_ip_address
-
-LISTEN_BACKLOG = 1024
-
-
-def bind_listener(address: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((address, port))
-    listener.listen(LISTEN_BACKLOG)
-    return listener
+from deepfleet.launch.host_ranks import bind_listener
 
 
 def hosts_rendezvous(argv: list[str]) -> tuple[str, int] | None:

@@ -1,4 +1,5 @@
-"""The per-host agent: `python -m deepfleet.launch.host_agent --job-id ID -- CMD...`, started over ssh.
+"""The per-host agent: `python -m deepfleet.launch.host_agent --job-id ID --node-rank N ... -- CMD...`,
+started over ssh (or srun, or here). It starts this host's ranks, each running CMD (host_ranks.py).
 
 It is the one process on a host that knows which processes belong to this job, so teardown never
 needs a broad `pkill`. Protocol on stdin (from the head, one line each):
@@ -7,23 +8,24 @@ needs a broad `pkill`. Protocol on stdin (from the head, one line each):
   "ping"       the head is alive; no ping for --lifeline-timeout seconds means the head or the link
                is gone, and the agent tears the job down by itself (a partitioned host cannot be
                reached, so it must clean up on its own)
-  "term"       graceful stop: SIGTERM to every process of the job (ranks checkpoint), SIGKILL after --grace
+  "term"       graceful stop: SIGTERM to the ranks (they checkpoint), SIGKILL after --grace
   "kill"/EOF   teardown: SIGTERM, then SIGKILL after a short grace
 
-On stdout it passes CMD's output through and adds event lines `@@deepfleet {json}`: started (with
-the agent's own startup seconds and the unix time it spawned CMD, for startup timings),
-heartbeat (newest step and age per local rank, from the files ranks write to DEEPFLEET_HEARTBEAT_DIR)
-and exit. Only the standard library is used so it starts in milliseconds on every host.
+On stdout it passes the ranks' output through ("[rank]:" before each line) and adds event lines
+`@@deepfleet {json}`: started (with the agent's own startup seconds and the unix time it spawned the
+ranks, for startup timings), heartbeat (newest step and age per local rank, from the files ranks
+write to DEEPFLEET_HEARTBEAT_DIR) and exit (with the rank that failed first, if one did). Only the
+standard library is used so it starts in milliseconds on every host.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +34,8 @@ from pathlib import Path
 
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_LIFELINE_LOST, HEARTBEAT_DIR_ENV, JOB_ID_ENV, heartbeat_rank,
                                 heartbeat_step)
-from deepfleet.process_start import own_process_age
+from deepfleet.launch.host_ranks import HostRanks, RankLayout
+from deepfleet.process_start import own_process_age, wall_now_on_tick_grid
 
 KILL_GRACE_SECONDS = 3.0
 
@@ -68,13 +71,14 @@ def signal_job(job_id: str, sig: int, *, spare: int | None = None) -> int:
 
 
 def stop_job(job_id: str, grace: float, *, spare: int | None = None) -> None:
-    """SIGTERM every process of the job (but `spare`), then SIGKILL all that is left after `grace` seconds."""
+    """SIGTERM every process of the job but `spare`, wait up to `grace` seconds for them to end, then
+    SIGKILL what is left of them."""
     if not signal_job(job_id, signal.SIGTERM, spare=spare):
         return
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and job_pids(job_id):
+    while time.monotonic() < deadline and [pid for pid in job_pids(job_id) if pid != spare]:
         time.sleep(0.1)
-    signal_job(job_id, signal.SIGKILL)
+    signal_job(job_id, signal.SIGKILL, spare=spare)
 
 
 def heartbeats(directory: Path) -> dict[str, dict]:
@@ -132,14 +136,8 @@ def with_environment_bin(path: str, python: str) -> str:
     return os.pathsep.join([bin_dir, *(entry for entry in path.split(os.pathsep) if entry and entry != bin_dir)])
 
 
-def pump_output(stream, out) -> None:
-    for line in iter(stream.readline, b""):
-        out.write(line)
-        out.flush()
-
-
-def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None, lifeline_timeout: float,
-        grace: float, heartbeat_seconds: float) -> int:
+def run(job_id: str, layout: RankLayout, command: list[str], *, env: dict[str, str], cwd: str | None,
+        lifeline_timeout: float, grace: float, heartbeat_seconds: float) -> int:
     heartbeat_dir = Path(tempfile.mkdtemp(prefix=f"deepfleet-hb-{job_id}-"))
     child_env = {**os.environ, **env, JOB_ID_ENV: job_id, HEARTBEAT_DIR_ENV: str(heartbeat_dir)}
     child_env["PATH"] = with_environment_bin(child_env.get("PATH", ""), sys.executable)
@@ -147,19 +145,20 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
     # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: setattr(lifeline, "request", "term"))
+    agent_seconds, spawned_at = own_process_age(), wall_now_on_tick_grid()
     try:
-        child = subprocess.Popen(command, env=child_env, cwd=cwd, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        ranks = HostRanks(layout, command, env=child_env, cwd=cwd)
     except OSError as exc:
-        emit("exit", code=127, reason=f"cannot start {command[0]} in {cwd or os.getcwd()}: {exc.strerror}")
+        stop_job(job_id, KILL_GRACE_SECONDS)
+        reason = (f"cannot listen for the rendezvous on {layout.master_addr}:{layout.master_port}: {exc.strerror} "
+                  "(free the port or choose another master_port)" if exc.filename is None
+                  else f"cannot start {command[0]} in {cwd or os.getcwd()}: {exc.strerror}")
+        emit("exit", code=127, reason=reason)
         return 127
-    agent_seconds, spawned_at = own_process_age(), time.time()   # CMD is running: exec succeeded
-    emit("started", pid=child.pid, host_pid=os.getpid(), spawned_at=round(spawned_at, 3),
+    emit("started", pids=ranks.pids, host_pid=os.getpid(), spawned_at=math.floor(spawned_at * 1000) / 1000,
          agent_seconds=None if agent_seconds is None else round(agent_seconds, 3))
-    pump = threading.Thread(target=pump_output, args=(child.stdout, sys.stdout.buffer), daemon=True)
-    pump.start()
     reason, next_beat = "", 0.0
-    while child.poll() is None:
+    while (code := ranks.poll()) is None:
         now = time.monotonic()
         if lifeline.request == "kill" or lifeline.closed:
             reason = reason or "stopped by the head"
@@ -169,23 +168,20 @@ def run(job_id: str, command: list[str], *, env: dict[str, str], cwd: str | None
             stop_job(job_id, KILL_GRACE_SECONDS)
         elif lifeline.request == "term":
             reason = "stopped gracefully"
-            # Only the ranks get SIGTERM: they checkpoint and exit, and torchrun then ends by itself.
-            # torchrun would otherwise SIGKILL its workers after its own 30 s, mid-save. Before any
-            # rank exists (torchrun still in rendezvous) torchrun itself is what must stop.
-            ranks_exist = any(pid != child.pid for pid in job_pids(job_id))
-            stop_job(job_id, grace, spare=child.pid if ranks_exist else None)
+            # The ranks checkpoint and exit; the rendezvous store stays for them until they have.
+            stop_job(job_id, grace, spare=ranks.store_pid)
+        elif ranks.failure:
+            stop_job(job_id, KILL_GRACE_SECONDS)   # the others would wait for the failed rank forever
         if now >= next_beat:
             emit("heartbeat", ranks=heartbeats(heartbeat_dir), stopped=stopped_ranks(job_id))
             next_beat = now + heartbeat_seconds
         time.sleep(0.1)
-    # Workers torchrun started in their own sessions may outlive it: make sure none survive.
-    stop_job(job_id, KILL_GRACE_SECONDS)
-    pump.join(timeout=5)
+    ranks.close()
+    stop_job(job_id, KILL_GRACE_SECONDS)   # the store, and anything a rank started in its own session
     shutil.rmtree(heartbeat_dir, ignore_errors=True)
-    code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     if reason and not lifeline.request and not lifeline.closed:
         code = EXIT_LIFELINE_LOST
-    emit("exit", code=code, reason=reason)
+    emit("exit", code=code, reason=reason, rank=ranks.failed_rank)
     return code
 
 
@@ -196,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lifeline-timeout", type=float, default=15.0)
     parser.add_argument("--grace", type=float, default=60.0)
     parser.add_argument("--heartbeat-seconds", type=float, default=2.0)
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=1, help="ranks on this host")
+    parser.add_argument("--first-rank", type=int, default=0, help="global rank of this host's first rank")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks in the job (default: --nproc)")
+    parser.add_argument("--master-addr", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=0)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -204,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     header = sys.stdin.readline()
     env = json.loads(header).get("env", {}) if header.strip() else {}
     signal.signal(signal.SIGHUP, lambda *_: stop_job(args.job_id, KILL_GRACE_SECONDS) or sys.exit(129))
-    return run(args.job_id, command, env=env, cwd=args.cwd, lifeline_timeout=args.lifeline_timeout, grace=args.grace,
+    layout = RankLayout(node_rank=args.node_rank, nnodes=args.nnodes, nproc=args.nproc, first_rank=args.first_rank,
+                        world_size=args.world_size or args.nproc, master_addr=args.master_addr,
+                        master_port=args.master_port)
+    return run(args.job_id, layout, command, env=env, cwd=args.cwd, lifeline_timeout=args.lifeline_timeout, grace=args.grace,
                heartbeat_seconds=args.heartbeat_seconds)
 
 

@@ -102,8 +102,9 @@ def plan_launch(fleet: Fleet, settings: LaunchSettings, *, job_id: str, cwd: str
         env = job_environment(parent_env, interface=chosen, fabric=interface.fabric.env if interface and interface.fabric
                               else None, extra={**dict(host.env), **dict(extra_env)})
         python = fleet.python_for(host)
-        # torchrun gives each host its own rank count; global ranks stay contiguous in host order.
+        # Each host has its own rank count; global ranks stay contiguous in host order.
         host_job = JobSpec(**{**vars(job), "python": python, "env": env, "nproc_per_node": ranks[node_rank],
+                              "first_rank": sum(ranks[:node_rank]), "world_size": sum(ranks),
                               "command": rank_command(settings.command, python)})
         hosts.append(HostProcess(label=host.name, argv=host_argv(host, agent_argv(host_job, node_rank=node_rank),
                                                                  options=ssh_options),

@@ -4,11 +4,10 @@ Every figure is a duration measured on one clock; hosts' clocks may differ, so n
 one host's time from another's:
 - the command's own phases (CLI import, planning, data, launch preparation) and the total, on the
   head's monotonic clock, from the command's process start (a restart: from its launch);
-- agent start: the host agent's process start to its torchrun spawn, measured by the agent;
+- agent start: the host agent's process start to its spawn of the ranks, measured by the agent;
 - connect: the head's spawn of the agent command to the agent's first event, less the agent's own
   figure (ssh or srun, both ways; None when the agent runs here without either);
-- torchrun start: the agent's torchrun spawn to the rank process's start, both on that host's clock
-  (torchrun's own rendezvous with the other hosts happens here);
+- rank spawn: the agent's spawn of the ranks to rank 0's process start, both on that host's clock;
 - the rank's phases, back to back inside rank 0 from its process start to the end of its first step.
 What is left of the total (output passing back through the agent and ssh, small gaps) is "other".
 Figures are not clamped at zero: a negative one would be a measuring error, and must show.
@@ -63,8 +62,8 @@ class HostLaunch:
     transport: str                          # "ssh", "srun" or "local" (no connection to make)
     spawned: float | None = None            # the head started the agent command
     first_event: float | None = None        # the agent's first event reached the head
-    agent_seconds: float | None = None      # the agent's process start -> its torchrun spawn (its clock)
-    torchrun_spawned_at: float | None = None   # unix time of the torchrun spawn, on that host's clock
+    agent_seconds: float | None = None      # the agent's process start -> its spawn of the ranks (its clock)
+    ranks_spawned_at: float | None = None   # unix time of the ranks' spawn, on that host's clock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,8 +84,8 @@ class StartupTimings:
     head_data: float | None = None          # data prepared or found on the head
     launch_prep: float | None = None        # the head: job plan and supervisor, up to spawning the agents
     connect: float | None = None            # ssh (or srun) to the host and back
-    agent_start: float | None = None        # the host agent: Python start -> torchrun spawned
-    torchrun_start: float | None = None     # torchrun spawned -> rank process started (incl. torchrun's rendezvous)
+    agent_start: float | None = None        # the host agent: Python start -> ranks spawned
+    rank_spawn: float | None = None         # ranks spawned -> rank 0's process started
     rank_imports: float | None = None       # rank process start -> torch, transformers, deepspeed imported
     rendezvous: float | None = None         # the ranks' process group (init_process_group)
     rank_data: float | None = None          # tokenizer, prepared data mapped, batch layout, DeepSpeed config
@@ -107,7 +106,7 @@ class StartupTimings:
 # Field -> how a person reads it, in the order they happen.
 PHASE_LABELS = {"cli_import": "cli import", "planning": "planning", "head_data": "data on the head",
                 "launch_prep": "launch prep", "connect": "connect", "agent_start": "agent",
-                "torchrun_start": "torchrun", "rank_imports": "rank imports", "rendezvous": "rendezvous",
+                "rank_spawn": "rank spawn", "rank_imports": "rank imports", "rendezvous": "rendezvous",
                 "rank_data": "rank data", "model_build": "model", "deepspeed_init": "deepspeed init",
                 "run_setup": "run setup", "first_step": "first step"}
 _RANK_FIELDS = dict(zip(RANK_PHASES, ("rank_imports", "rendezvous", "rank_data", "model_build", "deepspeed_init",
@@ -144,9 +143,9 @@ def combine_startup(*, attempt: int, head: HeadStartup | None, attempt_started: 
     started = head.process_started if head else attempt_started
     prep_from = head.ended if head else attempt_started
     launch = launches.get(host) if host else None
-    torchrun = None
-    if launch and rank and launch.torchrun_spawned_at is not None:
-        torchrun = rank.started_at - launch.torchrun_spawned_at
+    spawn = None
+    if launch and rank and launch.ranks_spawned_at is not None:
+        spawn = rank.started_at - launch.ranks_spawned_at
     rank_fields = {_RANK_FIELDS[name]: seconds for name, seconds in (rank.phases if rank else {}).items()}
     reached_first_step = rank is not None and "first_step" in rank.phases and first_step_seen is not None
     return StartupTimings(
@@ -155,7 +154,7 @@ def combine_startup(*, attempt: int, head: HeadStartup | None, attempt_started: 
         head_data=head.data if head else None,
         launch_prep=launch.spawned - prep_from if launch and launch.spawned is not None else None,
         connect=_connect_seconds(launch) if launch else None,
-        agent_start=launch.agent_seconds if launch else None, torchrun_start=torchrun, **rank_fields,
+        agent_start=launch.agent_seconds if launch else None, rank_spawn=spawn, **rank_fields,
         hosts={label: {"connect": _connect_seconds(each), "agent_start": each.agent_seconds}
                for label, each in launches.items()})
 
@@ -221,7 +220,7 @@ class StartupWatch:
         self.attempt, self.head, self.log_dir = attempt, head, log_dir
         self.started = time.monotonic() if started is None else started
         self.launches = {label: HostLaunch(transport=transport) for label, transport in transports.items()}
-        self.rank0_host = next(iter(transports), None)   # torchrun puts rank 0 on node rank 0, the first host
+        self.rank0_host = next(iter(transports), None)   # rank 0 is on node rank 0, the first host
         self.rank: RankStartup | None = None
         self.first_step_seen: float | None = None
 
@@ -234,7 +233,7 @@ class StartupWatch:
             launch.first_event = time.monotonic()
         if event.get("event") == "started":
             launch.agent_seconds = event.get("agent_seconds")
-            launch.torchrun_spawned_at = event.get("spawned_at")
+            launch.ranks_spawned_at = event.get("spawned_at")
 
     def rank_report(self, label: str, text: str) -> str | None:
         """Rank 0's `startup:` report arrived from `label`: saves startup.json, returns the line to show."""

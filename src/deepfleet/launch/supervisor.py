@@ -3,7 +3,7 @@
 Each host runs a host agent (see host_agent.py), started by a command the backend built (ssh, or
 directly for the head). The supervisor feeds each agent its environment and a ping every second
 on stdin, reads its output and events, and stops the whole job on the first of:
-- a host's command exiting non-zero (a rank died, torchrun gave up, or ssh dropped: exit 255);
+- a host's command exiting non-zero (a rank died, or ssh dropped: exit 255);
 - no event from a host for `link_timeout` seconds (partition: agents send a heartbeat every 2 s);
 - a rank whose training heartbeat has not advanced for `hang_timeout` seconds. Ranks write step -1
   while starting (loading, rendezvous); that phase gets the longer `startup_timeout`. A command that
@@ -46,8 +46,6 @@ HARMLESS_OUTPUT = re.compile("|".join(re.escape(text) for text in (
     "deepspeed_shm_comm_op built successfully",
     "Writing model shards",
 )) + r"|^\s+(warnings\.warn\(|return func\(\*args, \*\*kwargs\))|^$")
-# torchrun's "Root Cause (first observed failure)" table names the global rank that failed.
-ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+) \(local_rank")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +78,7 @@ class HostState:
     tail: deque = field(default_factory=lambda: deque(maxlen=20))
     exit_code: int | None = None
     exit_reason: str = ""
+    failed_rank: str | None = None                                       # the agent's first failed rank
     rank_errors: list[str] = field(default_factory=list)                # a rank's bad-input lines
 
 
@@ -238,8 +237,7 @@ class Supervisor:
                 and self.detected_at is None:
             why = host.exit_reason or ("ssh connection dropped or failed" if host.exit_code == SSH_FAILED
                                        else f"exited with code {host.exit_code}")
-            ranks = [m.group(1) for m in map(ROOT_CAUSE_RANK.match, host.tail) if m]
-            self._fail(host, ranks[0] if ranks else None, why)
+            self._fail(host, host.failed_rank, why)
 
     def _on_event(self, host: HostState, event: dict) -> None:
         now = time.monotonic()
@@ -253,6 +251,7 @@ class Supervisor:
             host.stopped = event.get("stopped", [])
         elif event.get("event") == "exit":
             host.exit_reason = event.get("reason", "")
+            host.failed_rank = None if event.get("rank") is None else str(event["rank"])
 
     def _fail(self, host: HostState, rank: str | None, why: str) -> None:
         if self.failure is None:
@@ -359,7 +358,7 @@ def render_summary(outcome: JobOutcome) -> str:
         lines.append(f"torn down on every host {outcome.teardown_seconds:.1f}s after detection")
     else:
         lines.append("every other host had already stopped by itself")
-    if f.last_lines and not outcome.bad_input:   # with bad input they are torchrun's traceback of exit 2
+    if f.last_lines and not outcome.bad_input:   # with bad input the error lines say it all
         lines.append(f"last lines from {f.host}:")
         lines.extend("  " + line for line in f.last_lines[-10:])
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Per-rank entry, run by torchrun under the launcher: `python -m deepfleet.train`.
+"""Per-rank entry, started by the host agent (or a hand-run torchrun): `python -m deepfleet.train`.
 
 The resolved recipe comes in $DEEPFLEET_RECIPE (or `--recipe FILE` for a hand-run torchrun).
 Library output (DeepSpeed, transformers) goes to stderr; rank 0 keeps the real stdout for its

@@ -2,7 +2,7 @@
 
 Phases are back to back (each one ends where the next starts), measured on this process's monotonic
 clock, so they add up to the rank's whole startup. Only the rank's start time crosses to another
-process (the host agent's torchrun spawn, on the same host and clock), as a unix time.
+process (the host agent's spawn of the ranks, on the same host and clock), as a unix time.
 """
 
 from __future__ import annotations
