@@ -4,7 +4,7 @@ slurm-wlm/munge, scripts/install-os-deps.sh), side by side in one run:
     .venv/bin/python benchmarks/slurm_startup.py [--repeats 3] [--nodes 2]
 
 - `deepfleet train RECIPE --slurm --nodes N` (submits, the job probes its nodes, picks the
-  interface, starts one supervised host agent per node as an srun step, then torchrun);
+  interface, starts one supervised host agent per node as an srun step, which starts its ranks);
 - the hand-written batch script of seed 001: sbatch, MASTER_ADDR from `scontrol show hostnames`,
   a guessed GLOO_SOCKET_IFNAME, `srun torchrun --node_rank=$SLURM_NODEID`, the same rank program
   (`python -m deepfleet.train --recipe`) on the same recipe.

@@ -4,7 +4,7 @@ step on a 2-host namespace cluster (needs root), same model, recipe and data, al
     .venv/bin/python benchmarks/train_startup.py [--repeats 3] [--conversations 200000]
 
 - deepfleet: `deepfleet train RECIPE --fleet fleet.yaml` (probe, plan, prepare the data on the
-  head once, ssh + host agents + torchrun, the ranks map the prepared data). Its first run has a
+  head once, ssh + host agents that start the ranks, the ranks map the prepared data). Its first run has a
   cold cache (prepared data, and the model facts the head computes through transformers); later
   runs find both (warm).
 - DeepSpeed: `deepspeed --hostfile ... --launcher pdsh --module deepfleet.train --recipe RECIPE`:
