@@ -1,0 +1,117 @@
+"""`train.compile`: the choice from recorded facts, the recompile count, and the fallback when compiling fails."""
+
+import pytest
+import torch
+
+from deepfleet.errors import DeepfleetError
+from deepfleet.train.compiled_model import (CPU_MIN_STEPS_FOR_COMPILE, CompileChoice, choose_compile,
+                                            compile_engine)
+
+
+def test_false_and_true_are_what_they_say_anywhere():
+    for device, stage, steps in (("cpu", 2, 10**6), ("cuda", 3, 1)):
+        assert not choose_compile(False, device_type=device, zero_stage=stage, total_steps=steps).compiled
+        assert choose_compile(True, device_type=device, zero_stage=stage, total_steps=steps).compiled
+
+
+def test_auto_compiles_only_long_cpu_runs_at_checked_stages():
+    long_run = CPU_MIN_STEPS_FOR_COMPILE
+    assert choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=long_run).compiled
+    assert choose_compile("auto", device_type="cpu", zero_stage=0, total_steps=long_run).compiled
+    short = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=long_run - 1)
+    assert not short.compiled and f"from {long_run} steps" in short.why
+    zero3 = choose_compile("auto", device_type="cpu", zero_stage=3, total_steps=long_run)
+    assert not zero3.compiled and "ZeRO-3" in zero3.why
+    gpu = choose_compile("auto", device_type="cuda", zero_stage=2, total_steps=long_run)
+    assert not gpu.compiled and "not yet measured on cuda" in gpu.why
+    assert gpu.describe().startswith("eager (train.compile: auto")
+
+
+COMPILED = CompileChoice(compiled=True, why="train.compile: true")
+
+
+class Engine(torch.nn.Module):
+    """What `engine.compile()` does for a DeepSpeed engine without DeepCompile: `module.compile()` with the kwargs and
+    backend (deepspeed/runtime/engine.py). The real engine is compiled in tests/integration/test_compiled_training.py."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def compile(self, backend, compile_kwargs):
+        self.module.compile(**compile_kwargs, backend=backend)
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.fixture
+def fresh_inductor(tmp_path, monkeypatch):
+    """A private cache, so each test compiles for real (and leaves nothing in /tmp)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    yield
+    torch.compiler.set_stance("default")
+    torch._dynamo.reset()
+
+
+class Block(torch.nn.Module):
+    """Defined here: dynamo does not compile frames of torch's own modules (nn.Linear.forward) on their own."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.linear(x)) * 2
+
+
+def test_rows_of_every_length_share_one_graph(fresh_inductor):
+    torch.manual_seed(0)
+    layer = Block(8)
+    want = {length: layer(torch.ones(2, length, 8)) for length in (5, 7, 12, 30)}
+    compiled = compile_engine(Engine(layer), COMPILED, requested=True)
+    assert compiled.recompiles == 0
+    for length, expected in want.items():
+        got = compiled.run(lambda: layer(torch.ones(2, length, 8)))
+        torch.testing.assert_close(got, expected)
+    assert compiled.recompiles == 0
+    with torch.no_grad():     # grad mode is guarded: a recompile, and the count says so
+        compiled.run(lambda: layer(torch.ones(2, 9, 8)))
+    assert compiled.recompiles == 1
+    assert compiled.describe() == "compiled (torch.compile, inductor; train.compile: true)"
+
+
+def test_eager_run_counts_no_recompiles():
+    layer = torch.nn.Linear(4, 4)
+    eager = compile_engine(Engine(layer), CompileChoice(compiled=False, why="train.compile: false"), requested=False)
+    assert eager.recompiles is None and eager.run(lambda: 3) == 3
+
+
+@pytest.fixture
+def no_cpp_compiler(fresh_inductor):
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        yield
+
+
+def test_auto_falls_back_to_eager_with_one_warning_line(no_cpp_compiler, capsys):
+    layer = Block(4)
+    x = torch.randn(3, 4)
+    compiled = compile_engine(Engine(layer), CompileChoice(compiled=True, why="train.compile: auto"),
+                              requested="auto")
+    torch.testing.assert_close(compiled.run(lambda: layer(x)), layer(x))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: train.compile: compiling the model failed (")
+    assert "/nonexistent/g++" in lines[0] and lines[0].endswith("; training eager")
+    assert compiled.describe().startswith("eager (compiling failed: ")
+    compiled.run(lambda: layer(x))     # later forwards stay eager, without another warning
+    assert capsys.readouterr().err == ""
+
+
+def test_true_stops_with_one_error_line_when_compiling_fails(no_cpp_compiler):
+    layer = Block(4)
+    compiled = compile_engine(Engine(layer), COMPILED, requested=True)
+    with pytest.raises(DeepfleetError) as raised:
+        compiled.run(lambda: layer(torch.randn(3, 4)))
+    text = str(raised.value)
+    assert "\n" not in text and text.startswith("error: train.compile: compiling the model failed: ")
+    assert "/nonexistent/g++" in text and text.endswith("(fix: set train.compile: auto (falls back to eager) or false)")
