@@ -4,27 +4,39 @@ import pytest
 import torch
 
 from deepfleet.errors import DeepfleetError
-from deepfleet.train.compiled_model import (CPU_MIN_STEPS_FOR_COMPILE, CompileChoice, choose_compile,
-                                            compile_engine)
+from deepfleet.train.compiled_model import (CPU_MIN_HIDDEN_FOR_COMPILE, CPU_MIN_STEPS_FOR_COMPILE, CompileChoice,
+                                            choose_compile, compile_engine)
+
+
+WIDE, LONG = CPU_MIN_HIDDEN_FOR_COMPILE, CPU_MIN_STEPS_FOR_COMPILE
 
 
 def test_false_and_true_are_what_they_say_anywhere():
-    for device, stage, steps in (("cpu", 2, 10**6), ("cuda", 3, 1)):
-        assert not choose_compile(False, device_type=device, zero_stage=stage, total_steps=steps).compiled
-        assert choose_compile(True, device_type=device, zero_stage=stage, total_steps=steps).compiled
+    for device, stage, steps, hidden in (("cpu", 2, 10**6, 4096), ("cuda", 3, 1, 8)):
+        facts = dict(device_type=device, zero_stage=stage, total_steps=steps, hidden_size=hidden)
+        assert not choose_compile(False, **facts).compiled
+        assert choose_compile(True, **facts).compiled
 
 
-def test_auto_compiles_only_long_cpu_runs_at_checked_stages():
-    long_run = CPU_MIN_STEPS_FOR_COMPILE
-    assert choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=long_run).compiled
-    assert choose_compile("auto", device_type="cpu", zero_stage=0, total_steps=long_run).compiled
-    short = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=long_run - 1)
-    assert not short.compiled and f"from {long_run} steps" in short.why
-    zero3 = choose_compile("auto", device_type="cpu", zero_stage=3, total_steps=long_run)
+def test_auto_compiles_long_cpu_runs_of_wide_models_at_checked_stages():
+    for stage in (0, 1, 2):
+        chosen = choose_compile("auto", device_type="cpu", zero_stage=stage, total_steps=LONG, hidden_size=WIDE)
+        assert chosen.compiled and chosen.describe() == (f"compiled (torch.compile, inductor; train.compile: auto: "
+                                                         f"{LONG} steps on CPU)")
+    short = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=LONG - 1, hidden_size=WIDE)
+    assert not short.compiled and f"{LONG - 1} steps < {LONG}, too few to pay for the compile time" in short.why
+    narrow = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=LONG, hidden_size=96)
+    assert not narrow.compiled and f"hidden size 96 < {WIDE}" in narrow.why
+    zero3 = choose_compile("auto", device_type="cpu", zero_stage=3, total_steps=LONG, hidden_size=WIDE)
     assert not zero3.compiled and "ZeRO-3" in zero3.why
-    gpu = choose_compile("auto", device_type="cuda", zero_stage=2, total_steps=long_run)
-    assert not gpu.compiled and "not yet measured on cuda" in gpu.why
-    assert gpu.describe().startswith("eager (train.compile: auto")
+    gpu = choose_compile("auto", device_type="cuda", zero_stage=2, total_steps=LONG, hidden_size=WIDE)
+    assert not gpu.compiled and gpu.describe() == "eager (train.compile: auto compiles only where measured faster, " \
+                                                  "not yet on cuda)"
+
+
+def test_auto_keeps_the_demo_eager():
+    """The demo: the built-in tiny Llama (hidden size 96), 300 steps, where compiling measured no faster."""
+    assert not choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=300, hidden_size=96).compiled
 
 
 COMPILED = CompileChoice(compiled=True, why="train.compile: true")
