@@ -9,8 +9,8 @@ defined (`packed_attention.py`, `chunked_loss.py`).
 
 Rows vary in length (each micro batch is padded to its longest row), so the graphs are compiled with
 dynamic shapes from the start (`dynamic=True`): one graph serves every row length. Left to its default
-(static first, symbolic after the first change), dynamo compiled every graph twice, in the first step,
-and the graph breaks above made that ~50 compiles for the built-in Llama instead of ~25. What still
+(static first, symbolic from the second length on), dynamo compiled the built-in Llama's frames again at
+the second length: 52 compiles instead of 40, and a first step of 47 s instead of 23 s. What still
 recompiles (validation's no-grad forward, a batch of one row, transformers' wrappers shared by several
 classes) is counted as `recompiles` in metrics.jsonl: the compiles dynamo records with the guard failure
 that made a compiled function compile again.
@@ -36,7 +36,7 @@ Result = TypeVar("Result")
 
 # Recorded facts (benchmarks/RESULTS.md, "Compiled model", 2026-12-02, 2 CPU ranks, ZeRO-2, fp32). The 5M Llama of
 # benchmarks/training_speed.py (hidden size 256): a compiled step ~1.1x faster, ~0.17 s less per step of ~4k tokens
-# per rank, for ~30 s of compiling (cold inductor cache; ~13 s warm), so it pays after ~180 steps. The built-in
+# per rank, for ~30 s of compiling (cold inductor cache; ~7 s warm), so it pays after ~180 steps. The built-in
 # tiny Llama (hidden size 96): no step faster (the graph breaks' and guards' overhead eats the fused kernels),
 # ~24 s of compiling.
 CPU_MIN_HIDDEN_FOR_COMPILE = 256
