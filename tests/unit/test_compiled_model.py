@@ -79,7 +79,7 @@ class Block(torch.nn.Module):
 
 def test_rows_of_every_length_share_one_graph(fresh_inductor):
     torch.manual_seed(0)
-    layer = Block(8)
+    layer = Block(8).requires_grad_(False)    # a forward-only graph compiles in a few seconds; training: integration
     want = {length: layer(torch.ones(2, length, 8)) for length in (5, 7, 12, 30)}
     compiled = compile_engine(Engine(layer), COMPILED, requested=True)
     assert compiled.recompiles == 0
@@ -87,8 +87,7 @@ def test_rows_of_every_length_share_one_graph(fresh_inductor):
         got = compiled.run(lambda: layer(torch.ones(2, length, 8)))
         torch.testing.assert_close(got, expected)
     assert compiled.recompiles == 0
-    with torch.no_grad():     # grad mode is guarded: a recompile, and the count says so
-        compiled.run(lambda: layer(torch.ones(2, 9, 8)))
+    compiled.run(lambda: layer(torch.ones(9, 8)))     # another number of dimensions: a recompile, and it counts
     assert compiled.recompiles == 1
     assert compiled.describe() == "compiled (torch.compile, inductor; train.compile: true)"
 
