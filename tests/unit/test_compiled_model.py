@@ -13,38 +13,47 @@ WIDE, LONG = CPU_MIN_HIDDEN_FOR_COMPILE, CPU_MIN_STEPS_FOR_COMPILE
 
 def test_false_and_true_are_what_they_say_anywhere():
     for device, stage, steps, hidden in (("cpu", 2, 10**6, 4096), ("cuda", 3, 1, 8)):
-        facts = dict(device_type=device, zero_stage=stage, total_steps=steps, hidden_size=hidden)
+        facts = dict(device_type=device, zero_stage=stage, method="lora", total_steps=steps, hidden_size=hidden)
         assert not choose_compile(False, **facts).compiled
         assert choose_compile(True, **facts).compiled
 
 
+def auto(**changes) -> CompileChoice:
+    """`auto` for a run like the benchmark's (full fine-tuning on CPU, ZeRO-2), with `changes`."""
+    facts = dict(device_type="cpu", zero_stage=2, method="full", total_steps=LONG, hidden_size=WIDE)
+    return choose_compile("auto", **{**facts, **changes})
+
+
 def test_auto_compiles_long_cpu_runs_of_wide_models_at_checked_stages():
     for stage in (0, 1, 2):
-        chosen = choose_compile("auto", device_type="cpu", zero_stage=stage, total_steps=LONG, hidden_size=WIDE)
-        assert chosen.compiled and chosen.describe() == (f"compiled (torch.compile, inductor; train.compile: auto: "
-                                                         f"{LONG} steps on CPU)")
-    short = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=LONG - 1, hidden_size=WIDE)
+        chosen = auto(zero_stage=stage)
+        assert chosen.compiled
+        assert chosen.describe() == f"compiled (torch.compile, inductor; train.compile: auto: {LONG} steps on CPU)"
+    short = auto(total_steps=LONG - 1)
     assert not short.compiled and f"{LONG - 1} steps < {LONG}, too few to pay for the compile time" in short.why
-    narrow = choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=LONG, hidden_size=96)
+    narrow = auto(hidden_size=96)
     assert not narrow.compiled and f"hidden size 96 < {WIDE}" in narrow.why
-    zero3 = choose_compile("auto", device_type="cpu", zero_stage=3, total_steps=LONG, hidden_size=WIDE)
+    lora = auto(method="lora")
+    assert not lora.compiled and "does not compile lora" in lora.why
+    zero3 = auto(zero_stage=3)
     assert not zero3.compiled and "ZeRO-3" in zero3.why
-    gpu = choose_compile("auto", device_type="cuda", zero_stage=2, total_steps=LONG, hidden_size=WIDE)
-    assert not gpu.compiled and gpu.describe() == "eager (train.compile: auto compiles only where measured faster, " \
-                                                  "not yet on cuda)"
+    gpu = auto(device_type="cuda")
+    assert not gpu.compiled
+    assert gpu.describe() == "eager (train.compile: auto compiles only where measured faster, not yet on cuda)"
 
 
 def test_auto_keeps_the_demo_eager():
     """The demo: the built-in tiny Llama (hidden size 96), 300 steps, where compiling measured no faster."""
-    assert not choose_compile("auto", device_type="cpu", zero_stage=2, total_steps=300, hidden_size=96).compiled
+    assert not auto(total_steps=300, hidden_size=96).compiled
 
 
 COMPILED = CompileChoice(compiled=True, why="train.compile: true")
 
 
 class Engine(torch.nn.Module):
-    """What `engine.compile()` does for a DeepSpeed engine without DeepCompile: `module.compile()` with the kwargs and
-    backend (deepspeed/runtime/engine.py). The real engine is compiled in tests/integration/test_compiled_training.py."""
+    """What `engine.compile()` does for a DeepSpeed engine without DeepCompile: `module.compile()` with the kwargs
+    and backend (deepspeed/runtime/engine.py). The real engine is compiled in
+    tests/integration/test_compiled_training.py."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()

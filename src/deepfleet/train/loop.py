@@ -125,7 +125,7 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
     choice = choose_compile(recipe.train.compile, device_type=device.device.type, total_steps=total_steps,
-                            zero_stage=ds_config["zero_optimization"]["stage"],
+                            zero_stage=ds_config["zero_optimization"]["stage"], method=recipe.method,
                             hidden_size=built.model.config.get_text_config().hidden_size)
     compiled = compile_engine(engine, choice, requested=recipe.train.compile, is_main=rank_env.is_main)
     startup.end("deepspeed_init")
