@@ -1,5 +1,7 @@
 """`train.compile`: the choice from recorded facts, the recompile count, and the fallback when compiling fails."""
 
+import os
+
 import pytest
 import torch
 
@@ -66,11 +68,21 @@ class Engine(torch.nn.Module):
         return self.module(x)
 
 
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory):
+    """Inductor's cache in pytest's temp dir for the rest of this process (not restored: inductor also writes there
+    at exit), without precompiled headers (those would go to /tmp/torchinductor_$USER)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    with torch._inductor.config.patch(cpp_cache_precompile_headers=False):
+        yield
+
+
 @pytest.fixture
-def fresh_inductor(tmp_path, monkeypatch):
-    """A private cache, so each test compiles for real (and leaves nothing in /tmp)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    yield
+def fresh_inductor(inductor_cache):
+    """Nothing compiled before: each test compiles for real."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        yield
     torch.compiler.set_stance("default")
     torch._dynamo.reset()
 
