@@ -14,6 +14,9 @@ With --compare-block-mask, deepfleet also runs with `model.attn_implementation: 
 through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
 With --compare-chunked-loss, deepfleet also runs with `train.chunked_loss: false` (the model's own loss on
 full logits; the deepfleet row uses the recipe default, auto, which is the chunked loss on CPU).
+With --compare-compile, every deepfleet row runs with `train.compile: false` (eager) and deepfleet also runs with
+`train.compile: true` (and, with --compare-chunked-loss, compiled with the plain loss too). The compiled rows'
+first steps include the compile time: it is printed from their first step's time against the eager run's.
 Prints (a) deepfleet / max_length, (b) deepfleet / dynamic, (c) MFU = model FLOPs/s over the peak, per
 round and as the median over rounds. Model FLOPs are the standard count of `deepfleet.train.flops`
 (6 x matmul parameters per token plus causal attention per real sequence): deepfleet records them in
@@ -50,6 +53,8 @@ RANKS = 2
 HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 5, 1024, 4
 BLOCK_MASK = "deepfleet sdpa mask"
 PLAIN_LOSS = "deepfleet plain loss"
+COMPILED = "deepfleet compiled"
+COMPILED_PLAIN_LOSS = "deepfleet compiled, plain loss"
 WORDS = ["the", "model", "of", "a", "fleet", "trains", "on", "every", "host", "and", "data", "flows", "to",
          "rank", "zero", "while", "gradients", "reduce", "across", "links"]
 
@@ -134,8 +139,10 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str) -> dict
     timed = [r for r in records if r.get("kind") == "train" and r["step"] > warmup_steps]
     tokens, seconds = sum(r["tokens"] for r in timed), sum(r["step_seconds"] for r in timed)
     flops = sum(r["model_flops"] for r in timed)
+    train = [r for r in records if r.get("kind") == "train"]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"]}
+            "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
+            "first_step_seconds": train[0]["step_seconds"], "recompiles": train[-1].get("recompiles")}
 
 
 def run_seed_loop(work: Path, mode: str, model_dir: Path, data: Path, ds_config: Path, steps: int,
@@ -188,6 +195,8 @@ def main() -> None:
                         help="also run deepfleet with sdpa's block-diagonal mask for packed rows")
     parser.add_argument("--compare-chunked-loss", action="store_true",
                         help="also run deepfleet with train.chunked_loss: false")
+    parser.add_argument("--compare-compile", action="store_true",
+                        help="run deepfleet eager (train.compile: false) and compiled (true)")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="df-speed-"))
@@ -205,6 +214,8 @@ def main() -> None:
     print(f"{RANKS} CPU ranks x 1 thread, ZeRO-2 fp32, micro batch {MICRO_BATCH} x accumulation {GRAD_ACCUM}, "
           f"{args.steps} steps per run, first {args.warmup_steps} not timed; work dir {work}")
     recipe = recipe_for(work, work / "model", work / "train.jsonl", args.steps, "deepfleet")
+    if args.compare_compile:
+        recipe["train"]["compile"] = False
     ds_path = work / "ds_config.json"
     ds_path.write_text(json.dumps(deepspeed_config(recipe, args.steps), indent=2))
     peaks = [measure_machine_peak()]
@@ -217,6 +228,12 @@ def main() -> None:
         if args.compare_chunked_loss:
             plain = {**recipe, "train": {**recipe["train"], "chunked_loss": False}}
             result[PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"plain-loss-{index}")
+        if args.compare_compile:
+            compiled = {**recipe, "train": {**recipe["train"], "compile": True}}
+            result[COMPILED] = run_deepfleet(work, compiled, args.warmup_steps, f"compiled-{index}")
+            if args.compare_chunked_loss:
+                plain = {**compiled, "train": {**compiled["train"], "chunked_loss": False}}
+                result[COMPILED_PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"compiled-plain-{index}")
         for mode in ("max_length", "dynamic"):
             result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
                                          args.warmup_steps, f"{mode}-{index}")
@@ -250,9 +267,18 @@ def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
         values = [r["deepfleet"]["tokens_per_second"] / r[PLAIN_LOSS]["tokens_per_second"] for r in rounds]
         print(f"{'chunked / plain loss':28}" + "".join(f"{v:>11.2f}x" for v in values)
               + f"{statistics.median(values):>11.2f}x")
+    for compiled, eager in ((COMPILED, "deepfleet"), (COMPILED_PLAIN_LOSS, PLAIN_LOSS)):
+        if compiled in names and eager in names:
+            values = [r[compiled]["tokens_per_second"] / r[eager]["tokens_per_second"] for r in rounds]
+            print(f"{compiled + ' / eager':28}" + "".join(f"{v:>11.2f}x" for v in values)
+                  + f"{statistics.median(values):>11.2f}x")
+            extra = [r[compiled]["first_step_seconds"] - r[eager]["first_step_seconds"] for r in rounds]
+            print(f"{'    compile time (s)':28}" + "".join(f"{v:>12.1f}" for v in extra)
+                  + f"{statistics.median(extra):>12.1f}  (first step, compiled - eager)")
+            print(f"{'    recompiles':28}" + "".join(f"{r[compiled]['recompiles']:>12}" for r in rounds))
     for name, values in mfu.items():
         label = f"(c) MFU {name}" if name == "deepfleet" else f"    MFU {name}"
-        goal = "  goal >= 50%" if name == "deepfleet" else ""
+        goal = "  goal >= 60%" if name in ("deepfleet", COMPILED) else ""
         print(f"{label:28}" + "".join(f"{v:>12.1%}" for v in values) + f"{statistics.median(values):>12.1%}{goal}")
 
 

@@ -31,6 +31,7 @@ RECIPE_MISTAKES: list[tuple[str | bytes, str]] = [
     ("deepspeed:\n  zero: 4\n", ":2: deepspeed.zero: Input should be 'auto', 0, 1, 2 or 3"),
     ("data:\n  max_length: 4\n", ":2: data.max_length: Input should be greater than or equal to 8"),
     ("data:\n  format: csv\n", ":2: data.format: Input should be 'auto', 'messages', 'alpaca', 'sharegpt' or 'text'"),
+    ("train:\n  compile: yes please\n", ":2: train.compile: 'yes please' is not auto, true or false"),
     ("- a\n- b\n", ": a recipe must be a YAML mapping of sections"),
     ("lora:\n  dropout: 1.5\n", ":2: lora.dropout: Input should be less than 1"),
     ("env:\n  1BAD: x\n", ":2: env.1BAD: not an environment variable name"),

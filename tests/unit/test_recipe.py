@@ -184,3 +184,12 @@ def test_chunked_loss_setting():
     assert parse_recipe("", "r.yaml", ["train.chunked_loss=true"]).train.chunked_loss is True
     assert any('did you mean "chunked_loss"' in p for p in problems("train:\n  chunked_los: true\n"))
     assert any(p.startswith("r.yaml:2: train.chunked_loss") for p in problems("train:\n  chunked_loss: sometimes\n"))
+
+
+def test_compile_setting():
+    assert parse_recipe("").train.compile == "auto"
+    assert parse_recipe("train:\n  compile: false\n").train.compile is False
+    assert parse_recipe("", "r.yaml", ["train.compile=true"]).train.compile is True
+    assert any('did you mean "compile"' in p for p in problems("train:\n  compil: true\n"))
+    assert any(p.startswith("r.yaml:2: train.compile: 'max-autotune' is not auto, true or false")
+               for p in problems("train:\n  compile: max-autotune\n"))

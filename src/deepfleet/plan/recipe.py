@@ -92,8 +92,12 @@ class TrainSpec(Section):
     # (train/chunked_loss.py). auto: on where measured at least as fast as the plain loss (CPU); true: on
     # wherever the model allows it (a model that does not says why in the startup line); false: the model's own loss.
     chunked_loss: Union[Literal["auto"], bool] = "auto"
+    # The model compiled with torch.compile through DeepSpeed's engine (train/compiled_model.py). auto: on where
+    # measured faster and checked against eager (see README); true: compiled, and a failure to compile stops the
+    # run with one line before its first step; false: eager.
+    compile: Union[Literal["auto"], bool] = "auto"
 
-    @field_validator("chunked_loss", mode="before")
+    @field_validator("chunked_loss", "compile", mode="before")
     @classmethod
     def _auto_or_boolean(cls, value):
         if value != "auto" and not isinstance(value, bool):

@@ -27,6 +27,8 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
 
 
+# Eager under torch.compile (train/compiled_model.py): a Python loop over chunks, gradients formed in the forward.
+@torch.compiler.disable
 def chunked_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                            bias: torch.Tensor | None = None, softcap: float | None = None,
                            chunk_tokens: int | None = None) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from deepfleet.contract import PREPARED_DATA_ENV
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_precision, solve_batch_layout
 from deepfleet.plan.recipe import Recipe
+from deepfleet.train.compiled_model import CompiledModel, choose_compile, compile_engine
 from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport
@@ -67,6 +68,7 @@ class TrainingRun:
     ds_config: dict
     built: BuiltModel
     engine: Any
+    compiled: CompiledModel    # engine.compile() or eager, and the recompiles
     precision: str
     peak: RankPeak             # this rank's peak FLOP/s and where it came from
     rank_peak_flops: list[float]   # every rank's peak, in rank order: MFU divides by their sum
@@ -122,6 +124,10 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
     startup.end("model")
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
+    choice = choose_compile(recipe.train.compile, device_type=device.device.type, total_steps=total_steps,
+                            zero_stage=ds_config["zero_optimization"]["stage"], method=recipe.method,
+                            hidden_size=built.model.config.get_text_config().hidden_size)
+    compiled = compile_engine(engine, choice, requested=recipe.train.compile, is_main=rank_env.is_main)
     startup.end("deepspeed_init")
     seed_rank(recipe.train.seed, rank_env.rank)
     peak = rank_peak(choose_peak(recipe_peak_tflops=recipe.logging.peak_tflops, device_type=device.device.type,
@@ -129,7 +135,8 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
     rank_peak_flops = [values[0] for values in gather_across_ranks([peak.flops], device.device)]
     return TrainingRun(recipe=recipe, rank_env=rank_env, device=device, tokenizer=tokenizer, report=report,
                        order=order, validation=validation, total_steps=total_steps, ds_config=ds_config,
-                       built=built, engine=engine, precision=precision, peak=peak, rank_peak_flops=rank_peak_flops)
+                       built=built, engine=engine, compiled=compiled, precision=precision, peak=peak,
+                       rank_peak_flops=rank_peak_flops)
 
 
 def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool) -> LossOutput:
@@ -141,7 +148,8 @@ def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool) -> LossOutp
     tensors = model_inputs(tensors, block_mask=attention.block_mask, flatten_rows=attention.flatten_rows,
                            mask_dtype=torch_dtype_for(run.precision))
     extra = {"output_router_logits": training} if run.built.family.is_moe else {}
-    return model_loss(run.engine, run.engine.module, run.built.loss, tensors, use_cache=False, **extra)
+    return run.compiled.run(lambda: model_loss(run.engine, run.engine.module, run.built.loss, tensors,
+                                               use_cache=False, **extra))
 
 
 def _local_grad_norm(engine) -> float:
@@ -182,8 +190,9 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     grad_norm = norm_before_step if grad_norm is None else float(grad_norm)
     world = run.rank_env.world_size
     accum = run.order.grad_accum
+    recompiles = run.compiled.recompiles
     per_rank = gather_across_ranks([loss_sum / accum, float(real_tokens), float(stop_requested), aux_sum / accum,
-                                    model_flops, seconds], device)
+                                    model_flops, seconds, float(recompiles or 0)], device)
     loss_total, tokens, stop_votes, aux_total, flops = (sum(values[i] for values in per_rank) for i in range(5))
     rank_seconds = [values[5] for values in per_rank]
     step_seconds = max(rank_seconds)
@@ -196,7 +205,8 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
                        step_seconds=step_seconds, tokens_per_second=tokens_per_second, model_flops=flops,
                        mfu=mfu(model_flops=flops, seconds=step_seconds, peak_flops=sum(run.rank_peak_flops)),
                        rank_step_seconds=rank_seconds,
-                       router_aux_loss=aux_total / world if run.built.family.is_moe else None)
+                       router_aux_loss=aux_total / world if run.built.family.is_moe else None,
+                       recompiles=None if recompiles is None else int(max(values[6] for values in per_rank)))
     return metrics, stop_votes > 0
 
 
@@ -354,7 +364,8 @@ def _log_validation(run: TrainingRun, state: TrainState, writer: MetricsWriter |
 def _startup_line(run: TrainingRun) -> str:
     recipe, report, built = run.recipe, run.report, run.built
     stage = run.ds_config["zero_optimization"]["stage"]
-    model = f"{built.family.label}, attention {built.attention.describe()}, loss {built.loss.describe()}"
+    model = (f"{built.family.label}, attention {built.attention.describe()}, loss {built.loss.describe()}, "
+             f"{run.compiled.describe()}")
     if built.family.is_moe:
         model += f", router aux loss x {built.model.config.router_aux_loss_coef:g}"
     return (f"{recipe.model.name} {recipe.method} | ZeRO-{stage} | {run.rank_env.world_size} ranks on "

@@ -37,6 +37,7 @@ class StepMetrics:
     mfu: float                 # model_flops / step_seconds / the ranks' summed peak FLOP/s
     rank_step_seconds: list[float]
     router_aux_loss: float | None = None   # MoE load-balancing loss before its coefficient (already in `loss`)
+    recompiles: int | None = None   # train.compile: recompiles so far this attempt (most on any rank); None: eager
 
 
 def mfu(*, model_flops: float, seconds: float, peak_flops: float) -> float:

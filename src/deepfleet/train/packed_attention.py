@@ -81,6 +81,9 @@ def _one_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *
     return torch.matmul(weights, value)
 
 
+# Eager under torch.compile (train/compiled_model.py): its loop over each row's sequences would specialise the graph
+# on every row's sequence boundaries.
+@torch.compiler.disable
 def per_sequence_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                            position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
