@@ -114,7 +114,7 @@ def test_trial_command_puts_trial_overrides_after_the_base_and_the_sweep_setting
     (143, True, INTERRUPTED), (2, False, FAILED), (1, True, FAILED), (-9, False, FAILED),
 ])
 def test_a_trials_exit_code_is_its_status(code, stop, status):
-    assert ending(code, stop_requested=stop, seconds=1.0, error="").status == status
+    assert ending(code, stop_requested=stop, started=0.0, seconds=1.0, error="").status == status
 
 
 @pytest.mark.parametrize("status, final, retry, action", [

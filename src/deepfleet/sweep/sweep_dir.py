@@ -52,6 +52,7 @@ class TrialStatus:
     status: str                      # DONE, FAILED or INTERRUPTED
     exit_code: int
     seconds: float = 0.0
+    started: float = 0.0             # unix time the trial's last run started
     error: str = ""                  # the trial's own `error:` line, when it printed one
 
 
@@ -72,7 +73,8 @@ def read_status(layout: SweepLayout, trial_id: str) -> TrialStatus | None:
     try:
         data = json.loads(path.read_text())
         return TrialStatus(status=str(data["status"]), exit_code=int(data["exit_code"]),
-                           seconds=float(data.get("seconds") or 0.0), error=str(data.get("error") or ""))
+                           seconds=float(data.get("seconds") or 0.0), started=float(data.get("started") or 0.0),
+                           error=str(data.get("error") or ""))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -78,14 +78,14 @@ def trial_train_args(command: TrialCommand, trial: Trial, *, output_dir: Path,
             f"--max-restarts={command.max_restarts}", f"--hang-timeout={command.hang_timeout:g}"]
 
 
-def ending(exit_code: int, *, stop_requested: bool, seconds: float, error: str) -> TrialStatus:
+def ending(exit_code: int, *, stop_requested: bool, started: float, seconds: float, error: str) -> TrialStatus:
     """A finished child's exit code as the trial's status: stopped after a checkpoint (75), or stopped by
     the sweep's signal before training began, is interrupted (resumable); anything else non-zero failed."""
     if exit_code == 0:
-        return TrialStatus(status=DONE, exit_code=0, seconds=seconds)
+        return TrialStatus(status=DONE, exit_code=0, started=started, seconds=seconds)
     stopped = exit_code == EXIT_PREEMPTED or (stop_requested and (exit_code < 0 or exit_code in (130, 143)))
-    return TrialStatus(status=INTERRUPTED if stopped else FAILED, exit_code=exit_code, seconds=seconds,
-                       error=error)
+    return TrialStatus(status=INTERRUPTED if stopped else FAILED, exit_code=exit_code, started=started,
+                       seconds=seconds, error=error)
 
 
 @dataclass
@@ -168,7 +168,7 @@ class TrialRunner:
             running.reader.join()
             self.running.remove(running)
             status = ending(running.process.returncode, stop_requested=self.stop_requested,
-                            seconds=time.time() - running.started, error=running.last_error)
+                            started=running.started, seconds=time.time() - running.started, error=running.last_error)
             self.record(running.trial, status)
             self.write(f"# {running.trial.id}: {status.status}"
                        + (f" (exit code {status.exit_code})" if status.exit_code else ""))
