@@ -53,3 +53,31 @@ def test_parallel_sweep_runs_one_trial_per_host_at_once(namespace_cluster, tmp_p
     assert max(s["started"] for s in statuses) < min(s["started"] + s["seconds"] for s in statuses), statuses
     results = json.loads((sweep / "results.json").read_text())
     assert [r["status"] for r in results] == ["done", "done"] and all(r["val_loss"] for r in results), results
+
+
+def test_slurm_sweep_is_one_job_array_with_a_task_per_trial(slurm_cluster):
+    """`--slurm --parallel 2`: one array of 2 tasks (no throttle needed), each a `deepfleet train` on the
+    node SLURM picks (two tasks may share one: each job has its own rendezvous port), each trial's status
+    written by its task, ranked once the array is over."""
+    workdir = slurm_cluster.root / "tmp" / "sweep"
+    workdir.mkdir(parents=True)
+    train, validation = write_task_data(workdir / "data", n_train=160, n_validation=8)
+    recipe = write_recipe(
+        workdir / "r.yaml", model="builtin:tiny", method="full",
+        data={"train": [str(train)], "max_length": 64, "validation": {"files": [str(validation)]}},
+        train={"max_steps": 4, "global_batch": 4, "micro_batch": 2, "warmup": 1, "seed": 3},
+        deepspeed={"zero": 2}, logging={"tensorboard": False}, env={"OMP_NUM_THREADS": "1"},
+        output_dir=str(workdir / "out"))
+    done = subprocess.run([DEEPFLEET, "sweep", str(recipe), "--grid", "train.lr=1e-3,3e-3", "--slurm", "--parallel", "2"],
+                          cwd=workdir, env=slurm_cluster.env, capture_output=True, text=True, timeout=400)
+    sweep = workdir / "out" / "sweep"
+    logs = "".join(p.read_text()[-3000:] for p in sorted((sweep / "slurm").glob("job-*.log")))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:] + logs
+    assert "#SBATCH --array=0-1\n" in (sweep / "slurm" / "sweep.sbatch").read_text()
+    job = int(done.stdout.split("submitted job array ")[1].split()[0])
+    assert sorted(p.name for p in (sweep / "slurm").glob("job-*.log")) == [f"job-{job}_0.log", f"job-{job}_1.log"]
+    results = json.loads((sweep / "results.json").read_text())
+    assert [r["status"] for r in results] == ["done", "done"] and all(r["val_loss"] for r in results), results
+    nodes = {r["id"]: sorted(p.stem for p in (sweep / "trials" / r["id"] / "logs" / "attempt-0").glob("*.log"))
+             for r in results}
+    assert all(len(ran) == 1 and ran[0] in slurm_cluster.node_names for ran in nodes.values()), nodes

@@ -114,6 +114,7 @@ CASES += [
          files={"runs/r/sweep/sweep.json": '{"format": 1, "recipe": {"train": {"lr": 5}}, "trials": []}'}),
     Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--out", "full"), "error: full: the sweep dir is not empty and holds no sweep",
          files={"full/x": "x"}),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--slurm"), "error: --slurm: sbatch not found on PATH", env=NO_SCHEDULER),
     Case(("demo", "train.lr=abc"), "error: command line (train.lr=abc): train.lr: Input should be a valid number"),
     Case(("demo", "--nproc", "0"), "error: deepfleet demo: Invalid value for '--nproc'"),
     Case(("bogus",), "error: deepfleet: No such command 'bogus'."),

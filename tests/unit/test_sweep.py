@@ -4,6 +4,7 @@ the SLURM job array script (run through bash for its status lines)."""
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,9 @@ def test_job_array_script_runs_each_task_and_records_its_ending(tmp_path):
         done = subprocess.run(["bash", str(script)], env={"SLURM_ARRAY_TASK_ID": str(index), "PATH": "/usr/bin:/bin"},
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == (0, 75, 3)[index], done.stderr
-        assert json.loads(Path(tasks[index][0]).read_text()) == {"status": expected, "exit_code": (0, 75, 3)[index]}
+        recorded = json.loads(Path(tasks[index][0]).read_text())
+        assert recorded["status"] == expected and recorded["exit_code"] == (0, 75, 3)[index], recorded
+        assert abs(recorded["started"] - time.time()) < 30 and 0 <= recorded["seconds"] < 30
     done = subprocess.run(["bash", str(script)], env={"SLURM_ARRAY_TASK_ID": "7", "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "no trial for array task 7" in done.stderr

@@ -12,6 +12,7 @@ from rich.table import Table
 from deepfleet.cli.train_cmd import _split_recipe_argument
 from deepfleet.errors import DeepfleetError
 from deepfleet.launch.batch_job import BatchRequest
+from deepfleet.sweep.slurm_array import check_slurm_request
 from deepfleet.sweep.results import COLUMNS, table_rows
 from deepfleet.sweep.sweep_run import (SweepRequest, dry_run_text, finish, plan_sweep, run_here, run_on_slurm,
                                        slurm_script, trials_to_run)
@@ -63,10 +64,13 @@ def sweep(
     if dry_run:
         print(slurm_script(plan, plan.trials, request) if slurm else dry_run_text(plan), end="")
         return
+    if slurm:
+        check_slurm_request(request)
+    created = not plan.layout.root.exists()
     todo = trials_to_run(plan, retry_failed=retry_failed, write=print)
     stopped = False
     if todo and slurm:
-        run_on_slurm(plan, todo, request, write=print)
+        run_on_slurm(plan, todo, request, created=created, write=print)
     elif todo:
         stopped = run_here(plan, todo, write=print)
     results, code = finish(plan, stopped=stopped)

@@ -22,8 +22,8 @@ def status_lines() -> list[str]:
     """Shell lines that write the task's trial status (TrialStatus's fields) from $code to $status."""
     return [f'case "$code" in 0) state={DONE} ;; {EXIT_PREEMPTED}) state={INTERRUPTED} ;; *) state={FAILED} ;; esac',
             'mkdir -p "$(dirname "$status")" && '
-            'printf \'{"status": "%s", "exit_code": %d}\\n\' "$state" "$code" > "$status.tmp" && '
-            'mv "$status.tmp" "$status"']
+            'printf \'{"status": "%s", "exit_code": %d, "started": %d, "seconds": %d}\\n\' '
+            '"$state" "$code" "$started" "$(($(date +%s) - started))" > "$status.tmp" && mv "$status.tmp" "$status"']
 
 
 def array_script(request: BatchRequest, *, job_name: str, workdir: str, log_pattern: str,
@@ -37,7 +37,8 @@ def array_script(request: BatchRequest, *, job_name: str, workdir: str, log_patt
               'case "$SLURM_ARRAY_TASK_ID" in']
     for index, (status, argv) in enumerate(tasks):
         lines.append(f"  {index}) status={shlex.quote(str(status))}; set -- {shlex.join(argv)} ;;")
-    lines += ['  *) echo "deepfleet sweep: no trial for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac"]
+    lines += ['  *) echo "deepfleet sweep: no trial for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
+              "started=$(date +%s)"]
     return "\n".join([*lines, *background_lines('"$@"', before_exit=status_lines()), ""])
 
 
@@ -53,13 +54,17 @@ def array_tasks_left(job_id: int) -> int | None:
     return len([line for line in done.stdout.splitlines() if line.strip()])
 
 
-def run_array(request: BatchRequest, *, script: Path, text: str, write: Callable[[str], None],
-              poll: float = 2.0) -> int:
-    """Submit the array and wait until none of its tasks is left; its job id."""
+def check_slurm_request(request: BatchRequest) -> None:
+    """What can be refused before the sweep writes anything: no sbatch here, a time limit too short."""
     require_sbatch()
     problems = request_problems(request, partition_gpus=None)
     if problems:
         raise DeepfleetError(problems=problems)
+
+
+def run_array(request: BatchRequest, *, script: Path, text: str, write: Callable[[str], None],
+              poll: float = 2.0) -> int:
+    """Submit the array (check_slurm_request first) and wait until none of its tasks is left; its job id."""
     job_id = write_and_submit(text, script, lambda path: submit(path, request))
     write(f"submitted job array {job_id} ({script}); logs: {script.parent}/job-{job_id}_<task>.log")
     try:

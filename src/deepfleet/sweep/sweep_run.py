@@ -5,6 +5,7 @@ array), then rank every trial."""
 from __future__ import annotations
 
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +17,7 @@ from deepfleet.launch.batch_job import BatchRequest, in_job_train_argv
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.sweep.grid import Trial, build_trials, chosen_indices, parse_grid
 from deepfleet.sweep.results import TrialResult, collect_results, write_results
-from deepfleet.sweep.slurm_array import array_script, run_array
+from deepfleet.sweep.slurm_array import array_script, check_slurm_request, run_array
 from deepfleet.sweep.sweep_dir import (FAILED, INTERRUPTED, SweepLayout, TrialStatus, check_or_write_manifest,
                                        manifest_data, read_status, resume_step, trial_action, write_status)
 from deepfleet.sweep.trial_runs import TrialCommand, TrialRunner, host_groups, trial_train_args
@@ -130,10 +131,17 @@ def slurm_script(plan: SweepPlan, trials: Sequence[Trial], request: BatchRequest
                         parallel=plan.parallel)
 
 
-def run_on_slurm(plan: SweepPlan, trials: Sequence[Trial], request: BatchRequest, *,
+def run_on_slurm(plan: SweepPlan, trials: Sequence[Trial], request: BatchRequest, *, created: bool,
                  write: Callable[[str], None]) -> None:
-    run_array(request, script=plan.layout.root / "slurm" / "sweep.sbatch", text=slurm_script(plan, trials, request),
-              write=write)
+    """Submit the job array and wait for it; when sbatch refuses it, a sweep dir this command created is
+    removed again."""
+    try:
+        run_array(request, script=plan.layout.root / "slurm" / "sweep.sbatch",
+                  text=slurm_script(plan, trials, request), write=write)
+    except DeepfleetError:
+        if created:
+            shutil.rmtree(plan.layout.root, ignore_errors=True)
+        raise
 
 
 def finish(plan: SweepPlan, *, stopped: bool) -> tuple[list[TrialResult], int]:
