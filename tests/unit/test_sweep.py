@@ -3,6 +3,7 @@ up-front schema check, host groups for --parallel, resume decisions, ranking, ea
 the SLURM job array script (run through bash for its status lines)."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from deepfleet.sweep.grid import (build_trials, chosen_indices, combination, com
                                   split_values)
 from deepfleet.sweep.results import TrialResult, ranked, trial_result
 from deepfleet.sweep.slurm_array import array_script
-from deepfleet.sweep.sweep_dir import (DONE, FAILED, INTERRUPTED, TrialStatus, manifest_difference, trial_action)
+from deepfleet.sweep.sweep_dir import (DONE, FAILED, INTERRUPTED, SweepLayout, TrialStatus, hold_sweep_lock,
+                                       manifest_difference, trial_action)
 from deepfleet.sweep.trial_runs import TrialCommand, ending, partition_hosts, trial_train_args
 
 
@@ -175,3 +177,19 @@ def test_job_array_script_runs_each_task_and_records_its_ending(tmp_path):
     assert done.returncode == 2 and "no trial for array task 7" in done.stderr
     assert "%" not in array_script(BatchRequest(), job_name="j", workdir="/", log_pattern="l", tasks=tasks[:2],
                                    parallel=2).split("--array=")[1].splitlines()[0]
+
+
+def test_the_sweep_lock_is_held_while_a_trial_that_inherited_it_runs(tmp_path):
+    layout = SweepLayout(tmp_path)
+    lock = hold_sweep_lock(layout)
+    with pytest.raises(DeepfleetError, match="another deepfleet sweep, or a trial it started, is still running"):
+        hold_sweep_lock(layout)
+    trial = subprocess.Popen(["sleep", "30"], pass_fds=(lock,))
+    os.close(lock)                      # the sweep is gone; its trial still runs
+    try:
+        with pytest.raises(DeepfleetError):
+            hold_sweep_lock(layout)
+    finally:
+        trial.kill()
+        trial.wait()
+    os.close(hold_sweep_lock(layout))

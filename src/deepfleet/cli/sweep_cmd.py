@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deepfleet.cli.train_cmd import _split_recipe_argument
+from deepfleet.cli.train_cmd import split_recipe_argument
 from deepfleet.errors import DeepfleetError
 from deepfleet.launch.batch_job import BatchRequest
 from deepfleet.sweep.slurm_array import check_slurm_request
@@ -44,7 +44,7 @@ def sweep(
     loss: results.md/.csv/.json/.png in the sweep dir. Every trial is checked before any runs. Run the
     same command again to resume: finished trials are skipped, an interrupted one resumes from its checkpoint.
     Exit code: 0 all done, 1 a trial failed, 75 stopped by a signal (run again to resume)."""
-    recipe_path, base_overrides = _split_recipe_argument(recipe, overrides)
+    recipe_path, base_overrides = split_recipe_argument(recipe, overrides)
     if slurm and (fleet or hostfile):
         given = "--fleet" if fleet else "--hostfile"
         raise DeepfleetError(f"{given} does not go with --slurm: the trials train on the nodes SLURM gives them",
@@ -67,12 +67,12 @@ def sweep(
     if slurm:
         check_slurm_request(request)
     created = not plan.layout.root.exists()
-    todo = trials_to_run(plan, retry_failed=retry_failed, write=print)
+    todo, lock = trials_to_run(plan, retry_failed=retry_failed, write=print)
     stopped = False
     if todo and slurm:
         run_on_slurm(plan, todo, request, created=created, write=print)
     elif todo:
-        stopped = run_here(plan, todo, write=print)
+        stopped = run_here(plan, todo, lock=lock, write=print)
     results, code = finish(plan, stopped=stopped)
     table = Table(title=f"sweep {plan.layout.root}: trials ranked by validation loss")
     for column in COLUMNS:

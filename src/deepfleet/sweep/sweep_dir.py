@@ -4,12 +4,14 @@ a resumed sweep does with each trial.
     sweep.json               recipe, base overrides, grid, --random/--seed, and the trials (id, overrides)
     trials/<id>/             each trial's output_dir (final/, checkpoints/, metrics.jsonl, logs/ ...)
     status/<id>.json         how the trial's last run ended: done, failed (exit code, error) or interrupted
+    .lock                    held (flock) by the running sweep and each trial it started
     logs/<id>.log            the trial's `deepfleet train` output, as the sweep printed it
     results.{md,csv,json,png}  the trials ranked by validation loss, with tokens/s
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -22,6 +24,7 @@ from deepfleet.sweep.grid import GridAxis, Trial
 from deepfleet.train.checkpoint_layout import complete_checkpoints
 
 MANIFEST_FILE = "sweep.json"
+LOCK_FILE = ".lock"
 MANIFEST_FORMAT = 1
 DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
 
@@ -134,6 +137,20 @@ def check_or_write_manifest(layout: SweepLayout, manifest: dict[str, Any]) -> bo
                              fix=f"run the command that started it to resume it, pass --out NEWDIR, or remove "
                                  f"{layout.root} to start fresh")
     return True
+
+
+def hold_sweep_lock(layout: SweepLayout) -> int:
+    """An exclusive lock on the sweep dir for this sweep, as an open fd that every trial's `deepfleet train`
+    inherits: the dir stays locked while any of them runs, even after the sweep itself was killed, so a
+    second sweep never trains into a trial dir that a first one still trains in."""
+    fd = os.open(layout.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DeepfleetError("another deepfleet sweep, or a trial it started, is still running in this dir",
+                             where=str(layout.root), fix="wait for it to end (or stop it), then run this again") from None
+    return fd
 
 
 def trial_action(status: TrialStatus | None, *, final_exists: bool, retry_failed: bool) -> str:

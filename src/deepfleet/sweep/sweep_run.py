@@ -19,7 +19,8 @@ from deepfleet.sweep.grid import Trial, build_trials, chosen_indices, parse_grid
 from deepfleet.sweep.results import TrialResult, collect_results, write_results
 from deepfleet.sweep.slurm_array import array_script, check_slurm_request, run_array
 from deepfleet.sweep.sweep_dir import (FAILED, INTERRUPTED, SweepLayout, TrialStatus, check_or_write_manifest,
-                                       manifest_data, read_status, resume_step, trial_action, write_status)
+                                       hold_sweep_lock, manifest_data, read_status, resume_step, trial_action,
+                                       write_status)
 from deepfleet.sweep.trial_runs import TrialCommand, TrialRunner, host_groups, trial_train_args
 
 EXIT_TRIAL_FAILED = 1
@@ -92,9 +93,11 @@ def dry_run_text(plan: SweepPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def trials_to_run(plan: SweepPlan, *, retry_failed: bool, write: Callable[[str], None]) -> list[Trial]:
-    """Write (or check) the manifest; the trials a (resumed) sweep still runs, each decision printed."""
+def trials_to_run(plan: SweepPlan, *, retry_failed: bool, write: Callable[[str], None]) -> tuple[list[Trial], int]:
+    """Write (or check) the manifest and lock the dir; the trials a (resumed) sweep still runs, each decision
+    printed, and the lock's fd (kept open until the sweep ends, and passed on to every trial)."""
     resumed = check_or_write_manifest(plan.layout, plan.manifest)
+    lock = hold_sweep_lock(plan.layout)
     todo = []
     for trial in plan.trials:
         status = read_status(plan.layout, trial.id)
@@ -109,17 +112,18 @@ def trials_to_run(plan: SweepPlan, *, retry_failed: bool, write: Callable[[str],
         todo.append(trial)
     write(f"# sweep dir {plan.layout.root}{' (resumed)' if resumed else ''}: {len(plan.trials)} trial(s), "
           f"{len(todo)} to run" + (f", {plan.parallel} at a time" if plan.parallel > 1 else ""))
-    return todo
+    return todo, lock
 
 
-def run_here(plan: SweepPlan, trials: Sequence[Trial], *, write: Callable[[str], None]) -> bool:
-    """Run the trials as `deepfleet train` children on this machine's fleet; True when a signal stopped them."""
+def run_here(plan: SweepPlan, trials: Sequence[Trial], *, lock: int, write: Callable[[str], None]) -> bool:
+    """Run the trials as `deepfleet train` children on this machine's fleet, each holding the sweep's `lock`
+    too; True when a signal stopped them."""
     def record(trial: Trial, status: TrialStatus) -> None:
         write_status(plan.layout, trial.id, status)
 
     runner = TrialRunner(argv_for=lambda trial, group: plan.train_args(trial, group),
                          log_for=lambda trial: plan.layout.head_log(trial.id), record=record,
-                         groups=plan.parallel if plan.groups is not None else 1, write=write)
+                         groups=plan.parallel if plan.groups is not None else 1, write=write, inherited_fds=(lock,))
     runner.run(trials)
     return runner.stop_requested
 

@@ -104,8 +104,9 @@ class TrialRunner:
 
     def __init__(self, *, argv_for: Callable[[Trial, int], list[str]], log_for: Callable[[Trial], Path],
                  record: Callable[[Trial, TrialStatus], None], groups: int, write: Callable[[str], None] = print,
-                 poll_seconds: float = 0.2):
+                 inherited_fds: tuple[int, ...] = (), poll_seconds: float = 0.2):
         self.argv_for, self.log_for, self.record = argv_for, log_for, record
+        self.inherited_fds = inherited_fds
         self.groups, self.write, self.poll_seconds = groups, write, poll_seconds
         self.stop_requested = False
         self.running: list[_Running] = []
@@ -144,7 +145,8 @@ class TrialRunner:
         self.write(f"# {trial.id}: {trial.label}")
         # A session of its own: a terminal's Ctrl-C reaches the sweep only, which passes one SIGTERM on.
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   text=True, errors="replace", bufsize=1, start_new_session=True)
+                                   text=True, errors="replace", bufsize=1, start_new_session=True,
+                                   pass_fds=self.inherited_fds)
         running = _Running(trial=trial, group=group, process=process, reader=threading.Thread(), started=time.time())
         running.reader = threading.Thread(target=self._stream, args=(running, log), daemon=True)
         running.reader.start()
