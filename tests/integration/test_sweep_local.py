@@ -13,6 +13,9 @@ import pytest
 
 from training_fixtures import DEEPFLEET, REPO, run_cli, write_recipe
 
+from deepfleet.sweep.grid import build_trials, parse_grid
+from deepfleet.sweep.trial_runs import TrialRunner
+
 pytestmark = pytest.mark.integration
 
 DEMO = REPO / "src" / "deepfleet" / "assets" / "demo.yaml"
@@ -74,3 +77,25 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     again = run_cli("sweep", str(recipe), "--grid", "data.train=missing-a.jsonl,missing-b.jsonl", cwd=tmp_path,
                     timeout=300)
     assert again.returncode == 1 and again.stdout.count("failed before, skipped") == 2, again.stdout
+
+
+def test_parallel_runner_gives_each_running_trial_a_free_group(tmp_path):
+    """3 trials, 2 groups: two start at once on groups 0 and 1, the third on a group freed; each
+    child is the real `deepfleet train` (failing fast here: no such recipe), its ending recorded."""
+    trials = build_trials(None, [], parse_grid(["train.lr=1,2,3"]), range(3))
+    started, recorded = [], {}
+
+    def argv_for(trial, group):
+        started.append((trial.id, group, sorted(r.group for r in runner.running)))
+        return [str(tmp_path / f"missing-{trial.id}.yaml")]
+
+    runner = TrialRunner(argv_for=argv_for, log_for=lambda trial: tmp_path / "logs" / f"{trial.id}.log",
+                         record=lambda trial, status: recorded.__setitem__(trial.id, status), groups=2,
+                         write=lambda line: None)
+    runner.run(trials)
+    assert started[:2] == [(trials[0].id, 0, []), (trials[1].id, 1, [0])]   # the second beside the first
+    third_group, busy = started[2][1], started[2][2]
+    assert len(busy) <= 1 and third_group not in busy and third_group in (0, 1)
+    assert {t: (s.status, s.exit_code) for t, s in recorded.items()} == {t.id: ("failed", 2) for t in trials}
+    assert all("cannot read recipe" in recorded[t.id].error for t in trials)
+    assert "cannot read recipe" in (tmp_path / "logs" / f"{trials[2].id}.log").read_text()

@@ -93,8 +93,8 @@ class _Running:
     trial: Trial
     group: int
     process: subprocess.Popen
-    reader: threading.Thread
     started: float
+    reader: threading.Thread | None = None
     last_error: str = ""
 
 
@@ -109,13 +109,14 @@ class TrialRunner:
         self.inherited_fds = inherited_fds
         self.groups, self.write, self.poll_seconds = groups, write, poll_seconds
         self.stop_requested = False
+        self.stop_signal = 0
         self.running: list[_Running] = []
         self.lock = threading.Lock()
 
     def run(self, trials: Sequence[Trial]) -> None:
         on_main = threading.current_thread() is threading.main_thread()
         previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS} if on_main else {}
-        pending = list(trials)
+        pending, told = list(trials), False
         try:
             while (pending and not self.stop_requested) or self.running:
                 free = sorted(set(range(self.groups)) - {r.group for r in self.running})
@@ -123,17 +124,23 @@ class TrialRunner:
                     self._start(pending.pop(0), free.pop(0))
                 time.sleep(self.poll_seconds)
                 self._reap()
+                if self.stop_signal and not told:
+                    told = True
+                    self._say(f"# {signal.Signals(self.stop_signal).name}: stopping the running trial(s) at a "
+                               "checkpoint; run the same command again to resume")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if pending:
-            self.write(f"# sweep stopped: {len(pending)} trial(s) not started")
+            self._say(f"# sweep stopped: {len(pending)} trial(s) not started")
+
+    def _say(self, line: str) -> None:
+        with self.lock:   # whole lines: the trials' output threads write too
+            self.write(line)
 
     def _request_stop(self, signum: int, frame: object) -> None:
-        if not self.stop_requested:
-            self.write(f"# {signal.Signals(signum).name}: stopping the running trial(s) at a checkpoint; "
-                       "run the same command again to resume")
-        self.stop_requested = True
+        # No printing here: the handler may interrupt a print of this thread (a reentrant write fails).
+        self.stop_requested, self.stop_signal = True, self.stop_signal or signum
         for running in self.running:
             if running.process.poll() is None:
                 running.process.send_signal(signal.SIGTERM)
@@ -142,12 +149,12 @@ class TrialRunner:
         argv = in_job_train_argv(self.argv_for(trial, group))
         log = self.log_for(trial)
         log.parent.mkdir(parents=True, exist_ok=True)
-        self.write(f"# {trial.id}: {trial.label}")
+        self._say(f"# {trial.id}: {trial.label}")
         # A session of its own: a terminal's Ctrl-C reaches the sweep only, which passes one SIGTERM on.
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    text=True, errors="replace", bufsize=1, start_new_session=True,
                                    pass_fds=self.inherited_fds)
-        running = _Running(trial=trial, group=group, process=process, reader=threading.Thread(), started=time.time())
+        running = _Running(trial=trial, group=group, process=process, started=time.time())
         running.reader = threading.Thread(target=self._stream, args=(running, log), daemon=True)
         running.reader.start()
         self.running.append(running)
@@ -167,10 +174,11 @@ class TrialRunner:
 
     def _reap(self) -> None:
         for running in [r for r in self.running if r.process.poll() is not None]:
-            running.reader.join()
+            if running.reader is not None:
+                running.reader.join()
             self.running.remove(running)
             status = ending(running.process.returncode, stop_requested=self.stop_requested,
                             started=running.started, seconds=time.time() - running.started, error=running.last_error)
             self.record(running.trial, status)
-            self.write(f"# {running.trial.id}: {status.status}"
+            self._say(f"# {running.trial.id}: {status.status}"
                        + (f" (exit code {status.exit_code})" if status.exit_code else ""))
