@@ -99,8 +99,9 @@ CASES += [
     Case(("hostfile", "--hostfile", "hosts", "-o", "{tmp}"), "error: deepfleet hostfile: Invalid value for '-o' / '--output'"),
     Case(("sweep", "r.yaml", "--grid", "train.lrr=1e-4,2e-4"), 'error: --grid train.lrr=1e-4,2e-4: unknown key train.lrr (did you mean "lr"?)'),
     Case(("sweep", "r.yaml", "--grid", "train.lr=-1,1e-4,abc", "--grid", "lora.r=0,8"),
-         "error: --grid: 3 grid value(s) fail the recipe schema: lora.r=0: lora.r: Input should be greater than 0; "
-         "train.lr=-1: train.lr: Input should be greater than 0; train.lr=abc: train.lr: Input should be a valid number"),
+         "error: --grid: 3 grid value(s) fail the recipe schema: train.lr=-1: train.lr: Input should be greater than 0; "
+         "train.lr=abc: train.lr: Input should be a valid number, unable to parse string as a number; "
+         "lora.r=0: lora.r: Input should be greater than 0 (fix: change or drop those values"),
     Case(("sweep", "r.yaml"), "error: --grid: no --grid given"),
     Case(("sweep", "r.yaml", "--grid", "train.lr="), "error: --grid train.lr=: no values for train.lr"),
     Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4,2e-4", "--hostfile", "hosts", "--parallel", "3"),

@@ -54,6 +54,12 @@ def test_trial_ids_come_from_the_values_the_recipe_reads():
         build_trials(None, [], parse_grid(["train.lr=1e-4,0.0001"]), [0, 1])
 
 
+def test_a_failing_value_that_random_did_not_draw_is_refused_too():
+    axes = parse_grid(["train.lr=1e-4,-1"])
+    with pytest.raises(DeepfleetError, match="train.lr=-1: train.lr: Input should be greater than 0"):
+        build_trials(None, [], axes, [0])
+
+
 def test_every_failing_value_is_listed_in_one_error():
     axes = parse_grid(["train.lr=-1,1e-4,abc", "lora.r=8,0"])
     with pytest.raises(DeepfleetError) as info:

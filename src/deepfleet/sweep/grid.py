@@ -134,17 +134,28 @@ def override_item(problem: Problem) -> str:
     return problem.where.removeprefix("command line (").removesuffix(")") if problem.where else ""
 
 
+def _failures(recipe_path: str | Path | None, overrides: Sequence[str], failures: dict[str, None]) -> Recipe | None:
+    """The recipe with `overrides`, or None with its problems added to `failures`."""
+    try:
+        return load_recipe(recipe_path, overrides)
+    except DeepfleetError as exc:
+        for problem in exc.problems:
+            failures.setdefault(f"{override_item(problem)}: {problem.what}", None)
+        return None
+
+
 def build_trials(recipe_path: str | Path | None, base_overrides: Sequence[str], axes: Sequence[GridAxis],
                  indices: Sequence[int]) -> list[Trial]:
-    """The trials, each checked against the recipe schema; every value that fails is listed in one error."""
+    """The trials, each checked against the recipe schema, and every grid value on its own (also those
+    --random did not draw); every value that fails is listed in one error."""
     trials, failures, seen = [], {}, {}
+    for axis in axes:
+        for value in axis.values:
+            _failures(recipe_path, [*base_overrides, f"{axis.key}={value}"], failures)
     for index in indices:
         overrides = combination(axes, index)
-        try:
-            recipe: Recipe = load_recipe(recipe_path, [*base_overrides, *overrides])
-        except DeepfleetError as exc:
-            for problem in exc.problems:
-                failures.setdefault(f"{override_item(problem)}: {problem.what}", None)
+        recipe = _failures(recipe_path, [*base_overrides, *overrides], failures)
+        if recipe is None:
             continue
         dumped = recipe.model_dump(mode="json")
         values = {axis.key: value_at(dumped, axis.key) for axis in axes}
