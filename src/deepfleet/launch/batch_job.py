@@ -62,16 +62,16 @@ def in_job_train_argv(train_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "deepfleet.cli.app", "train", *train_args]
 
 
-def training_lines(train_argv: Sequence[str], *, term_after: int | None = None,
-                   before_exit: Sequence[str] = ()) -> list[str]:
+def training_lines(train_argv: Sequence[str], *, term_after: int | None = None) -> list[str]:
     """The script's body: the training in the background, SIGTERM forwarded, its exit code returned.
     `term_after`: also send the training SIGTERM itself after this many seconds (for a scheduler
-    that gives no warning before its time limit). `before_exit`: lines run with $code set."""
-    return background_lines(shlex.join(train_argv), term_after=term_after, before_exit=before_exit)
+    that gives no warning before its time limit)."""
+    return background_lines(shlex.join(train_argv), term_after=term_after)
 
 
 def background_lines(command: str, *, term_after: int | None = None, before_exit: Sequence[str] = ()) -> list[str]:
-    """training_lines for a command already written as shell text (e.g. `"$@"`)."""
+    """training_lines for a command already written as shell text (e.g. `"$@"`); `before_exit`: lines
+    run once the command ended, with its exit code in $code."""
     timer = [f"( trap 'kill \"$sleeper\" 2>/dev/null; exit 0' TERM; sleep {term_after} & sleeper=$!; "
              'wait "$sleeper" && kill -TERM "$child" 2>/dev/null ) & timer=$!'] if term_after else []
     return [
