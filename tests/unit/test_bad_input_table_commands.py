@@ -1,4 +1,4 @@
-"""The table of bad options and inputs per command (check-ds-config, plan, train, export, generate, sync,
+"""The table of bad options and inputs per command (check-ds-config, plan, train, sweep, export, generate, sync,
 launch, bench, env, doctor, hostfile, SLURM/PBS): each through the real CLI, exit 2, one `error: ` line
 starting as listed, no traceback, nothing written."""
 
@@ -97,6 +97,25 @@ CASES += [
     Case(("doctor", "--hostfile", "hosts", "--recipe", "bad.yaml"), "error: bad.yaml:1: unknown key trian", files={"bad.yaml": "trian: 1\n"}),
     Case(("hostfile", "--hostfile", "hosts", "--ssh-config", "missing"), "error: missing: ssh config file not found"),
     Case(("hostfile", "--hostfile", "hosts", "-o", "{tmp}"), "error: deepfleet hostfile: Invalid value for '-o' / '--output'"),
+    Case(("sweep", "r.yaml", "--grid", "train.lrr=1e-4,2e-4"), 'error: --grid train.lrr=1e-4,2e-4: unknown key train.lrr (did you mean "lr"?)'),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=-1,1e-4,abc", "--grid", "lora.r=0,8"),
+         "error: --grid: 3 grid value(s) fail the recipe schema: train.lr=-1: train.lr: Input should be greater than 0; "
+         "train.lr=abc: train.lr: Input should be a valid number, unable to parse string as a number; "
+         "lora.r=0: lora.r: Input should be greater than 0 (fix: change or drop those values"),
+    Case(("sweep", "r.yaml"), "error: --grid: no --grid given"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr="), "error: --grid train.lr=: no values for train.lr"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4,2e-4", "--hostfile", "hosts", "--parallel", "3"),
+         "error: --parallel 3: 3 trials at a time need 3 hosts, hosts has 2 (gpu1, gpu2)"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--parallel", "0"), "error: deepfleet sweep: Invalid value for '--parallel'"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--random", "2"), "error: --random 2: 2 trials asked for, the grid has 1"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--seed", "1"), "error: --seed 1: a seed without --random"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--slurm", "--hostfile", "hosts"), "error: --slurm: --hostfile does not go with --slurm"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--nodes", "2"), "error: --nodes: --nodes is for a sweep submitted with --slurm"),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4"), "error: runs/r/sweep/sweep.json: this dir holds another sweep (its recipe has",
+         files={"runs/r/sweep/sweep.json": '{"format": 1, "recipe": {"train": {"lr": 5}}, "trials": []}'}),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--out", "full"), "error: full: the sweep dir is not empty and holds no sweep",
+         files={"full/x": "x"}),
+    Case(("sweep", "r.yaml", "--grid", "train.lr=1e-4", "--slurm"), "error: --slurm: sbatch not found on PATH", env=NO_SCHEDULER),
     Case(("demo", "train.lr=abc"), "error: command line (train.lr=abc): train.lr: Input should be a valid number"),
     Case(("demo", "--nproc", "0"), "error: deepfleet demo: Invalid value for '--nproc'"),
     Case(("bogus",), "error: deepfleet: No such command 'bogus'."),

@@ -71,6 +71,15 @@ def test_plan_is_pure():
                               "subprocess", "socket", "torch.distributed")) == []
 
 
+def test_sweep_never_imports_cli_and_of_train_only_what_needs_no_torch():
+    assert offenders("sweep", ("deepfleet.cli",)) == []
+    assert {name for names in layer_imports("sweep").values() for name in names if name.startswith("deepfleet.train")} \
+        <= {"deepfleet.train.checkpoint_layout", "deepfleet.train.metrics"}
+    code = "import sys, deepfleet.cli.sweep_cmd; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
 def test_fleet_never_imports_plan_and_its_modules_form_no_cycle():
     assert offenders("fleet", ("deepfleet.plan", "deepfleet.launch", "deepfleet.train", "deepfleet.cli")) == []
     fleet = {file.removesuffix(".py").replace("/", "."): {n.removeprefix("deepfleet.") for n in names}

@@ -103,6 +103,10 @@ def test_resolve_order(tmp_path):
     assert resolve_fleet(environ={}, cwd=tmp_path).hosts[0].local
     slurm = resolve_fleet(environ={"SLURM_JOB_NODELIST": "g[1-2]", "SLURM_GPUS_ON_NODE": "4"}, cwd=tmp_path)
     assert [(h.name, h.slots, h.via_srun) for h in slurm.hosts] == [("g1", 4, True), ("g2", 4, True)]
+    assert slurm.master_port == 29500
+    ports = {resolve_fleet(environ={"SLURM_JOB_NODELIST": "g1", "SLURM_JOB_ID": job}, cwd=tmp_path).master_port
+             for job in ("4101", "4102", "24101")}   # two jobs sharing a node must not share a port
+    assert ports == {14101, 14102} and all(1024 < p < 32768 for p in ports)
     (tmp_path / "nodes").write_text("a\na\n")
     assert resolve_fleet(environ={"PBS_NODEFILE": str(tmp_path / "nodes")}, cwd=tmp_path).hosts[0].slots == 2
     (tmp_path / "fleet.yaml").write_text("hosts: [x1]\n")

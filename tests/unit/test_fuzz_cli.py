@@ -5,8 +5,9 @@ import tempfile
 from pathlib import Path
 
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bad_input_harness import run_main, snapshot
+from bad_input_harness import GOOD_RECIPE, run_main, snapshot
 from fuzz_inputs import json_text, yaml_text
 from test_fuzz_fleet_inputs import hostfile_text
 from test_fuzz_recipe_inputs import VALID_DEEPSPEED, VALID_RECIPE
@@ -49,3 +50,16 @@ def test_fuzz_cli_check_ds_config(monkeypatch, capsys, text):
 @given(hostfile_text())
 def test_fuzz_cli_hostfile(monkeypatch, capsys, text):
     _ends_cleanly(monkeypatch, capsys, {"hosts": text}, ["hostfile", "--hostfile", "hosts", "-o", "{tmp}/out"])
+
+
+GRID_KEYS = st.sampled_from(["train.lr", "lora.r", "train.lrr", "env.X", "data.validation.split", "model", "a..b",
+                             "output_dir.x", ""])
+GRID_VALUES = st.text(alphabet=st.sampled_from(list("0123456789.,-e[]{}'\"abc: \x00\n")), max_size=20)
+
+
+@settings(max_examples=CLI_EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(GRID_KEYS, GRID_VALUES), max_size=3), st.one_of(st.none(), st.integers(1, 5)))
+def test_fuzz_cli_sweep_grid(monkeypatch, capsys, grid, random_count):
+    args = [arg for key, values in grid for arg in ("--grid", f"{key}={values}")]
+    args += ["--random", str(random_count)] if random_count else []
+    _ends_cleanly(monkeypatch, capsys, {"r.yaml": GOOD_RECIPE}, ["sweep", "r.yaml", "--dry-run", *args])

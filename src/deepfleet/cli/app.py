@@ -16,6 +16,7 @@ from deepfleet.cli import bench_cmd
 from deepfleet.cli import env_cmd
 from deepfleet.cli import slurm_cmd
 from deepfleet.cli import sync_cmd
+from deepfleet.cli import sweep_cmd
 from deepfleet.errors import DeepfleetError
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ def root() -> None:
 app.command("launch", context_settings=launch_cmd.LAUNCH_CONTEXT)(launch_cmd.launch)
 fleet_cmd.register(app)
 app.command("train")(train_cmd.train)
+app.command("sweep")(sweep_cmd.sweep)
 app.command("prepare")(train_cmd.prepare)
 app.command("generate")(train_cmd.generate)
 app.command("demo")(train_cmd.demo)

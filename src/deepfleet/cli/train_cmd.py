@@ -27,7 +27,7 @@ from deepfleet.prepare import dry_run_report, prepare_training, sync_inputs, wit
 DEMO_RECIPE = Path(str(resources.files("deepfleet") / "assets" / "demo.yaml"))   # shipped in the package
 
 
-def _split_recipe_argument(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
+def split_recipe_argument(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
     """`deepfleet train train.max_steps=5` (no recipe file): the first argument is an override."""
     overrides = list(overrides or [])
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
@@ -84,7 +84,7 @@ def train(
     after writing a checkpoint; run the same command again to resume.
     """
     clock = HeadClock(process_started=process_started_monotonic(), entered=time.monotonic())
-    recipe_path, override_list = _split_recipe_argument(recipe, overrides)
+    recipe_path, override_list = split_recipe_argument(recipe, overrides)
     override_list += ["resume=false"] if no_resume else []
     loaded = load_recipe(recipe_path, override_list)
     if facts and not dry_run:
@@ -141,7 +141,7 @@ def prepare(
     (data.cache_dir); `deepfleet train` does this itself when the cache lacks it."""
     from deepfleet.data_cache import prepare_recipe_data
 
-    recipe_path, override_list = _split_recipe_argument(recipe, overrides)
+    recipe_path, override_list = split_recipe_argument(recipe, overrides)
     print(prepare_recipe_data(load_recipe(recipe_path, override_list)).summary())
 
 

@@ -13,7 +13,8 @@ from typing import Mapping
 from deepfleet.errors import DeepfleetError, Problem
 from deepfleet.fleet.fleet_yaml import load_fleet_yaml
 from deepfleet.fleet.host_selection import HostSelection, select_hosts
-from deepfleet.fleet.inventory import Fleet, Host, check_unique, host_name_problem, validate_host
+from deepfleet.fleet.inventory import (DEFAULT_MASTER_PORT, Fleet, Host, check_unique, host_name_problem,
+                                       validate_host)
 from deepfleet.user_text import read_user_text
 
 
@@ -133,6 +134,13 @@ def parse_pbs_nodefile(text: str, source: str) -> list[Host]:
     return [Host(name=name, address=name, slots=count) for name, count in slots.items()]
 
 
+def slurm_master_port(environ: Mapping[str, str]) -> int:
+    """A rendezvous port per SLURM job: jobs that share a node (a sweep's array tasks, small jobs) would all
+    listen on 29500 and all but one fail. Below the kernel's ephemeral ports (32768-), as SLURM sites do."""
+    job_id = environ.get("SLURM_JOB_ID", "")
+    return 10000 + int(job_id) % 20000 if job_id.isdigit() else DEFAULT_MASTER_PORT
+
+
 def local_host(slots: int | None = None) -> Host:
     return Host(name=socket.gethostname() or "localhost", address="localhost", local=True,
                 slots=slots or max(1, count_local_gpus()))
@@ -170,7 +178,7 @@ def _resolve_fleet(*, fleet_file: str | None, hostfile: str | None, environ: Map
         names = expand_nodelist(environ["SLURM_JOB_NODELIST"])
         slots = int(environ["SLURM_GPUS_ON_NODE"]) if environ.get("SLURM_GPUS_ON_NODE", "").isdigit() else 1
         return Fleet(hosts=tuple(Host(name=n, address=n, slots=max(1, slots), via_srun=True) for n in names),
-                     source="SLURM_JOB_NODELIST")
+                     source="SLURM_JOB_NODELIST", master_port=slurm_master_port(environ))
     if environ.get("PBS_NODEFILE"):
         path = Path(environ["PBS_NODEFILE"])
         return Fleet(hosts=tuple(parse_pbs_nodefile(read_user_text(path, "PBS nodefile"), str(path))),

@@ -66,16 +66,23 @@ def training_lines(train_argv: Sequence[str], *, term_after: int | None = None) 
     """The script's body: the training in the background, SIGTERM forwarded, its exit code returned.
     `term_after`: also send the training SIGTERM itself after this many seconds (for a scheduler
     that gives no warning before its time limit)."""
+    return background_lines(shlex.join(train_argv), term_after=term_after)
+
+
+def background_lines(command: str, *, term_after: int | None = None, before_exit: Sequence[str] = ()) -> list[str]:
+    """training_lines for a command already written as shell text (e.g. `"$@"`); `before_exit`: lines
+    run once the command ended, with its exit code in $code."""
     timer = [f"( trap 'kill \"$sleeper\" 2>/dev/null; exit 0' TERM; sleep {term_after} & sleeper=$!; "
              'wait "$sleeper" && kill -TERM "$child" 2>/dev/null ) & timer=$!'] if term_after else []
     return [
-        f"{shlex.join(train_argv)} &",
+        f"{command} &",
         "child=$!",
         *timer,
         "trap 'kill -TERM \"$child\" 2>/dev/null' TERM",
         'wait "$child"; code=$?',
         'while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done   # wait returns early on a trap',
         *(['kill "$timer" 2>/dev/null'] if timer else []),
+        *before_exit,
         'exit "$code"']
 
 

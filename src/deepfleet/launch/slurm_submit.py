@@ -45,18 +45,23 @@ def gpus_in_gres(gres: str) -> int:
     return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
-def sbatch_script(request: BatchRequest, *, job_name: str, workdir: str, log_pattern: str,
-                  train_argv: Sequence[str]) -> str:
-    """The batch script: SBATCH lines, then the training (batch_job.training_lines)."""
+def sbatch_lines(request: BatchRequest, *, job_name: str, workdir: str, log_pattern: str,
+                 extra: Sequence[str] = ()) -> list[str]:
+    """The script's first line and its #SBATCH lines (`extra`: more options, e.g. --array)."""
     options = [f"--job-name={job_name}", f"--nodes={request.nodes}", "--ntasks-per-node=1",
                f"--chdir={workdir}", f"--output={log_pattern}", "--open-mode=append",
-               f"--signal=B:TERM@{request.grace_seconds}", "--requeue"]
+               f"--signal=B:TERM@{request.grace_seconds}", "--requeue", *extra]
     options += [f"--gpus-per-node={request.gpus_per_node}"] if request.gpus_per_node else []
     options += [f"--{name}={value}" for name, value in (("partition", request.partition), ("time", request.time),
                                                         ("account", request.account)) if value]
+    return ["#!/bin/bash", *(f"#SBATCH {shlex.quote(option)}" for option in options)]
+
+
+def sbatch_script(request: BatchRequest, *, job_name: str, workdir: str, log_pattern: str,
+                  train_argv: Sequence[str]) -> str:
+    """The batch script: SBATCH lines, then the training (batch_job.training_lines)."""
     return "\n".join([
-        "#!/bin/bash",
-        *(f"#SBATCH {shlex.quote(option)}" for option in options),
+        *sbatch_lines(request, job_name=job_name, workdir=workdir, log_pattern=log_pattern),
         "# Written by `deepfleet train --slurm`. SIGTERM (preemption, the time limit, scancel) makes the training",
         f"# write a checkpoint and exit {EXIT_PREEMPTED}; requeued (by SLURM, or `scontrol requeue`), it resumes there.",
         *training_lines(train_argv),

@@ -72,6 +72,19 @@ def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
+def unknown_key_problem(path: KeyPath, *, where: str) -> Problem | None:
+    """The first part of `path` that no recipe section has, with a did-you-mean; None when every part is
+    known as far as sections go (below a mapping such as env:, or a value, the schema decides)."""
+    for depth, part in enumerate(path):
+        fields = _fields_at(Recipe, path[:depth])
+        if not fields:
+            return None
+        if part not in fields:
+            return Problem(what=f"unknown key {shown('.'.join(path[:depth + 1]))}{did_you_mean(part, fields)}",
+                           where=where, fix=f"use one of: {', '.join(fields)}")
+    return None
+
+
 def _override_of(loc: KeyPath, overridden: dict[KeyPath, str], lines: dict[KeyPath, int]) -> str | None:
     """The override that set the value at `loc`, or created the key `loc` that the file does not have."""
     for path, item in reversed(overridden.items()):
