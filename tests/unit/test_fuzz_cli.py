@@ -22,7 +22,10 @@ def _ends_cleanly(monkeypatch, capsys, files: dict[str, str], args: list[str]) -
             (root / name).write_text(text, encoding="utf-8", errors="surrogatepass")
         before = snapshot(root)
         monkeypatch.chdir(root)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # a mutated model name must not wait on the network
+        # A mutated model name must not wait on the network: huggingface_hub reads the variable once, at
+        # import, so an earlier test's import would otherwise leave it online.
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
         try:
             code, _, err = run_main(monkeypatch, capsys, [arg.replace("{tmp}", tmp) for arg in args])
         finally:
