@@ -44,7 +44,7 @@ BASELINE = "baseline_per_sequence"
 CATEGORIES = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
               ("attention", ("scaled_dot_product", "flash_attention")),
               ("loss", ("log_softmax", "nll_loss", "cross_entropy", "logsumexp")),
-              ("optimizer-like copies", ("aten::copy_", "aten::clone", "aten::contiguous")))
+              ("copies", ("aten::copy_", "aten::clone", "aten::contiguous")))
 
 
 def category(name: str) -> str:
@@ -122,7 +122,7 @@ def main() -> None:
     peak = matmul_peak()
     tokens = sum(int((b["position_ids"] >= 0).sum()) for b in timed)
     real = sum(int((b["labels"] != -100).sum() + (b["position_ids"] == 0).sum()) for b in timed)
-    model_flops = sum(counts.of_sequences(_lengths(b)) for b in timed) if hasattr(counts, "of_sequences") else None
+    model_flops = sum(counts.of_sequences(_lengths(b)) for b in timed)
     print(f"{'compiled' if args.compile else 'eager'}: {len(timed)} micro batches of {MICRO_BATCH} rows, "
           f"{tokens} row tokens (~{real} real); fwd+bwd {wall / len(timed):.3f} s per micro batch (unprofiled)")
     print(f"fp32 1024^3 matmul peak, 1 thread: {peak / 1e9:.1f} GFLOP/s")
