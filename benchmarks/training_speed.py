@@ -14,6 +14,8 @@ With --compare-block-mask, deepfleet also runs with `model.attn_implementation: 
 through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
 With --compare-chunked-loss, deepfleet also runs with `train.chunked_loss: false` (the model's own loss on
 full logits; the deepfleet row uses the recipe default, auto, which is the chunked loss on CPU).
+With --baseline-src DIR, the deepfleet rows (eager, and compiled with --compare-compile) also run with deepfleet
+imported from DIR (another checkout's src), to measure a change before/after side by side.
 With --compare-compile, every deepfleet row runs with `train.compile: false` (eager) and deepfleet also runs with
 `train.compile: true` (and, with --compare-chunked-loss, compiled with the plain loss too). The compiled rows'
 first steps include the compile time: it is printed from their first step's time against the eager run's.
@@ -55,6 +57,8 @@ BLOCK_MASK = "deepfleet sdpa mask"
 PLAIN_LOSS = "deepfleet plain loss"
 COMPILED = "deepfleet compiled"
 COMPILED_PLAIN_LOSS = "deepfleet compiled, plain loss"
+BASELINE = "baseline eager"
+BASELINE_COMPILED = "baseline compiled"
 WORDS = ["the", "model", "of", "a", "fleet", "trains", "on", "every", "host", "and", "data", "flows", "to",
          "rank", "zero", "while", "gradients", "reduce", "across", "links"]
 
@@ -122,16 +126,19 @@ def deepspeed_config(recipe: dict, steps: int) -> dict:
                                     accelerator="cpu", bf16_supported=False)
 
 
-def rank_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+def rank_env(source: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if source is not None:     # deepfleet imported from another checkout's src (the --baseline-src rows)
+        env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
-def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str) -> dict:
+def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str, source: Path | None = None) -> dict:
     import yaml
     recipe = {**recipe, "output_dir": str(work / tag)}
     path = work / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    done = subprocess.run([DEEPFLEET, "train", str(path), "--nproc", str(RANKS)], cwd=work, env=rank_env(),
+    done = subprocess.run([DEEPFLEET, "train", str(path), "--nproc", str(RANKS)], cwd=work, env=rank_env(source),
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"deepfleet train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -197,6 +204,10 @@ def main() -> None:
                         help="also run deepfleet with train.chunked_loss: false")
     parser.add_argument("--compare-compile", action="store_true",
                         help="run deepfleet eager (train.compile: false) and compiled (true)")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="also run the deepfleet rows with deepfleet imported from this src dir (another "
+                             "checkout: before/after a change, side by side)")
+    parser.add_argument("--no-seed-loops", action="store_true", help="skip the seed-style loops (and ratios a, b)")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temp dir)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="df-speed-"))
@@ -234,7 +245,13 @@ def main() -> None:
             if args.compare_chunked_loss:
                 plain = {**compiled, "train": {**compiled["train"], "chunked_loss": False}}
                 result[COMPILED_PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"compiled-plain-{index}")
-        for mode in ("max_length", "dynamic"):
+        if args.baseline_src:
+            result[BASELINE] = run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}", args.baseline_src)
+            if args.compare_compile:
+                compiled = {**recipe, "train": {**recipe["train"], "compile": True}}
+                result[BASELINE_COMPILED] = run_deepfleet(work, compiled, args.warmup_steps,
+                                                          f"baseline-compiled-{index}", args.baseline_src)
+        for mode in () if args.no_seed_loops else ("max_length", "dynamic"):
             result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
                                          args.warmup_steps, f"{mode}-{index}")
         rounds.append(result)
@@ -246,8 +263,9 @@ def main() -> None:
 
 
 def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
-    ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds]
-    ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds]
+    seeds = "max_length" in rounds[0]
+    ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds] if seeds else []
+    ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds] if seeds else []
     names = list(rounds[0])
     mfu = {name: [r[name]["flops_per_second"] / peak for r in rounds] for name in names}
     print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3): "
@@ -258,6 +276,8 @@ def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
         print(f"{name + ' real tok/s':28}" + "".join(f"{v:>12,.0f}" for v in values) + f"{statistics.median(values):>12,.0f}")
     for label, values, goal in (("(a) deepfleet / max_length", ratio_a, "goal >= 3.0x"),
                                 ("(b) deepfleet / dynamic", ratio_b, "goal >= 1.7x")):
+        if not values:
+            continue
         print(f"{label:28}" + "".join(f"{v:>11.2f}x" for v in values) + f"{statistics.median(values):>11.2f}x  {goal}")
     if BLOCK_MASK in names:
         values = [r["deepfleet"]["tokens_per_second"] / r[BLOCK_MASK]["tokens_per_second"] for r in rounds]
@@ -267,6 +287,11 @@ def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
         values = [r["deepfleet"]["tokens_per_second"] / r[PLAIN_LOSS]["tokens_per_second"] for r in rounds]
         print(f"{'chunked / plain loss':28}" + "".join(f"{v:>11.2f}x" for v in values)
               + f"{statistics.median(values):>11.2f}x")
+    for new, old in (("deepfleet", BASELINE), (COMPILED, BASELINE_COMPILED)):
+        if new in names and old in names:
+            values = [r[new]["tokens_per_second"] / r[old]["tokens_per_second"] for r in rounds]
+            print(f"{new + ' / baseline':28}" + "".join(f"{v:>11.2f}x" for v in values)
+                  + f"{statistics.median(values):>11.2f}x")
     for compiled, eager in ((COMPILED, "deepfleet"), (COMPILED_PLAIN_LOSS, PLAIN_LOSS)):
         if compiled in names and eager in names:
             values = [r[compiled]["tokens_per_second"] / r[eager]["tokens_per_second"] for r in rounds]

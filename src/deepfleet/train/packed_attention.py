@@ -97,15 +97,19 @@ def per_sequence_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         raise ValueError("deepfleet's per-sequence attention does not implement attention sinks")
     positions = position_ids.expand(query.shape[0], -1)
-    out = torch.empty_like(query)
     dropout_p = dropout if module.training else 0.0
-    for row in range(query.shape[0]):
-        for start, end in sequence_bounds(positions[row]):
-            out[row:row + 1, :, start:end] = _one_sequence(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                scaling=scaling, dropout_p=dropout_p, window=kwargs.get("sliding_window"),
-                softcap=kwargs.get("softcap"))
-    return out.transpose(1, 2).contiguous(), None
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    # unbind/split and cat, not slices: the backward of a slice (and of a write into a slice) fills a zero tensor
+    # the size of the whole input for every sequence, which cost more than the attention itself (RESULTS.md).
+    rows = []
+    for row_positions, row_query, row_key, row_value in zip(positions, query.unbind(0), key.unbind(0), value.unbind(0)):
+        lengths = [end - start for start, end in sequence_bounds(row_positions)]
+        pieces = zip(row_query.split(lengths, dim=1), row_key.split(lengths, dim=1), row_value.split(lengths, dim=1))
+        rows.append(torch.cat([
+            _one_sequence(q[None], k[None], v[None], scaling=scaling, dropout_p=dropout_p, window=window,
+                          softcap=softcap)[0].transpose(0, 1)
+            for q, k, v in pieces], dim=0))
+    return torch.stack(rows), None
 
 
 AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
