@@ -12,7 +12,8 @@ import pytest
 
 from deepfleet.launch.commands import new_job_id
 from deepfleet.launch.host_agent import job_pids
-from deepfleet.launch.supervisor import HostProcess, Supervisor, SupervisorOptions, shell_exit_code
+from deepfleet.launch.host_ranks import shell_exit_code
+from deepfleet.launch.supervisor import HostProcess, Supervisor, SupervisorOptions
 
 pytestmark = pytest.mark.integration
 

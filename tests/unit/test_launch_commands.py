@@ -177,3 +177,19 @@ def test_ranks_find_the_environments_own_tools_first():
     assert with_environment_bin("/usr/bin:/bin", "/opt/venv/bin/python") == "/opt/venv/bin:/usr/bin:/bin"
     assert with_environment_bin("/opt/venv/bin:/usr/bin", "/opt/venv/bin/python") == "/opt/venv/bin:/usr/bin"
     assert with_environment_bin("", "/opt/venv/bin/python") == "/opt/venv/bin"
+
+
+def test_each_rank_gets_torchruns_environment_with_its_global_rank():
+    from deepfleet.launch.host_ranks import RankLayout, listen_address, rank_env
+
+    second_host = RankLayout(node_rank=1, nnodes=2, nproc=4, first_rank=8, world_size=12, master_addr="10.0.0.1",
+                             master_port=29500)
+    env = rank_env(second_host, 3, base={"HF_HOME": "/c"}, master_port=29500)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == ("11", "3", "12", "4")
+    assert (env["GROUP_RANK"], env["GROUP_WORLD_SIZE"], env["MASTER_ADDR"]) == ("1", "2", "10.0.0.1")
+    assert env["TORCHELASTIC_USE_AGENT_STORE"] == "True" and env["HF_HOME"] == "/c"
+    assert env["OMP_NUM_THREADS"] == "1"                       # torchrun's default beside other ranks
+    assert rank_env(second_host, 0, base={"OMP_NUM_THREADS": "8"}, master_port=1)["OMP_NUM_THREADS"] == "8"
+    # The store binds the master's address; a host name is bound everywhere, as torchrun does.
+    assert listen_address("10.0.0.1") == "10.0.0.1" and listen_address("fd00::1") == "fd00::1"
+    assert listen_address("node1") == ""

@@ -84,8 +84,8 @@ def store_argv(python: str, *, listen_fd: int, host: str, port: int) -> list[str
     return [python, "-m", STORE_MODULE, f"--listen-fd={listen_fd}", f"--host={host}", f"--port={port}"]
 
 
-def exit_code(returncode: int) -> int:
-    """A process killed by signal N reports -N; shells expect 128+N."""
+def shell_exit_code(returncode: int) -> int:
+    """A process killed by signal N reports -N; shells and typer expect 128+N."""
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -104,7 +104,8 @@ class HostRanks:
         self.layout = layout
         self.store: subprocess.Popen | None = None
         self.ranks: list[subprocess.Popen] = []
-        self.failure: tuple[int, int] | None = None     # (global rank, exit code) of the first rank that failed
+        self.failure: tuple[int | None, int] | None = None   # (global rank, exit code) of the first failure;
+                                                              # rank None: the store
         self._pumps: list[threading.Thread] = []
         self._lock = threading.Lock()
         port = layout.master_port
@@ -148,9 +149,9 @@ class HostRanks:
         codes = [process.poll() for process in self.ranks]
         for rank, code in enumerate(codes, start=self.layout.first_rank):
             if code is not None and code not in (0, EXIT_PREEMPTED) and self.failure is None:
-                self.failure = (rank, exit_code(code))
+                self.failure = (rank, shell_exit_code(code))
         if self.store and None in codes and self.failure is None and (store_code := self.store.poll()) is not None:
-            self.failure = (-1, exit_code(store_code) or 1)
+            self.failure = (None, shell_exit_code(store_code) or 1)
         if None in codes:
             return None
         if self.failure:
@@ -159,7 +160,7 @@ class HostRanks:
 
     @property
     def failed_rank(self) -> int | None:
-        return self.failure[0] if self.failure and self.failure[0] >= 0 else None
+        return self.failure[0] if self.failure else None
 
     def close(self) -> None:
         """After the ranks ended: the store told to stop (its stdin closes), output drained."""

@@ -27,6 +27,7 @@ from typing import Callable
 
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_BAD_INPUT, EXIT_PREEMPTED, RANK_ERROR_LINE, RANK_LINE,
                                 RANK_PREEMPTED_LINE, RANK_STARTUP_LINE)
+from deepfleet.launch.host_ranks import shell_exit_code
 from deepfleet.launch.startup_timings import StartupWatch
 
 SSH_FAILED = 255
@@ -338,11 +339,6 @@ async def _lines(stream: asyncio.StreamReader):
         if not raw:
             return
         yield raw
-
-
-def shell_exit_code(code: int) -> int:
-    """A process killed by signal N reports -N; shells and typer expect 128+N."""
-    return 128 - code if code < 0 else code
 
 
 def render_summary(outcome: JobOutcome) -> str:
