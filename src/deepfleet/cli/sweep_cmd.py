@@ -11,7 +11,7 @@ from rich.table import Table
 
 from deepfleet.cli.train_cmd import split_recipe_argument
 from deepfleet.errors import DeepfleetError
-from deepfleet.launch.batch_job import BatchRequest
+from deepfleet.launch.batch_job import BatchRequest, options_given
 from deepfleet.sweep.slurm_array import check_slurm_request
 from deepfleet.sweep.results import COLUMNS, table_rows
 from deepfleet.sweep.sweep_run import (SweepRequest, dry_run_text, finish, plan_sweep, run_here, run_on_slurm,
@@ -49,9 +49,9 @@ def sweep(
         given = "--fleet" if fleet else "--hostfile"
         raise DeepfleetError(f"{given} does not go with --slurm: the trials train on the nodes SLURM gives them",
                              where="--slurm", fix=f"drop {given}")
-    scheduler_only = [name for name, given in (("--nodes", nodes != 1), ("--gpus-per-node", gpus_per_node),
-                                               ("--partition", partition), ("--time", time_limit),
-                                               ("--account", account)) if given]
+    request = BatchRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
+                           account=account)
+    scheduler_only = options_given(request)
     if scheduler_only and not slurm:
         raise DeepfleetError(f"{scheduler_only[0]} is for a sweep submitted with --slurm", where=scheduler_only[0],
                              fix=f"add --slurm, or drop {scheduler_only[0]}")
@@ -59,8 +59,6 @@ def sweep(
                                    random_count=random_count, seed=seed, parallel=parallel, out=out, fleet=fleet,
                                    hostfile=hostfile, nproc=nproc, max_restarts=max_restarts,
                                    hang_timeout=hang_timeout), slurm=slurm)
-    request = BatchRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
-                           account=account)
     if dry_run:
         print(slurm_script(plan, plan.trials, request) if slurm else dry_run_text(plan), end="")
         return

@@ -15,7 +15,7 @@ from deepfleet.cli.fleet_cmd import ExcludeOpt, IncludeOpt
 from deepfleet.cli.sync_cmd import render as render_sync
 from deepfleet.errors import DeepfleetError
 from deepfleet.fleet.sources import resolve_fleet
-from deepfleet.launch.batch_job import BatchRequest
+from deepfleet.launch.batch_job import BatchRequest, options_given
 from deepfleet.launch.pbs_submit import train_on_pbs
 from deepfleet.launch.slurm_submit import train_on_slurm
 from deepfleet.launch.startup_timings import HeadClock
@@ -90,20 +90,18 @@ def train(
     if facts and not dry_run:
         raise DeepfleetError("--facts is for --dry-run only", where="--facts",
                              fix="add --dry-run, or drop --facts: a real run asks the hosts themselves")
+    request = BatchRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
+                           account=account)
     if slurm or pbs:
         conflicting = [name for name, given in (("--fleet", fleet), ("--hostfile", hostfile), ("--include", include),
                                                 ("--exclude", exclude), ("--sync", sync), ("--facts", facts)) if given]
-        request = BatchRequest(nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, time=time_limit,
-                               account=account)
         passed = [*([str(Path(recipe_path).resolve())] if recipe_path else []), *override_list,
                   f"--max-restarts={max_restarts}", f"--hang-timeout={hang_timeout:g}",
                   *([f"--nproc={nproc}"] if nproc else []), *(["--all-logs"] if all_logs else []),
                   *(["--timings"] if timings else [])]
         raise typer.Exit(code=_submit(request, slurm=slurm, pbs=pbs, conflicting=conflicting, train_args=passed,
                                       output_dir=loaded.output_path.resolve(), detach=detach, dry_run=dry_run))
-    scheduler_only = [name for name, given in (("--nodes", nodes != 1), ("--gpus-per-node", gpus_per_node),
-                                               ("--partition", partition), ("--time", time_limit),
-                                               ("--account", account), ("--detach", detach)) if given]
+    scheduler_only = options_given(request) + (["--detach"] if detach else [])
     if scheduler_only:
         raise DeepfleetError(f"{scheduler_only[0]} is for a job submitted with --slurm or --pbs", where=scheduler_only[0],
                              fix=f"add --slurm (or --pbs), or drop {scheduler_only[0]}: a fleet trains on its own hosts")

@@ -30,6 +30,13 @@ class BatchRequest:
     grace_seconds: int = 120          # SIGTERM this long before the time limit: time to write a checkpoint
 
 
+def options_given(request: BatchRequest) -> list[str]:
+    """The scheduler options set away from their defaults, as the command line names them."""
+    return [name for name, given in (("--nodes", request.nodes != 1), ("--gpus-per-node", request.gpus_per_node),
+                                     ("--partition", request.partition), ("--time", request.time),
+                                     ("--account", request.account)) if given]
+
+
 def time_limit_seconds(text: str) -> int:
     """SLURM's time limit formats (`sbatch --time`), in seconds; PBS's HH:MM:SS is one of them."""
     match = _TIME.match(text.strip())
