@@ -54,12 +54,16 @@ def process_started_wall() -> float:
     return _IMPORTED_WALL if age is None else min(now - age, _IMPORTED_WALL)
 
 
-def wall_now_on_tick_grid() -> float:
-    """Now as a unix time, floored to the kernel tick that /proc counts process starts in: a spawn
-    marked with it is never after the spawned process's start as `process_started_wall` reads it."""
+def spawn_mark() -> tuple[float | None, float]:
+    """(this process's age, now as a unix time), both floored to the kernel tick that /proc counts
+    process starts in, from one reading: a spawn marked with it is never after the spawned process's
+    start as `process_started_wall` reads it, and age and mark cover the same span."""
     wall = time.time()
     try:
         boottime, ticks = time.clock_gettime(time.CLOCK_BOOTTIME), os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat", encoding="utf-8", errors="replace") as stat:
+            text = stat.read()
     except (AttributeError, ValueError, OSError):
-        return wall
-    return wall - (boottime - int(boottime * ticks) / ticks)
+        return own_process_age(), wall
+    on_grid = int(boottime * ticks) / ticks
+    return process_age_seconds(text, boottime_now=on_grid, clock_ticks=ticks), wall - (boottime - on_grid)

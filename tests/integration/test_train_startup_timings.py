@@ -2,6 +2,7 @@
 together no longer than the command really took to its first step."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -13,6 +14,9 @@ pytestmark = pytest.mark.integration
 
 # Wall time read by this test includes reading the summary line from a pipe; the phases' own rounding.
 TOLERANCE_SECONDS = 0.25
+# The agent's process start is known to one kernel tick, and may fall in the tick before the head's
+# spawn of it; each of the 13 phases is rounded to the millisecond.
+OVERLAP_SECONDS = 1 / os.sysconf("SC_CLK_TCK") + 13 * 0.0005
 
 
 def test_timings_cover_the_whole_startup_and_add_up_to_no_more_than_the_wall_time(tmp_path):
@@ -48,6 +52,6 @@ def test_timings_cover_the_whole_startup_and_add_up_to_no_more_than_the_wall_tim
     negative = {name: timings[name] for name in phases if timings[name] is not None and timings[name] < 0}
     assert not missing and not negative, timings
     measured = sum(timings[name] for name in phases)
-    assert measured <= timings["total"] + 0.01, timings
+    assert measured <= timings["total"] + OVERLAP_SECONDS, timings
     assert timings["total"] <= wall + TOLERANCE_SECONDS, (timings["total"], wall)
-    assert timings["other"] >= -0.01 and timings["rank_imports"] > 0.5, timings   # torch alone takes longer
+    assert timings["other"] >= -OVERLAP_SECONDS and timings["rank_imports"] > 0.5, timings   # torch alone takes longer

@@ -42,6 +42,20 @@ def test_a_process_knows_its_own_age_from_before_python_started():
     assert 0.4 <= age < 5 and 0.4 <= since < 5
 
 
+def test_the_agents_spawn_mark_and_age_cover_one_span_on_the_tick_grid():
+    code = ("import json, os, subprocess, sys, time; time.sleep(0.2); "
+            "from deepfleet.process_start import spawn_mark, process_started_wall; "
+            "age, mark = spawn_mark(); child = subprocess.run([sys.executable, '-c', "
+            "'from deepfleet.process_start import process_started_wall as w; print(w())'], "
+            "capture_output=True, text=True, check=True, env=os.environ).stdout; "
+            "print(json.dumps([age, mark, process_started_wall(), float(child), os.sysconf('SC_CLK_TCK')]))")
+    age, mark, started, child_started, ticks = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.2 <= age < 5 and abs(round(age * ticks) - age * ticks) < 1e-6      # a whole number of ticks
+    assert abs((mark - age) - started) < 0.002        # the age ends at the mark: agent + spawn add up
+    assert child_started >= mark - 0.002              # a process spawned after the mark started after it
+
+
 def test_rank_phases_are_back_to_back_from_the_process_start():
     marks = StartupMarks(started=10.0, started_wall=1000.0)
     for phase, now in (("imports", 16.0), ("rendezvous", 16.5), ("data", 17.0), ("first_step", 20.0)):

@@ -35,7 +35,7 @@ from pathlib import Path
 from deepfleet.contract import (AGENT_EVENT_PREFIX, EXIT_LIFELINE_LOST, HEARTBEAT_DIR_ENV, JOB_ID_ENV, heartbeat_rank,
                                 heartbeat_step)
 from deepfleet.launch.host_ranks import HostRanks, RankLayout
-from deepfleet.process_start import own_process_age, wall_now_on_tick_grid
+from deepfleet.process_start import spawn_mark
 
 KILL_GRACE_SECONDS = 3.0
 
@@ -145,7 +145,7 @@ def run(job_id: str, layout: RankLayout, command: list[str], *, env: dict[str, s
     threading.Thread(target=lifeline.read, args=(sys.stdin,), daemon=True).start()
     # SIGTERM to the agent (host shutdown, scancel) is a graceful stop: the ranks get to checkpoint.
     signal.signal(signal.SIGTERM, lambda *_: setattr(lifeline, "request", "term"))
-    agent_seconds, spawned_at = own_process_age(), wall_now_on_tick_grid()
+    agent_seconds, spawned_at = spawn_mark()
     try:
         ranks = HostRanks(layout, command, env=child_env, cwd=cwd)
     except OSError as exc:
