@@ -9,7 +9,9 @@ runs, in turn:
   deepfleet     `deepfleet train RECIPE --nproc 2`: packed rows of 512, real tokens/s from metrics.jsonl
   max_length    benchmarks/seed_style_loop.py: every sequence padded to 512 (the seeds' loop)
   dynamic       the same loop, each micro batch padded to its longest sequence
-and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before and after.
+and the machine's fp32 matmul peak is measured (2 processes x 1 thread, like the ranks) before the first run and
+after every run: each run's MFU is over the higher of the peaks measured just before and just after it (this VM's
+peak drifts by up to 10% within minutes, so one peak for the whole benchmark would skew runs made far from it).
 With --compare-block-mask, deepfleet also runs with `model.attn_implementation: sdpa` (packed rows
 through transformers' block-diagonal mask instead of per-sequence attention), to show what that moved.
 With --compare-chunked-loss, deepfleet also runs with `train.chunked_loss: false` (the model's own loss on
@@ -230,46 +232,52 @@ def main() -> None:
     ds_path = work / "ds_config.json"
     ds_path.write_text(json.dumps(deepspeed_config(recipe, args.steps), indent=2))
     peaks = [measure_machine_peak()]
+
+    def measured(result: dict) -> dict:
+        """The run's result with the peak it is counted against: the higher of those just before and after it."""
+        peaks.append(measure_machine_peak())
+        return {**result, "peak": max(peaks[-2:])}
+
     rounds = []
     for index in range(args.rounds):
-        result = {"deepfleet": run_deepfleet(work, recipe, args.warmup_steps, f"deepfleet-{index}")}
+        result = {"deepfleet": measured(run_deepfleet(work, recipe, args.warmup_steps, f"deepfleet-{index}"))}
         if args.compare_block_mask:
             masked = {**recipe, "model": {"name": recipe["model"], "attn_implementation": "sdpa"}}
-            result[BLOCK_MASK] = run_deepfleet(work, masked, args.warmup_steps, f"block-mask-{index}")
+            result[BLOCK_MASK] = measured(run_deepfleet(work, masked, args.warmup_steps, f"block-mask-{index}"))
         if args.compare_chunked_loss:
             plain = {**recipe, "train": {**recipe["train"], "chunked_loss": False}}
-            result[PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"plain-loss-{index}")
+            result[PLAIN_LOSS] = measured(run_deepfleet(work, plain, args.warmup_steps, f"plain-loss-{index}"))
         if args.compare_compile:
             compiled = {**recipe, "train": {**recipe["train"], "compile": True}}
-            result[COMPILED] = run_deepfleet(work, compiled, args.warmup_steps, f"compiled-{index}")
+            result[COMPILED] = measured(run_deepfleet(work, compiled, args.warmup_steps, f"compiled-{index}"))
             if args.compare_chunked_loss:
                 plain = {**compiled, "train": {**compiled["train"], "chunked_loss": False}}
-                result[COMPILED_PLAIN_LOSS] = run_deepfleet(work, plain, args.warmup_steps, f"compiled-plain-{index}")
+                result[COMPILED_PLAIN_LOSS] = measured(run_deepfleet(work, plain, args.warmup_steps,
+                                                                     f"compiled-plain-{index}"))
         if args.baseline_src:
-            result[BASELINE] = run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}", args.baseline_src)
+            result[BASELINE] = measured(run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}",
+                                                      args.baseline_src))
             if args.compare_compile:
                 compiled = {**recipe, "train": {**recipe["train"], "compile": True}}
-                result[BASELINE_COMPILED] = run_deepfleet(work, compiled, args.warmup_steps,
-                                                          f"baseline-compiled-{index}", args.baseline_src)
+                result[BASELINE_COMPILED] = measured(run_deepfleet(work, compiled, args.warmup_steps,
+                                                                   f"baseline-compiled-{index}", args.baseline_src))
         for mode in () if args.no_seed_loops else ("max_length", "dynamic"):
-            result[mode] = run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path, args.steps,
-                                         args.warmup_steps, f"{mode}-{index}")
+            result[mode] = measured(run_seed_loop(work, mode, work / "model", work / "train.jsonl", ds_path,
+                                                  args.steps, args.warmup_steps, f"{mode}-{index}"))
         rounds.append(result)
         print(f"round {index + 1}: " + ", ".join(f"{name} {r['tokens_per_second']:,.0f} tok/s"
                                                  for name, r in result.items()), flush=True)
-    peaks.append(measure_machine_peak())
-    peak = max(peaks)
-    report(rounds, peak=peak, peaks=peaks)
+    report(rounds, peaks=peaks)
 
 
-def report(rounds: list[dict], *, peak: float, peaks: list[float]) -> None:
+def report(rounds: list[dict], *, peaks: list[float]) -> None:
     seeds = "max_length" in rounds[0]
     ratio_a = [r["deepfleet"]["tokens_per_second"] / r["max_length"]["tokens_per_second"] for r in rounds] if seeds else []
     ratio_b = [r["deepfleet"]["tokens_per_second"] / r["dynamic"]["tokens_per_second"] for r in rounds] if seeds else []
     names = list(rounds[0])
-    mfu = {name: [r[name]["flops_per_second"] / peak for r in rounds] for name in names}
-    print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3): "
-          + " / ".join(f"{p / 1e9:.1f}" for p in peaks) + f" GFLOP/s (before / after); using {peak / 1e9:.1f}")
+    mfu = {name: [r[name]["flops_per_second"] / r[name]["peak"] for r in rounds] for name in names}
+    print(f"\nmachine fp32 matmul peak ({RANKS} x 1 thread, 1024^3) before the first run and after each: "
+          + ", ".join(f"{p / 1e9:.0f}" for p in peaks) + " GFLOP/s; each run's MFU is over the higher of its two")
     print(f"{'':28}" + "".join(f"{'round ' + str(i + 1):>12}" for i in range(len(rounds))) + f"{'median':>12}")
     for name in names:
         values = [r[name]["tokens_per_second"] for r in rounds]
