@@ -10,7 +10,9 @@ one host's time from another's:
 - rank spawn: the agent's spawn of the ranks to rank 0's process start, both on that host's clock;
 - the rank's phases, back to back inside rank 0 from its process start to the end of its first step.
 What is left of the total (output passing back through the agent and ssh, small gaps) is "other".
-Figures are not clamped at zero: a negative one would be a measuring error, and must show.
+Process starts are known to the kernel's tick (10 ms): the agent's may fall in the tick before the
+head's spawn of it, so "other" can be below zero by up to one tick. Figures are not clamped at zero:
+a negative one beyond that would be a measuring error, and must show.
 Phases of rank 0's host; a phase not reached is None and shown as "-".
 """
 
