@@ -82,6 +82,8 @@ def test_two_rank_training_reduces_loss_and_logs_metrics(matrix, stage, method):
         assert 0 < record["mfu"] <= 1, record
         peak = sum(records[0]["peak_flops_per_rank"])
         assert record["mfu"] == pytest.approx(record["model_flops"] / record["step_seconds"] / peak)
+    lr = 3e-3 if method == "full" else 1e-2
+    assert [r["lr"] for r in train[:2]] == pytest.approx([0.0, lr / 2])   # 2 warmup steps: step k at k / 2
     assert train[-1]["lr"] < train[2]["lr"]  # warmup then cosine decay
     validation = [r for r in records if r["kind"] == "validation"]
     assert [r["step"] for r in validation] == ([5, STEPS] if stage == 0 else [STEPS])

@@ -31,9 +31,32 @@ def test_explicit_stage_keeps_recipe_settings_with_the_engines_call():
     assert config["bf16"]["enabled"] is True
 
 
-def test_warmup_is_at_least_one_step():
-    config = run(parse_recipe("train: {global_batch: 64, micro_batch: 4, warmup: 0}"))
-    assert config["scheduler"]["params"]["warmup_num_steps"] == 1
+def deepspeed_lrs(section: dict, steps: int, lr: float) -> list[float]:
+    """The lr of each of the first `steps` optimizer steps under DeepSpeed's own scheduler for `section`,
+    started as the training loop starts it and stepped as the engine does: after each optimizer step."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepfleet.train.loop import start_warmup_at_its_first_step
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = getattr(lr_schedules, section["type"])(optimizer, **section["params"])
+    start_warmup_at_its_first_step(scheduler)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_no_warmup_trains_the_first_step_at_the_full_lr_and_a_warmup_rises_from_zero(schedule):
+    text = "train: {{global_batch: 64, micro_batch: 4, lr: 0.001, max_steps: 100, schedule: %s, warmup: %s}}"
+    flat = run(parse_recipe(text.format() % (schedule, 0)))["scheduler"]
+    assert flat["params"]["warmup_num_steps"] == 1          # DeepSpeed refuses 0
+    assert deepspeed_lrs(flat, 2, 1e-3) == pytest.approx([1e-3, 1e-3])
+    warm = deepspeed_lrs(run(parse_recipe(text.format() % (schedule, 10)))["scheduler"], 12, 1e-3)
+    assert warm[0] == 0.0 and warm[1] == pytest.approx(1e-4) and warm[5] == pytest.approx(5e-4)
+    assert warm[10] == pytest.approx(1e-3, rel=0.01)        # step k has lr k / warmup, as in transformers
 
 
 def test_auto_uses_the_planners_choice():

@@ -8,6 +8,7 @@ with every "auto" filled in (`plan/deepspeed_user_config.py`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional
 
@@ -49,18 +50,23 @@ def planning_steps(recipe: Recipe) -> int:
 
 
 def _scheduler(recipe: Recipe, total_steps: int) -> dict[str, Any]:
+    """The recipe's schedule as a DeepSpeed scheduler. Warmup rises linearly from 0 (a fraction of the
+    steps rounded up, as transformers' warmup_ratio); with no warmup the first step has the full lr
+    (DeepSpeed needs at least one warmup step, and counts at least two: that span is flat at the full lr).
+    The training loop starts the scheduler at its first step (`start_warmup_at_its_first_step`)."""
     train = recipe.train
-    warmup = int(train.warmup * total_steps) if train.warmup < 1 else int(train.warmup)
-    warmup = max(1, min(warmup, total_steps - 1))  # DeepSpeed rejects warmup_num_steps < 1
+    warmup = math.ceil(train.warmup * total_steps) if train.warmup < 1 else int(train.warmup)
+    start = 1.0 if warmup == 0 else 0.0
+    warmup = max(1, min(warmup, total_steps - 1))
     if train.schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": start * train.lr, "warmup_max_lr": train.lr,
                                                "warmup_num_steps": warmup, "warmup_type": "linear"}}
     if train.schedule == "linear":
-        return {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
+        return {"type": "WarmupDecayLR", "params": {"warmup_min_lr": start * train.lr, "warmup_max_lr": train.lr,
                                                     "warmup_num_steps": warmup, "total_num_steps": total_steps,
                                                     "warmup_type": "linear"}}
     return {"type": "WarmupCosineLR", "params": {"total_num_steps": total_steps, "warmup_num_steps": warmup,
-                                                 "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0,
+                                                 "warmup_min_ratio": start, "cos_min_ratio": 0.0,
                                                  "warmup_type": "linear"}}
 
 

@@ -83,7 +83,7 @@ class TrainSpec(Section):
     micro_batch: int = Field(4, gt=0)              # per rank per forward
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup: float = Field(0.03, ge=0)              # < 1: fraction of steps; >= 1: steps
+    warmup: float = Field(0.03, ge=0)              # < 1: fraction of steps (rounded up); >= 1: steps; 0: none
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)        # 0 turns clipping off
     seed: int = Field(42, ge=0, lt=2**32)         # numpy seeds must fit in 32 bits

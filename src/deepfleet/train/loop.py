@@ -124,6 +124,7 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
     startup.end("model")
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=built.model, model_parameters=trainable, config=ds_config)
+    start_warmup_at_its_first_step(engine.lr_scheduler)
     choice = choose_compile(recipe.train.compile, device_type=device.device.type, total_steps=total_steps,
                             zero_stage=ds_config["zero_optimization"]["stage"], method=recipe.method,
                             hidden_size=built.model.config.get_text_config().hidden_size)
@@ -137,6 +138,16 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
                        order=order, validation=validation, total_steps=total_steps, ds_config=ds_config,
                        built=built, engine=engine, compiled=compiled, precision=precision, peak=peak,
                        rank_peak_flops=rank_peak_flops)
+
+
+def start_warmup_at_its_first_step(scheduler) -> None:
+    """DeepSpeed's warmup schedulers give the first optimizer step the lr of iteration -1 and the second
+    that of iteration 0, which is the same: the warmup's start twice (lr 0 for two steps, or for one with
+    no warmup). Stepped to iteration 0 before training, step k gets iteration k's lr, as in transformers'
+    schedules. A resumed run then loads the checkpoint's iteration over it."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR, WarmupLR   # WarmupDecayLR is a WarmupLR
+    if isinstance(scheduler, (WarmupLR, WarmupCosineLR)) and scheduler.last_batch_iteration == -1:
+        scheduler.step(0)
 
 
 def _forward(run: TrainingRun, batch: MicroBatch, *, training: bool) -> LossOutput:
