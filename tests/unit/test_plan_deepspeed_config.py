@@ -50,13 +50,15 @@ def deepspeed_lrs(section: dict, steps: int, lr: float) -> list[float]:
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_no_warmup_trains_the_first_step_at_the_full_lr_and_a_warmup_rises_from_zero(schedule):
-    text = "train: {{global_batch: 64, micro_batch: 4, lr: 0.001, max_steps: 100, schedule: %s, warmup: %s}}"
-    flat = run(parse_recipe(text.format() % (schedule, 0)))["scheduler"]
+    text = "train: {global_batch: 64, micro_batch: 4, lr: 0.001, max_steps: 100, schedule: %s, warmup: %s}"
+    flat = run(parse_recipe(text % (schedule, 0)))["scheduler"]
     assert flat["params"]["warmup_num_steps"] == 1          # DeepSpeed refuses 0
     assert deepspeed_lrs(flat, 2, 1e-3) == pytest.approx([1e-3, 1e-3])
-    warm = deepspeed_lrs(run(parse_recipe(text.format() % (schedule, 10)))["scheduler"], 12, 1e-3)
+    warm = deepspeed_lrs(run(parse_recipe(text % (schedule, 10)))["scheduler"], 12, 1e-3)
     assert warm[0] == 0.0 and warm[1] == pytest.approx(1e-4) and warm[5] == pytest.approx(5e-4)
     assert warm[10] == pytest.approx(1e-3, rel=0.01)        # step k has lr k / warmup, as in transformers
+    fraction = run(parse_recipe(text % (schedule, 0.03)))["scheduler"]     # 3% of run()'s 50 steps
+    assert fraction["params"]["warmup_num_steps"] == 2      # rounded up, as transformers' warmup_ratio
 
 
 def test_auto_uses_the_planners_choice():
