@@ -38,19 +38,30 @@ def train_losses(output_dir):
     return {r["step"]: r["loss"] for r in read_metrics(output_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
-def rank_pids(pid):
-    """The rank processes under `deepfleet train` (its host agent's children), from /proc."""
+def process_tree(pid):
+    """`pid` and every process below it, from /proc."""
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
         try:
             children = open(f"/proc/{current}/task/{current}/children").read().split()
+        except OSError:
+            continue
+        found.append(current)
+        todo += [int(child) for child in children]
+    return found
+
+
+def rank_pids(pid):
+    """The rank processes under `deepfleet train` (its host agent's children)."""
+    found = []
+    for current in process_tree(pid):
+        try:
             command = open(f"/proc/{current}/cmdline").read()
         except OSError:
             continue
         if command.split("\0")[1:3] == ["-m", "deepfleet.train"]:
             found.append(current)
-        todo += [int(child) for child in children]
     assert len(found) == 2, found
     return sorted(found)
 
@@ -120,7 +131,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resume_rules(tmp_pat
     while not (out / "SAVING").exists() and time.time() < deadline and job.poll() is None:
         time.sleep(0.1)
     assert (out / "SAVING").exists(), "the step-4 save never started"
-    os.killpg(job.pid, signal.SIGKILL)
+    for pid in process_tree(job.pid):    # torchrun gives each rank a session of its own: killpg would miss them
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     job.wait()
     assert (out / "checkpoints" / "step-2" / "COMPLETE").is_file()
     assert (out / "checkpoints" / "step-4" / "engine").is_dir()            # shards written...
