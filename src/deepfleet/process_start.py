@@ -31,13 +31,13 @@ def process_age_seconds(stat_text: str, *, boottime_now: float, clock_ticks: int
     return max(0.0, boottime_now - started_ticks / clock_ticks)
 
 
-def own_process_age() -> float | None:
-    """This process's age in seconds, from /proc; None off Linux."""
+def own_process_age(*, boottime_now: float | None = None) -> float | None:
+    """This process's age in seconds, from /proc (at `boottime_now`, CLOCK_BOOTTIME; default now); None off Linux."""
     try:
         with open("/proc/self/stat", encoding="utf-8", errors="replace") as stat:
             text = stat.read()
-        return process_age_seconds(text, boottime_now=time.clock_gettime(time.CLOCK_BOOTTIME),
-                                   clock_ticks=os.sysconf("SC_CLK_TCK"))
+        now = time.clock_gettime(time.CLOCK_BOOTTIME) if boottime_now is None else boottime_now
+        return process_age_seconds(text, boottime_now=now, clock_ticks=os.sysconf("SC_CLK_TCK"))
     except (OSError, AttributeError, ValueError):
         return None
 
@@ -61,9 +61,7 @@ def spawn_mark() -> tuple[float | None, float]:
     wall = time.time()
     try:
         boottime, ticks = time.clock_gettime(time.CLOCK_BOOTTIME), os.sysconf("SC_CLK_TCK")
-        with open("/proc/self/stat", encoding="utf-8", errors="replace") as stat:
-            text = stat.read()
     except (AttributeError, ValueError, OSError):
-        return own_process_age(), wall
+        return None, wall
     on_grid = int(boottime * ticks) / ticks
-    return process_age_seconds(text, boottime_now=on_grid, clock_ticks=ticks), wall - (boottime - on_grid)
+    return own_process_age(boottime_now=on_grid), wall - (boottime - on_grid)
