@@ -18,6 +18,9 @@ With --compare-chunked-loss, deepfleet also runs with `train.chunked_loss: false
 full logits; the deepfleet row uses the recipe default, auto, which is the chunked loss on CPU).
 With --baseline-src DIR, the deepfleet rows (eager, and compiled with --compare-compile) also run with deepfleet
 imported from DIR (another checkout's src), to measure a change before/after side by side.
+With --compare-zero-auto, deepfleet also runs with `deepspeed.zero: auto` (the planner's stage; ZeRO-0 for this model,
+which reduces gradients once per step where ZeRO-2 does on each micro batch), compiled with --compare-compile; the
+seed-style loops keep the guides' ZeRO-2.
 With --compare-compile, every deepfleet row runs with `train.compile: false` (eager) and deepfleet also runs with
 `train.compile: true` (and, with --compare-chunked-loss, compiled with the plain loss too). The compiled rows'
 first steps include the compile time: it is printed from their first step's time against the eager run's.
@@ -58,6 +61,7 @@ HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 5, 1024, 4
 BLOCK_MASK = "deepfleet sdpa mask"
 PLAIN_LOSS = "deepfleet plain loss"
 COMPILED = "deepfleet compiled"
+ZERO_AUTO = "deepfleet zero auto"
 COMPILED_PLAIN_LOSS = "deepfleet compiled, plain loss"
 BASELINE = "baseline eager"
 BASELINE_COMPILED = "baseline compiled"
@@ -149,7 +153,8 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str, source:
     tokens, seconds = sum(r["tokens"] for r in timed), sum(r["step_seconds"] for r in timed)
     flops = sum(r["model_flops"] for r in timed)
     train = [r for r in records if r.get("kind") == "train"]
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+    planned = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "deepspeed: auto ->" in line]
+    return {"planned": planned[0].strip() if planned else None, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
             "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
             "first_step_seconds": train[0]["step_seconds"], "recompiles": train[-1].get("recompiles")}
 
@@ -206,6 +211,8 @@ def main() -> None:
                         help="also run deepfleet with train.chunked_loss: false")
     parser.add_argument("--compare-compile", action="store_true",
                         help="run deepfleet eager (train.compile: false) and compiled (true)")
+    parser.add_argument("--compare-zero-auto", action="store_true",
+                        help="also run deepfleet with deepspeed.zero: auto (the planner's choice)")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="also run the deepfleet rows with deepfleet imported from this src dir (another "
                              "checkout: before/after a change, side by side)")
@@ -254,6 +261,10 @@ def main() -> None:
                 plain = {**compiled, "train": {**compiled["train"], "chunked_loss": False}}
                 result[COMPILED_PLAIN_LOSS] = measured(run_deepfleet(work, plain, args.warmup_steps,
                                                                      f"compiled-plain-{index}"))
+        if args.compare_zero_auto:
+            planned = {**recipe, "deepspeed": {"zero": "auto"},
+                       "train": {**recipe["train"], "compile": bool(args.compare_compile)}}
+            result[ZERO_AUTO] = measured(run_deepfleet(work, planned, args.warmup_steps, f"zero-auto-{index}"))
         if args.baseline_src:
             result[BASELINE] = measured(run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}",
                                                       args.baseline_src))
@@ -309,9 +320,12 @@ def report(rounds: list[dict], *, peaks: list[float]) -> None:
             print(f"{'    compile time (s)':28}" + "".join(f"{v:>12.1f}" for v in extra)
                   + f"{statistics.median(extra):>12.1f}  (first step, compiled - eager)")
             print(f"{'    recompiles':28}" + "".join(f"{r[compiled]['recompiles']:>12}" for r in rounds))
+    for name in names:
+        if rounds[0][name].get("planned"):
+            print(f"{name}: {rounds[0][name]['planned']}")
     for name, values in mfu.items():
         label = f"(c) MFU {name}" if name == "deepfleet" else f"    MFU {name}"
-        goal = "  goal >= 60%" if name in ("deepfleet", COMPILED) else ""
+        goal = "  goal >= 60%" if name in ("deepfleet", COMPILED, ZERO_AUTO) else ""
         print(f"{label:28}" + "".join(f"{v:>12.1%}" for v in values) + f"{statistics.median(values):>12.1%}{goal}")
 
 

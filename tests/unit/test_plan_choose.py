@@ -61,6 +61,21 @@ def test_picks_least_communication_that_fits(name, fleet, expected_stage):
     assert plan.choice.stage == expected_stage
 
 
+def test_reason_says_how_often_the_chosen_stage_reduces_gradients():
+    """ZeRO-2 reduces on every micro batch under accumulation (DeepSpeed's engine), ZeRO-0/1 once per step."""
+    one_gpu = gpus(per_node=1)
+    accumulating = choose_zero_setting(shape("Qwen2.5-0.5B"), one_gpu, work(global_batch=64, micro=4))
+    assert (accumulating.choice.stage, accumulating.choice.grad_accum) == (0, 16)
+    assert "once per step, where ZeRO-2 would on each of the 16 micro batches" in accumulating.choice.reason
+    single = choose_zero_setting(shape("Qwen2.5-0.5B"), one_gpu, work(global_batch=4, micro=4))
+    assert single.choice.grad_accum == 1
+    assert "move the same bytes per step" in single.choice.reason
+    zero2 = choose_zero_setting(shape("Llama-3-8B"), gpus(mem=40), work())
+    assert zero2.choice.stage == 2
+    assert f"(ZeRO-0/1 do not); it reduces the gradients on each of the {zero2.choice.grad_accum} micro batches" \
+        in zero2.choice.reason
+
+
 def test_slow_link_prefers_offload_over_zero3_across_hosts():
     fast = choose_zero_setting(shape("Mistral-7B"), gpus(nodes=2, per_node=4, mem=24, gbps=200, host=512), work())
     slow = choose_zero_setting(shape("Mistral-7B"), gpus(nodes=2, per_node=4, mem=24, gbps=10, host=512), work())

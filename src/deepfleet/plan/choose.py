@@ -1,8 +1,11 @@
 """Pick the fastest ZeRO setting that fits, with a micro batch that hits the global batch exactly.
 
-Order (first that fits wins): ZeRO-0, 1, 2 move the same gradient bytes per step as plain data
-parallelism; ZeRO-3 adds a parameter all-gather in forward and backward (about 1.5x the traffic);
-offloading adds host<->device copies and a CPU optimizer step. Across hosts on a slow link ZeRO-3 is
+Order (first that fits wins): ZeRO-0, 1, 2 move the gradient bytes of plain data parallelism per
+reduction; ZeRO-3 adds a parameter all-gather in forward and backward (about 1.5x the traffic);
+offloading adds host<->device copies and a CPU optimizer step. With gradient accumulation ZeRO-0/1 reduce
+once per step, while ZeRO-2 and 3 reduce on every micro batch (their gradients are partitioned:
+DeepSpeed's engine says "ZeRO stage >= 2 communicates during non gradient accumulation boundaries as
+well"), so within the first tier the lowest stage that fits at the largest micro batch wins. Across hosts on a slow link ZeRO-3 is
 the worst of these (users report 10-20x slowdowns), so there optimizer offload is tried first.
 """
 
@@ -189,8 +192,16 @@ def setting_tiers(fleet: FleetShape) -> tuple[tuple[Setting, ...], ...]:
 
 def _reason(stage: int, offload: Offload, micro: int, workload: Workload, fleet: FleetShape) -> str:
     name = f"ZeRO-{stage}" + ("" if offload == "none" else f" with {offload} offload to CPU")
-    if (stage, offload) in SAME_TRAFFIC_AS_DATA_PARALLEL:
+    accumulation = workload.global_batch // (micro * fleet.world_size)
+    same_traffic = (stage, offload) in SAME_TRAFFIC_AS_DATA_PARALLEL
+    if same_traffic and accumulation == 1:
         parts = [f"{name} fits; ZeRO-0/1/2 move the same bytes per step, the lowest stage has the least bookkeeping"]
+    elif same_traffic and stage < 2:
+        parts = [f"{name} fits; it reduces the gradients once per step, where ZeRO-2 would on each of the "
+                 f"{accumulation} micro batches"]
+    elif same_traffic:
+        parts = [f"{name} is the lowest stage that fits (ZeRO-0/1 do not); it reduces the gradients on each of the "
+                 f"{accumulation} micro batches"]
     else:
         parts = [f"{name} is the least communication that fits (ZeRO-0/1/2 do not)"]
     if micro < workload.micro_batch:
