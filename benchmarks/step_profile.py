@@ -11,6 +11,9 @@ a ZeRO-2 rank of 2 updates).
 With --baseline-src DIR (another checkout's src), instead times forward+backward of the same micro batches with
 DIR's per-sequence attention and this checkout's, alternating in one process (a change before/after side by side,
 robust to other load on the machine), eager and with --compile compiled too.
+
+With --shapes, also prints the matmuls by input shape (time per micro batch and GFLOP/s), to compare them with the
+same shapes timed alone.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True) the model, as train.compile")
     parser.add_argument("--baseline-src", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds with --baseline-src")
+    parser.add_argument("--shapes", action="store_true", help="also print the matmuls by input shape")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="df-profile-"))
@@ -135,6 +139,11 @@ def main() -> None:
     if model_flops:
         print(f"  MFU of fwd+bwd alone (unprofiled wall): {100 * model_flops / wall / peak:.1f}%")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.shapes:
+        by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if category(e.key) == "matmul" and e.flops]
+        for event in sorted(by_shape, key=lambda e: -e.self_cpu_time_total):
+            print(f"  {event.key:12} {str(event.input_shapes[:2]):36} {event.self_cpu_time_total / 1e3 / len(timed):7.2f} ms "
+                  f"per micro batch, {event.flops / event.self_cpu_time_total / 1e3:6.1f} GFLOP/s")
     params = [p for p in model.parameters()]
     half = params[: len(params) // 2]
     for p in half:
