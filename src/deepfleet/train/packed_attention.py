@@ -109,7 +109,7 @@ def per_sequence_causal_attention(query: torch.Tensor, key: torch.Tensor, value:
     logsumexp [batch, heads, seq]: the CPU flash kernel over each packed sequence (window 0: none)."""
     batch, heads, length, dim = query.shape
     out = query.new_empty(batch, length, heads, dim)
-    logsumexp = query.new_empty(batch, heads, length)
+    logsumexp = query.new_empty(batch, heads, length, dtype=torch.float32)   # float32 for bf16/fp16 too, as the kernel's
     for row, start, end in _spans(position_ids):
         mask = _additive_window_mask(end - start, window, query)
         piece_out, piece_logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -141,7 +141,7 @@ def _per_sequence_causal_attention_backward(grad_out: torch.Tensor, query: torch
 @per_sequence_causal_attention.register_fake
 def _(query, key, value, position_ids, scale, window):
     batch, heads, length, dim = query.shape
-    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, length)
+    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, length, dtype=torch.float32)
 
 
 @_per_sequence_causal_attention_backward.register_fake
