@@ -1,12 +1,11 @@
 """`train.compile`: the model compiled through DeepSpeed's engine (`engine.compile`, torch.compile with inductor).
 
 `engine.compile()` compiles the whole module the engine wraps (DeepSpeed's ZeRO-3 parameter hooks are
-excluded from the graphs by DeepSpeed itself). On CPU the per-sequence attention of packed rows is one custom
-op in the graph (`packed_attention.per_sequence_causal_attention`: its loop over the sequences runs inside the op, so
-the graph neither breaks at every layer nor specialises on sequence boundaries). Two pieces stay eager, each a graph
-break: the per-sequence attention's fallback loop (dropout, logit soft-capping, other devices) and the chunked loss
-(a Python loop over chunks with its gradients formed in the forward). Both are excluded where they are defined
-(`packed_attention.py`, `chunked_loss.py`).
+excluded from the graphs by DeepSpeed itself). Two pieces of deepfleet's own stay eager, each a graph
+break: the per-sequence attention of packed rows (its Python loop over the sequences of a row would
+otherwise specialise on every row's sequence boundaries and recompile for each) and the chunked loss
+(a Python loop over chunks with its gradients formed in the forward). Both are excluded where they are
+defined (`packed_attention.py`, `chunked_loss.py`).
 
 Rows vary in length (each micro batch is padded to its longest row), so the graphs are compiled with
 dynamic shapes from the start (`dynamic=True`): one graph serves every row length. Left to its default

@@ -8,11 +8,6 @@ masked kernel's waste grows with the square of the row length. It also keeps seq
 families whose own mask ignores position_ids (OPT), and applies sliding windows and logit
 soft-capping (Mistral, Gemma 2/3) inside each sequence.
 
-On CPU without dropout or soft-capping, the sequences go through one custom op that calls the CPU
-flash kernel per sequence and writes its output and gradients in place: under torch.compile it is a
-node of the graph rather than a graph break per layer (forward+backward 1.06x compiled, 1.03x eager,
-bit-identical; RESULTS.md). Elsewhere an eager loop of sdpa calls does the same.
-
 It is only chosen for packed training rows, which carry no padding mask (`batches.collate`), so no
 mask function is registered and transformers builds none. The registered name must not contain
 "sdpa": transformers would then refuse it for families without sdpa support (Gemma 2).
@@ -86,103 +81,9 @@ def _one_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *
     return torch.matmul(weights, value)
 
 
-def _spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of every packed sequence of a [batch, seq] position_ids."""
-    return [(row, start, end) for row, positions in enumerate(position_ids) for start, end in sequence_bounds(positions)]
-
-
-def _additive_window_mask(length: int, window: int, like: torch.Tensor) -> torch.Tensor | None:
-    """The sliding window as the flash kernel's float mask (0 / -inf), None where it is plain causal."""
-    if not window or length <= window:
-        return None
-    allowed = _window_mask(length, window, like.device)
-    return torch.zeros(length, length, dtype=like.dtype, device=like.device).masked_fill_(~allowed, float("-inf"))
-
-
-# The CPU fast path as one custom op (loop inside): torch.compile keeps it in the graph instead of breaking the graph
-# at every layer, and its outputs and gradients are written in place, not assembled by autograd's split/cat.
-@torch.library.custom_op("deepfleet::per_sequence_causal_attention", mutates_args=(), device_types="cpu")
-def per_sequence_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                  position_ids: torch.Tensor, scale: float | None, window: int
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """query [batch, heads, seq, dim], key/value [batch, kv_heads, seq, dim] -> output [batch, seq, heads, dim] and
-    logsumexp [batch, heads, seq]: the CPU flash kernel over each packed sequence (window 0: none)."""
-    batch, heads, length, dim = query.shape
-    out = query.new_empty(batch, length, heads, dim)
-    logsumexp = query.new_empty(batch, heads, length, dtype=torch.float32)   # float32 for bf16/fp16 too, as the kernel's
-    for row, start, end in _spans(position_ids):
-        mask = _additive_window_mask(end - start, window, query)
-        piece_out, piece_logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(t[row:row + 1, :, start:end] for t in (query, key, value)), 0.0, mask is None, attn_mask=mask,
-            scale=scale)
-        out[row, start:end] = piece_out[0].transpose(0, 1)
-        logsumexp[row, :, start:end] = piece_logsumexp[0]
-    return out, logsumexp
-
-
-@torch.library.custom_op("deepfleet::per_sequence_causal_attention_backward", mutates_args=(), device_types="cpu")
-def _per_sequence_causal_attention_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                                            value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
-                                            position_ids: torch.Tensor, scale: float | None, window: int
-                                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of query, key and value, each [batch, seq, heads, dim] (every token is in one sequence)."""
-    grads = tuple(t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (query, key, value))
-    for row, start, end in _spans(position_ids):
-        mask = _additive_window_mask(end - start, window, query)
-        pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out[row:row + 1, start:end].transpose(1, 2), *(t[row:row + 1, :, start:end] for t in (query, key, value)),
-            out[row:row + 1, start:end].transpose(1, 2), logsumexp[row:row + 1, :, start:end], 0.0, mask is None,
-            attn_mask=mask, scale=scale)
-        for grad, piece in zip(grads, pieces):
-            grad[row, start:end] = piece[0].transpose(0, 1)
-    return grads
-
-
-@per_sequence_causal_attention.register_fake
-def _(query, key, value, position_ids, scale, window):
-    batch, heads, length, dim = query.shape
-    return query.new_empty(batch, length, heads, dim), query.new_empty(batch, heads, length, dtype=torch.float32)
-
-
-@_per_sequence_causal_attention_backward.register_fake
-def _(grad_out, query, key, value, out, logsumexp, position_ids, scale, window):
-    return tuple(t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]) for t in (query, key, value))
-
-
-def _save_for_backward(ctx, inputs, output) -> None:
-    query, key, value, position_ids, ctx.scale, ctx.window = inputs
-    ctx.save_for_backward(query, key, value, position_ids, *output)
-
-
-def _backward(ctx, grad_out, _grad_logsumexp):
-    query, key, value, position_ids, out, logsumexp = ctx.saved_tensors
-    grads = _per_sequence_causal_attention_backward(grad_out, query, key, value, out, logsumexp, position_ids,
-                                                    ctx.scale, ctx.window)
-    return *(grad.transpose(1, 2) for grad in grads), None, None, None
-
-
-per_sequence_causal_attention.register_autograd(_backward, setup_context=_save_for_backward)
-
-
 # Eager under torch.compile (train/compiled_model.py): its loop over each row's sequences would specialise the graph
-# on every row's sequence boundaries and recompile for each.
+# on every row's sequence boundaries.
 @torch.compiler.disable
-def _per_sequence_loop(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, *,
-                       scaling: float | None, dropout_p: float, window: int | None, softcap: float | None
-                       ) -> torch.Tensor:
-    # unbind/split and cat, not slices: the backward of a slice (and of a write into a slice) fills a zero tensor
-    # the size of the whole input for every sequence, which cost more than the attention itself (RESULTS.md).
-    rows = []
-    for row_positions, row_query, row_key, row_value in zip(positions, query.unbind(0), key.unbind(0), value.unbind(0)):
-        lengths = [end - start for start, end in sequence_bounds(row_positions)]
-        pieces = zip(row_query.split(lengths, dim=1), row_key.split(lengths, dim=1), row_value.split(lengths, dim=1))
-        rows.append(torch.cat([
-            _one_sequence(q[None], k[None], v[None], scaling=scaling, dropout_p=dropout_p, window=window,
-                          softcap=softcap)[0].transpose(0, 1)
-            for q, k, v in pieces], dim=0))
-    return torch.stack(rows)
-
-
 def per_sequence_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                            position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -198,10 +99,17 @@ def per_sequence_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     positions = position_ids.expand(query.shape[0], -1)
     dropout_p = dropout if module.training else 0.0
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if query.device.type == "cpu" and not dropout_p and not softcap:
-        return per_sequence_causal_attention(query, key, value, positions, scaling, window or 0)[0], None
-    return _per_sequence_loop(query, key, value, positions, scaling=scaling, dropout_p=dropout_p, window=window,
-                              softcap=softcap), None
+    # unbind/split and cat, not slices: the backward of a slice (and of a write into a slice) fills a zero tensor
+    # the size of the whole input for every sequence, which cost more than the attention itself (RESULTS.md).
+    rows = []
+    for row_positions, row_query, row_key, row_value in zip(positions, query.unbind(0), key.unbind(0), value.unbind(0)):
+        lengths = [end - start for start, end in sequence_bounds(row_positions)]
+        pieces = zip(row_query.split(lengths, dim=1), row_key.split(lengths, dim=1), row_value.split(lengths, dim=1))
+        rows.append(torch.cat([
+            _one_sequence(q[None], k[None], v[None], scaling=scaling, dropout_p=dropout_p, window=window,
+                          softcap=softcap)[0].transpose(0, 1)
+            for q, k, v in pieces], dim=0))
+    return torch.stack(rows), None
 
 
 AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
