@@ -154,8 +154,8 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str, source:
     flops = sum(r["model_flops"] for r in timed)
     train = [r for r in records if r.get("kind") == "train"]
     planned = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "deepspeed: auto ->" in line]
-    return {"planned": planned[0].strip() if planned else None, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "planned": planned[0].strip() if planned else None, "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
             "first_step_seconds": train[0]["step_seconds"], "recompiles": train[-1].get("recompiles")}
 
 

@@ -2,11 +2,13 @@
 
 Order (first that fits wins): ZeRO-0, 1, 2 move the gradient bytes of plain data parallelism per
 reduction; ZeRO-3 adds a parameter all-gather in forward and backward (about 1.5x the traffic);
-offloading adds host<->device copies and a CPU optimizer step. With gradient accumulation ZeRO-0/1 reduce
-once per step, while ZeRO-2 and 3 reduce on every micro batch (their gradients are partitioned:
-DeepSpeed's engine says "ZeRO stage >= 2 communicates during non gradient accumulation boundaries as
-well"), so within the first tier the lowest stage that fits at the largest micro batch wins. Across hosts on a slow link ZeRO-3 is
+offloading adds host<->device copies and a CPU optimizer step. Across hosts on a slow link ZeRO-3 is
 the worst of these (users report 10-20x slowdowns), so there optimizer offload is tried first.
+
+With gradient accumulation ZeRO-0/1 reduce once per step, while ZeRO-2 and 3 reduce on every micro
+batch: their gradients are partitioned (DeepSpeed's engine: "ZeRO stage >= 2 communicates during non
+gradient accumulation boundaries as well"). So within the first tier the lowest stage that fits at the
+largest micro batch wins.
 """
 
 from __future__ import annotations
