@@ -155,8 +155,9 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str, source:
     train = [r for r in records if r.get("kind") == "train"]
     planned = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "deepspeed: auto ->" in line]
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "planned": planned[0].strip() if planned else None, "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
-            "first_step_seconds": train[0]["step_seconds"], "recompiles": train[-1].get("recompiles")}
+            "flops_per_second": flops / seconds, "timed_steps": len(timed), "last_loss": timed[-1]["loss"],
+            "first_step_seconds": train[0]["step_seconds"], "recompiles": train[-1].get("recompiles"),
+            "planned": planned[0].strip() if planned else None}
 
 
 def run_seed_loop(work: Path, mode: str, model_dir: Path, data: Path, ds_config: Path, steps: int,
