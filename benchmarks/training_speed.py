@@ -263,8 +263,9 @@ def main() -> None:
                 result[COMPILED_PLAIN_LOSS] = measured(run_deepfleet(work, plain, args.warmup_steps,
                                                                      f"compiled-plain-{index}"))
         if args.compare_zero_auto:
-            planned = {**recipe, "deepspeed": {"zero": "auto"},
-                       "train": {**recipe["train"], "compile": bool(args.compare_compile)}}
+            planned = {**recipe, "deepspeed": {"zero": "auto"}}
+            if args.compare_compile:
+                planned["train"] = {**recipe["train"], "compile": True}
             result[ZERO_AUTO] = measured(run_deepfleet(work, planned, args.warmup_steps, f"zero-auto-{index}"))
         if args.baseline_src:
             result[BASELINE] = measured(run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}",

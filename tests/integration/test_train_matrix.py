@@ -20,6 +20,7 @@ from training_fixtures import DEEPFLEET, PYTHON, REPO, write_recipe, write_task_
 pytestmark = pytest.mark.integration
 
 COMBOS = [(0, "full"), (0, "lora"), (2, "full"), (2, "lora"), (3, "full"), (3, "lora")]  # ZeRO-3 last: global config
+LR = {"full": 3e-3, "lora": 1e-2}
 MEASURED_PEAK = (2, "full")   # no logging.peak_tflops: each rank measures its fp32 matmul peak
 STEPS = 10
 PROBE = [[5, 17, 23, 42, 8, 9, 61, 3, 30, 12]]
@@ -42,7 +43,7 @@ def matrix(tmp_path_factory) -> Path:
             data={"train": [str(train)], "max_length": 128,
                   "validation": {"files": [str(validation)], "every_steps": 5 if stage == 0 else 0}},
             train={"max_steps": STEPS, "global_batch": 8, "micro_batch": 2, "warmup": 2,
-                   "lr": 3e-3 if method == "full" else 1e-2, "seed": 3},
+                   "lr": LR[method], "seed": 3},
             deepspeed={"zero": stage}, logging={} if (stage, method) == MEASURED_PEAK else {"peak_tflops": 0.05},
             checkpoint={"every_steps": STEPS},
             output_dir=str(combo_dir(root, stage, method))))
@@ -82,8 +83,7 @@ def test_two_rank_training_reduces_loss_and_logs_metrics(matrix, stage, method):
         assert 0 < record["mfu"] <= 1, record
         peak = sum(records[0]["peak_flops_per_rank"])
         assert record["mfu"] == pytest.approx(record["model_flops"] / record["step_seconds"] / peak)
-    lr = 3e-3 if method == "full" else 1e-2
-    assert [r["lr"] for r in train[:2]] == pytest.approx([0.0, lr / 2])   # 2 warmup steps: step k at k / 2
+    assert [r["lr"] for r in train[:2]] == pytest.approx([0.0, LR[method] / 2])   # 2 warmup steps: step k at k / 2
     assert train[-1]["lr"] < train[2]["lr"]  # warmup then cosine decay
     validation = [r for r in records if r["kind"] == "validation"]
     assert [r["step"] for r in validation] == ([5, STEPS] if stage == 0 else [STEPS])
