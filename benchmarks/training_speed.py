@@ -21,6 +21,10 @@ imported from DIR (another checkout's src), to measure a change before/after sid
 With --compare-zero-auto, deepfleet also runs with `deepspeed.zero: auto` (the planner's stage; ZeRO-0 for this model,
 which reduces gradients once per step where ZeRO-2 does on each micro batch), compiled with --compare-compile; the
 seed-style loops keep the guides' ZeRO-2.
+With --compare-attention-free, deepfleet also runs (compiled with --compare-compile) from a copy of its src whose
+per-sequence attention costs nothing: it returns the values, and q, k and v still get (zero) gradients, so every
+projection's backward runs. The FLOP count is unchanged, so its MFU is the ceiling that no attention kernel can pass
+on this model and machine.
 With --compare-compile, every deepfleet row runs with `train.compile: false` (eager) and deepfleet also runs with
 `train.compile: true` (and, with --compare-chunked-loss, compiled with the plain loss too). The compiled rows'
 first steps include the compile time: it is printed from their first step's time against the eager run's.
@@ -39,6 +43,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +67,7 @@ BLOCK_MASK = "deepfleet sdpa mask"
 PLAIN_LOSS = "deepfleet plain loss"
 COMPILED = "deepfleet compiled"
 ZERO_AUTO = "deepfleet zero auto"
+ATTENTION_FREE = "attention free"
 COMPILED_PLAIN_LOSS = "deepfleet compiled, plain loss"
 BASELINE = "baseline eager"
 BASELINE_COMPILED = "baseline compiled"
@@ -160,6 +166,29 @@ def run_deepfleet(work: Path, recipe: dict, warmup_steps: int, tag: str, source:
             "planned": planned[0].strip() if planned else None}
 
 
+# Appended to a copy of packed_attention.py by --compare-attention-free: registered under the same name, it replaces
+# deepfleet's per-sequence attention, graph break included.
+FREE_ATTENTION_SOURCE = """
+
+@torch.compiler.disable
+def per_sequence_attention(module, query, key, value, attention_mask, **kwargs):
+    return (value + 0 * (query + key)).transpose(1, 2), None
+
+
+AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
+"""
+
+
+def attention_free_src(work: Path) -> Path:
+    """A copy of deepfleet's src with FREE_ATTENTION_SOURCE appended to its packed attention module."""
+    source = work / "attention-free-src"
+    shutil.rmtree(source, ignore_errors=True)
+    shutil.copytree(REPO / "src", source, ignore=shutil.ignore_patterns("__pycache__"))
+    module = source / "deepfleet" / "train" / "packed_attention.py"
+    module.write_text(module.read_text() + FREE_ATTENTION_SOURCE)
+    return source
+
+
 def run_seed_loop(work: Path, mode: str, model_dir: Path, data: Path, ds_config: Path, steps: int,
                   warmup_steps: int, tag: str) -> dict:
     out = work / f"{tag}.json"
@@ -214,6 +243,8 @@ def main() -> None:
                         help="run deepfleet eager (train.compile: false) and compiled (true)")
     parser.add_argument("--compare-zero-auto", action="store_true",
                         help="also run deepfleet with deepspeed.zero: auto (the planner's choice)")
+    parser.add_argument("--compare-attention-free", action="store_true",
+                        help="also run deepfleet with attention that costs nothing: the MFU ceiling on this model")
     parser.add_argument("--baseline-src", type=Path, default=None,
                         help="also run the deepfleet rows with deepfleet imported from this src dir (another "
                              "checkout: before/after a change, side by side)")
@@ -267,6 +298,10 @@ def main() -> None:
             if args.compare_compile:
                 planned["train"] = {**recipe["train"], "compile": True}
             result[ZERO_AUTO] = measured(run_deepfleet(work, planned, args.warmup_steps, f"zero-auto-{index}"))
+        if args.compare_attention_free:
+            free = {**recipe, "train": {**recipe["train"], "compile": True}} if args.compare_compile else recipe
+            result[ATTENTION_FREE] = measured(run_deepfleet(work, free, args.warmup_steps, f"attention-free-{index}",
+                                                            attention_free_src(work)))
         if args.baseline_src:
             result[BASELINE] = measured(run_deepfleet(work, recipe, args.warmup_steps, f"baseline-{index}",
                                                       args.baseline_src))
