@@ -2,6 +2,7 @@
 steps of packed rows whose lengths vary, and a bounded number of recompiles."""
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -58,3 +59,25 @@ def test_compiled_training_has_the_eager_losses_and_few_recompiles(runs):
     recompiles = [r["recompiles"] for r in train[True]]
     assert recompiles == sorted(recompiles) and recompiles[-1] <= MAX_RECOMPILES
     assert recompiles[1] == recompiles[-1]      # none after the first step, whatever the lengths
+
+
+def test_a_fallback_on_one_rank_is_one_warning_line_from_rank_0(tmp_path):
+    train, _ = write_task_data(tmp_path / "data", n_train=64, n_validation=0)
+    recipe = write_recipe(
+        tmp_path / "fallback.yaml", model="builtin:tiny", method="full",
+        data={"train": [str(train)], "max_length": 128},
+        train={"max_steps": 3, "global_batch": 4, "micro_batch": 2, "warmup": 1, "lr": 3e-3, "seed": 3,
+               "compile": True},
+        deepspeed={"zero": 2}, logging={"peak_tflops": 0.05, "tensorboard": False},
+        output_dir=str(tmp_path / "out"))
+    done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(REPO / "tests" / "integration" / "rank_compile_fallback.py"), str(recipe)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    warnings = [line for line in (done.stdout + done.stderr).splitlines() if "warning: train.compile" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("warning: train.compile: compiling the model failed on rank 1 (")
+    assert "/nonexistent/g++" in warnings[0] and warnings[0].endswith("; eager there, compiled on the other ranks")
+    steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)

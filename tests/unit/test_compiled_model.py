@@ -7,7 +7,7 @@ import torch
 
 from deepfleet.errors import DeepfleetError
 from deepfleet.train.compiled_model import (CPU_MIN_HIDDEN_FOR_COMPILE, CPU_MIN_STEPS_FOR_COMPILE, CompileChoice,
-                                            choose_compile, compile_engine)
+                                            CompiledModel, choose_compile, compile_engine, fallback_warning)
 
 
 WIDE, LONG = CPU_MIN_HIDDEN_FOR_COMPILE, CPU_MIN_STEPS_FOR_COMPILE
@@ -131,12 +131,31 @@ def test_auto_falls_back_to_eager_with_one_warning_line(no_cpp_compiler, capsys)
     compiled = compile_engine(Engine(layer), CompileChoice(compiled=True, why="train.compile: auto"),
                               requested="auto")
     torch.testing.assert_close(compiled.run(lambda: layer(x)), layer(x))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: train.compile: compiling the model failed (")
-    assert "/nonexistent/g++" in lines[0] and lines[0].endswith("; training eager")
+    assert capsys.readouterr().err == ""      # rank 0 says it for every rank, after the step (train/loop.py)
+    assert compiled.newly_fallen_back([True]) and not compiled.newly_fallen_back([True])
+    line = fallback_warning([compiled.fallback])
+    assert "\n" not in line and line.startswith("warning: train.compile: compiling the model failed (")
+    assert "/nonexistent/g++" in line and line.endswith("; training eager")
     assert compiled.describe().startswith("eager (compiling failed: ")
-    compiled.run(lambda: layer(x))     # later forwards stay eager, without another warning
-    assert capsys.readouterr().err == ""
+    torch.testing.assert_close(compiled.run(lambda: layer(x)), layer(x))     # later forwards stay eager
+
+
+def test_the_warning_names_the_ranks_that_fell_back_and_their_causes():
+    assert fallback_warning(["no g++", "no g++"]) == \
+        "warning: train.compile: compiling the model failed (no g++); training eager"
+    assert fallback_warning(["", "no g++", "", "no g++"]) == ("warning: train.compile: compiling the model failed "
+                                                              "on ranks 1, 3 (no g++); eager there, compiled on the "
+                                                              "other ranks")
+    assert fallback_warning(["out of memory", "no g++"]) == (
+        "warning: train.compile: compiling the model failed on rank 0 (out of memory); on rank 1 (no g++); training "
+        "eager")
+
+
+def test_each_new_fallback_is_reported_once():
+    model = CompiledModel(choice=COMPILED, requested="auto")
+    assert [model.newly_fallen_back(flags) for flags in ([False, False], [False, True], [False, True],
+                                                           [True, True], [True, True])] == [
+        False, True, False, True, False]
 
 
 def test_true_stops_with_one_error_line_when_compiling_fails(no_cpp_compiler):

@@ -17,15 +17,15 @@ that made a compiled function compile again.
 
 The backward graphs are compiled with the forward (`force_non_lazy_backward_lowering`), so every
 compile failure surfaces in a forward, before a gradient exists: the micro batch is then run again
-eager. `auto` says so in one warning line and trains eager; `true` stops with one error line (the user
-asked for the compiled model, and a silent eager run would make its speed figures wrong).
+eager. `auto` trains eager from then on, and rank 0 says so in one warning line with every rank's cause (a rank
+can fail alone: a missing compiler on one host); `true` stops with one error line (the user asked for the
+compiled model, and a silent eager run would make its speed figures wrong).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, TypeVar, Union
+from typing import Any, Callable, Literal, Sequence, TypeVar, Union
 
 import torch
 
@@ -100,9 +100,9 @@ class CompiledModel:
     """The choice for a run, applied to its engine: counts recompiles and falls back to eager when compiling fails."""
     choice: CompileChoice
     requested: CompileSetting
-    is_main: bool = True
     fallback: str = ""                  # the cause, once compiling failed and the run went eager
     _recompiles_before: int = field(default=0, repr=False)
+    _ranks_reported: frozenset[int] = field(default=frozenset(), repr=False)
 
     @property
     def active(self) -> bool:
@@ -133,9 +133,29 @@ class CompiledModel:
                                  fix="set train.compile: auto (falls back to eager) or false") from None
         torch.compiler.set_stance("force_eager")
         self.fallback = cause
-        if self.is_main:
-            print(f"warning: train.compile: compiling the model failed ({cause}); training eager", file=sys.stderr,
-                  flush=True)
+
+    def newly_fallen_back(self, fell_back: Sequence[bool]) -> bool:
+        """Whether a rank fell back since the last call, given every rank's `bool(fallback)` (the same list on
+        every rank, so all of them then gather the causes together)."""
+        ranks = frozenset(rank for rank, fallen in enumerate(fell_back) if fallen)
+        new = ranks - self._ranks_reported
+        self._ranks_reported = ranks
+        return bool(new)
+
+
+def fallback_warning(causes: Sequence[str]) -> str:
+    """The one warning line for every rank's fallback cause ("" where that rank still runs compiled)."""
+    everywhere = all(causes)
+    if everywhere and len(set(causes)) == 1:
+        return f"warning: train.compile: compiling the model failed ({causes[0]}); training eager"
+    ranks_by_cause: dict[str, list[str]] = {}
+    for rank, cause in enumerate(causes):
+        if cause:
+            ranks_by_cause.setdefault(cause, []).append(str(rank))
+    where = "; ".join(f"on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} ({cause})"
+                      for cause, ranks in ranks_by_cause.items())
+    then = "training eager" if everywhere else "eager there, compiled on the other ranks"
+    return f"warning: train.compile: compiling the model failed {where}; {then}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -145,10 +165,9 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def compile_engine(engine: Any, choice: CompileChoice, *, requested: CompileSetting,
-                   is_main: bool = True) -> CompiledModel:
+def compile_engine(engine: Any, choice: CompileChoice, *, requested: CompileSetting) -> CompiledModel:
     """Compile `engine`'s module when `choice` says so (lazily: the graphs are built at the first forward)."""
-    compiled = CompiledModel(choice=choice, requested=requested, is_main=is_main)
+    compiled = CompiledModel(choice=choice, requested=requested)
     if not choice.compiled:
         return compiled
     torch._dynamo.reset()                   # a rank trains one model; tests train several in one process

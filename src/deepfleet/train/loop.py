@@ -22,7 +22,7 @@ import torch
 from deepfleet.contract import PREPARED_DATA_ENV
 from deepfleet.plan.deepspeed_config import deepspeed_config_for_run, resolve_precision, solve_batch_layout
 from deepfleet.plan.recipe import Recipe
-from deepfleet.train.compiled_model import CompiledModel, choose_compile, compile_engine
+from deepfleet.train.compiled_model import CompiledModel, choose_compile, compile_engine, fallback_warning
 from deepfleet.train.console import TrainingConsole
 from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport
@@ -128,7 +128,7 @@ def build_training_run(recipe: Recipe, rank_env: RankEnv, startup: StartupMarks 
     choice = choose_compile(recipe.train.compile, device_type=device.device.type, total_steps=total_steps,
                             zero_stage=ds_config["zero_optimization"]["stage"], method=recipe.method,
                             hidden_size=built.model.config.get_text_config().hidden_size)
-    compiled = compile_engine(engine, choice, requested=recipe.train.compile, is_main=rank_env.is_main)
+    compiled = compile_engine(engine, choice, requested=recipe.train.compile)
     startup.end("deepspeed_init")
     seed_rank(recipe.train.seed, rank_env.rank)
     peak = rank_peak(choose_peak(recipe_peak_tflops=recipe.logging.peak_tflops, device_type=device.device.type,
@@ -203,7 +203,12 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     accum = run.order.grad_accum
     recompiles = run.compiled.recompiles
     per_rank = gather_across_ranks([loss_sum / accum, float(real_tokens), float(stop_requested), aux_sum / accum,
-                                    model_flops, seconds, float(recompiles or 0)], device)
+                                    model_flops, seconds, float(recompiles or 0), float(bool(run.compiled.fallback))],
+                                   device)
+    if run.compiled.newly_fallen_back([bool(values[7]) for values in per_rank]):
+        causes = objects_across_ranks(run.compiled.fallback)
+        if run.rank_env.is_main:
+            print(fallback_warning(causes), file=sys.stderr, flush=True)
     loss_total, tokens, stop_votes, aux_total, flops = (sum(values[i] for values in per_rank) for i in range(5))
     rank_seconds = [values[5] for values in per_rank]
     step_seconds = max(rank_seconds)
