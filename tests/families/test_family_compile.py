@@ -14,27 +14,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from deepfleet.train.batches import collate
-from deepfleet.train.dataset import TokenizedExample
 from deepfleet.train.families import FAMILIES, choose_attention
 from deepfleet.train.loss_head import choose_loss, model_loss
 from deepfleet.train.packed_attention import model_inputs
 
 from family_models import SPECS
+from packed_logits import QUERY_KEY_WEIGHTS, ROWS, examples
 
 VOCAB = 97
-LENGTHS = [23, 7, 30, 12, 5, 19]
-MICRO_BATCHES = ([[0, 1, 2], [3, 4, 5]], [[1, 4], [0, 5]])     # rows of 60/36 and 12/42 tokens
-QUERY_KEY_WEIGHTS = ("q_proj.weight", "k_proj.weight", "query_key_value.weight", "c_attn.weight")
+MICRO_BATCHES = (ROWS, [[1, 4], [0, 5]])     # rows of other lengths: the graphs must not specialise on them
 FAMILY_PER_PATH = ("mistral", "qwen2_moe", "gemma2", "falcon", "bloom", "gpt2")
-
-
-def examples() -> list[TokenizedExample]:
-    generator = torch.Generator().manual_seed(3)
-    made = []
-    for length in LENGTHS:
-        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
-        made.append(TokenizedExample(input_ids=ids, labels=list(ids)))
-    return made
 
 
 def cpu_attention(family: str):
@@ -60,7 +49,7 @@ def test_a_compiled_model_trains_as_eager(family):
     loss = choose_loss(model, requested="auto", device_type="cpu")
     assert loss.chunked, loss.why_plain
     extra = {"output_router_logits": True} if FAMILIES[family].is_moe else {}
-    items = examples()
+    items = examples(VOCAB)
 
     def train_step(call, rows) -> tuple[float, dict[str, torch.Tensor]]:
         tensors = collate(rows, items, pad_id=0, max_length=128, packing=True)
