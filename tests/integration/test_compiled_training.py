@@ -61,23 +61,29 @@ def test_compiled_training_has_the_eager_losses_and_few_recompiles(runs):
     assert recompiles[1] == recompiles[-1]      # none after the first step, whatever the lengths
 
 
-def test_a_fallback_on_one_rank_is_one_warning_line_from_rank_0(tmp_path):
-    train, _ = write_task_data(tmp_path / "data", n_train=64, n_validation=0)
+@pytest.mark.parametrize("failing_phase", ["train", "validation"])
+def test_a_fallback_on_one_rank_is_one_warning_line_from_rank_0(tmp_path, failing_phase):
+    """Rank 1 cannot compile from its first step, or only in the final validation (its no-grad graphs are new
+    there, and no step follows to report it)."""
+    train, validation = write_task_data(tmp_path / "data", n_train=64, n_validation=4)
     recipe = write_recipe(
         tmp_path / "fallback.yaml", model="builtin:tiny", method="full",
-        data={"train": [str(train)], "max_length": 128},
+        data={"train": [str(train)], "max_length": 128, "validation": {"files": [str(validation)]}},
         train={"max_steps": 3, "global_batch": 4, "micro_batch": 2, "warmup": 1, "lr": 3e-3, "seed": 3,
                "compile": True},
         deepspeed={"zero": 2}, logging={"peak_tflops": 0.05, "tensorboard": False},
         output_dir=str(tmp_path / "out"))
     done = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(REPO / "tests" / "integration" / "rank_compile_fallback.py"), str(recipe)],
+                           str(REPO / "tests" / "integration" / "rank_compile_fallback.py"), str(recipe),
+                           failing_phase],
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     warnings = [line for line in (done.stdout + done.stderr).splitlines() if "warning: train.compile" in line]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("warning: train.compile: compiling the model failed on rank 1 (")
-    assert "/nonexistent/g++" in warnings[0] and warnings[0].endswith("; eager there, compiled on the other ranks")
-    steps = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "train"]
+    assert "/nonexistent/g++" in warnings[0] and warnings[0].endswith("; eager there, compiled on 1 of 2 ranks")
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "train"]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert [math.isfinite(r["val_loss"]) for r in records if r["kind"] == "validation"] == [True]

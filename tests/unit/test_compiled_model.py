@@ -132,8 +132,8 @@ def test_auto_falls_back_to_eager_with_one_warning_line(no_cpp_compiler, capsys)
                               requested="auto")
     torch.testing.assert_close(compiled.run(lambda: layer(x)), layer(x))
     assert capsys.readouterr().err == ""      # rank 0 says it for every rank, after the step (train/loop.py)
-    assert compiled.newly_fallen_back([True]) and not compiled.newly_fallen_back([True])
-    line = fallback_warning([compiled.fallback])
+    assert compiled.newly_fallen_back([True]) == {0} and not compiled.newly_fallen_back([True])
+    line = fallback_warning([compiled.fallback], {0})
     assert "\n" not in line and line.startswith("warning: train.compile: compiling the model failed (")
     assert "/nonexistent/g++" in line and line.endswith("; training eager")
     assert compiled.describe().startswith("eager (compiling failed: ")
@@ -141,21 +141,30 @@ def test_auto_falls_back_to_eager_with_one_warning_line(no_cpp_compiler, capsys)
 
 
 def test_the_warning_names_the_ranks_that_fell_back_and_their_causes():
-    assert fallback_warning(["no g++", "no g++"]) == \
+    assert fallback_warning(["no g++", "no g++"], {0, 1}) == \
         "warning: train.compile: compiling the model failed (no g++); training eager"
-    assert fallback_warning(["", "no g++", "", "no g++"]) == ("warning: train.compile: compiling the model failed "
-                                                              "on ranks 1, 3 (no g++); eager there, compiled on the "
-                                                              "other ranks")
-    assert fallback_warning(["out of memory", "no g++"]) == (
+    assert fallback_warning(["", "no g++", "", "no g++"], {1, 3}) == (
+        "warning: train.compile: compiling the model failed on ranks 1, 3 (no g++); eager there, compiled on 2 of 4 "
+        "ranks")
+    assert fallback_warning(["out of memory", "no g++"], {0, 1}) == (
         "warning: train.compile: compiling the model failed on rank 0 (out of memory); on rank 1 (no g++); training "
         "eager")
+
+
+def test_a_later_warning_names_only_the_ranks_not_reported_before():
+    causes = ["no g++", "out of memory", "no g++", ""]
+    assert fallback_warning(causes, {0, 2}) == (
+        "warning: train.compile: compiling the model failed on ranks 0, 2 (no g++); eager there, compiled on 1 of 4 "
+        "ranks")
+    assert fallback_warning([*causes[:3], "no g++"], {3}) == (
+        "warning: train.compile: compiling the model failed on rank 3 (no g++); training eager")
 
 
 def test_each_new_fallback_is_reported_once():
     model = CompiledModel(choice=COMPILED, requested="auto")
     assert [model.newly_fallen_back(flags) for flags in ([False, False], [False, True], [False, True],
                                                            [True, True], [True, True])] == [
-        False, True, False, True, False]
+        set(), {1}, set(), {0}, set()]
 
 
 def test_true_stops_with_one_error_line_when_compiling_fails(no_cpp_compiler):

@@ -25,7 +25,7 @@ compiled model, and a silent eager run would make its speed figures wrong).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence, TypeVar, Union
+from typing import Any, Callable, Collection, Literal, Sequence, TypeVar, Union
 
 import torch
 
@@ -134,27 +134,27 @@ class CompiledModel:
         torch.compiler.set_stance("force_eager")
         self.fallback = cause
 
-    def newly_fallen_back(self, fell_back: Sequence[bool]) -> bool:
-        """Whether a rank fell back since the last call, given every rank's `bool(fallback)` (the same list on
+    def newly_fallen_back(self, fell_back: Sequence[bool]) -> frozenset[int]:
+        """The ranks that fell back since the last call, given every rank's `bool(fallback)` (the same list on
         every rank, so all of them then gather the causes together)."""
         ranks = frozenset(rank for rank, fallen in enumerate(fell_back) if fallen)
         new = ranks - self._ranks_reported
         self._ranks_reported = ranks
-        return bool(new)
+        return new
 
 
-def fallback_warning(causes: Sequence[str]) -> str:
-    """The one warning line for every rank's fallback cause ("" where that rank still runs compiled)."""
-    everywhere = all(causes)
-    if everywhere and len(set(causes)) == 1:
+def fallback_warning(causes: Sequence[str], new_ranks: Collection[int]) -> str:
+    """The one warning line for the ranks in `new_ranks`, given every rank's fallback cause ("" where that rank
+    still runs compiled)."""
+    if len(new_ranks) == len(causes) and len({causes[rank] for rank in new_ranks}) == 1:
         return f"warning: train.compile: compiling the model failed ({causes[0]}); training eager"
     ranks_by_cause: dict[str, list[str]] = {}
-    for rank, cause in enumerate(causes):
-        if cause:
-            ranks_by_cause.setdefault(cause, []).append(str(rank))
+    for rank in sorted(new_ranks):
+        ranks_by_cause.setdefault(causes[rank], []).append(str(rank))
     where = "; ".join(f"on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} ({cause})"
                       for cause, ranks in ranks_by_cause.items())
-    then = "training eager" if everywhere else "eager there, compiled on the other ranks"
+    still_compiled = sum(1 for cause in causes if not cause)
+    then = f"eager there, compiled on {still_compiled} of {len(causes)} ranks" if still_compiled else "training eager"
     return f"warning: train.compile: compiling the model failed {where}; {then}"
 
 

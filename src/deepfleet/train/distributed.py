@@ -90,13 +90,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def gather_across_ranks(values: list[float], device: torch.device) -> list[list[float]]:
     """Every rank's `values`, in rank order (one collective for all the per-step numbers)."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)

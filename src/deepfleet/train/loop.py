@@ -28,8 +28,7 @@ from deepfleet.train.data_order import DataOrder, MicroBatch, validation_batches
 from deepfleet.train.dataset import IGNORE_INDEX, DatasetReport
 from deepfleet.train.prepared_data import rank_datasets
 from deepfleet.train.distributed import (Device, RankEnv, barrier, gather_across_ranks, init_distributed,
-                                         objects_across_ranks, ops_prebuilt_on_every_rank, seed_rank,
-                                         sum_across_ranks, synchronize)
+                                         objects_across_ranks, ops_prebuilt_on_every_rank, seed_rank, synchronize)
 from deepfleet.train.metrics import (LOSS_PLOT_FILE, Heartbeat, MetricsWriter, StepMetrics, mfu, mfu_above_one_warning,
                                      plot_loss)
 from deepfleet.train.loss_head import LossOutput, model_loss
@@ -205,10 +204,7 @@ def train_one_step(run: TrainingRun, state: TrainState, *, stop_requested: bool 
     per_rank = gather_across_ranks([loss_sum / accum, float(real_tokens), float(stop_requested), aux_sum / accum,
                                     model_flops, seconds, float(recompiles or 0), float(bool(run.compiled.fallback))],
                                    device)
-    if run.compiled.newly_fallen_back([bool(values[7]) for values in per_rank]):
-        causes = objects_across_ranks(run.compiled.fallback)
-        if run.rank_env.is_main:
-            print(fallback_warning(causes), file=sys.stderr, flush=True)
+    _report_new_fallbacks(run, [bool(values[7]) for values in per_rank])
     loss_total, tokens, stop_votes, aux_total, flops = (sum(values[i] for values in per_rank) for i in range(5))
     rank_seconds = [values[5] for values in per_rank]
     step_seconds = max(rank_seconds)
@@ -240,8 +236,20 @@ def validation_loss(run: TrainingRun) -> float | None:
         weighted += output.loss.float().item() * n_targets
         count += n_targets
     engine.train()
-    weighted, count = sum_across_ranks([weighted, count], run.device.device)
+    per_rank = gather_across_ranks([weighted, count, float(bool(run.compiled.fallback))], run.device.device)
+    _report_new_fallbacks(run, [bool(values[2]) for values in per_rank])    # the final validation has no step after it
+    weighted, count = (sum(values[i] for values in per_rank) for i in range(2))
     return weighted / count if count else None
+
+
+def _report_new_fallbacks(run: TrainingRun, fell_back: list[bool]) -> None:
+    """One warning line from rank 0 for the ranks whose compiling failed since the last report. `fell_back` is
+    every rank's flag, the same on every rank, so either all ranks gather the causes or none does."""
+    new_ranks = run.compiled.newly_fallen_back(fell_back)
+    if new_ranks:
+        causes = objects_across_ranks(run.compiled.fallback)
+        if run.rank_env.is_main:
+            print(fallback_warning(causes, new_ranks), file=sys.stderr, flush=True)
 
 
 def run_training(recipe: Recipe, rank_env: RankEnv, *, console_stream: IO[str] | None = None,
