@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -142,4 +141,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from deepfleet.train.distributed import exit_rank
+
+    exit_rank(main())

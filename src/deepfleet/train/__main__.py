@@ -4,7 +4,8 @@ The resolved recipe comes in $DEEPFLEET_RECIPE (or `--recipe FILE` for a hand-ru
 Library output (DeepSpeed, transformers) goes to stderr; rank 0 keeps the real stdout for its
 console lines. A `DeepfleetError` is printed as its one line (`error: ...`), which the launcher
 shows instead of a traceback, and the rank exits with 2. A preempted rank (checkpoint written)
-prints `preempted: ...` and exits with 75. See `deepfleet/contract.py`.
+prints `preempted: ...` and exits with 75. See `deepfleet/contract.py`. After a clean end the rank destroys
+its process group; it exits through `exit_rank`, which skips the interpreter's teardown (see there).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"give --recipe or set ${RECIPE_ENV}")
 
     from deepfleet.errors import DeepfleetError
-    from deepfleet.train.distributed import RankEnv
+    from deepfleet.train.distributed import RankEnv, close_distributed
     from deepfleet.train.startup_marks import StartupMarks
     from deepfleet.train.preemption import Preempted
 
@@ -50,10 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
     except Preempted as stop:
+        close_distributed()
         print(preempted_line(stop.step, str(stop.checkpoint)), file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        console.flush()
+    close_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from deepfleet.train.distributed import exit_rank
+
+    exit_rank(main())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import sys
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,26 @@ def init_distributed(rank_env: RankEnv) -> Device:
     device = torch.device(accelerator.device_name(rank_env.local_rank)) if name != "cpu" else torch.device("cpu")
     return Device(accelerator=name, device=device,
                   bf16_supported=name != "cpu" and bool(accelerator.is_bf16_supported()))
+
+
+def close_distributed() -> None:
+    """Destroy the process group after a clean end (every rank done, or every rank preempted at the same
+    step), as torch documents. Not after a failure: with a peer stuck in a collective, destroying can hang
+    (torchtitan#1342); the supervisor tears those ranks down."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a rank process as multiprocessing ends its children: exit handlers run and streams are flushed,
+    then `os._exit` skips the interpreter's teardown. During that teardown a gloo worker thread still
+    releasing a finished collective (an all-gather's tensors, held by the barrier after it) needs the GIL,
+    cannot take it, and aborts the process (SIGABRT, "terminate called without an active exception",
+    pytorch#190489): a finished rank would be reported failed with 134."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def loadable_prebuilt_ops(installed_ops: Mapping[str, bool], *, built_for: str, built_with: Mapping[str, str],
