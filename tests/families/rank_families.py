@@ -13,7 +13,7 @@ import sys
 import torch
 
 from deepfleet.plan.recipe_io import load_recipe
-from deepfleet.train.distributed import RankEnv
+from deepfleet.train.distributed import RankEnv, exit_rank
 from deepfleet.train.loop import build_training_run, train_and_save
 
 PROBE = [[5, 17, 23, 42, 8, 9, 61, 3, 30, 12, 77, 101]]
@@ -57,3 +57,4 @@ def main(recipe_paths: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_rank(0)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 
 from deepfleet.plan.recipe_io import load_recipe
-from deepfleet.train.distributed import RankEnv
+from deepfleet.train.distributed import RankEnv, exit_rank
 from deepfleet.train.loop import build_training_run, train_and_save
 
 
@@ -29,3 +29,4 @@ def main(recipe_paths: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_rank(0)

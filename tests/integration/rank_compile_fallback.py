@@ -14,7 +14,7 @@ import torch._inductor.config  # noqa: E402
 
 from deepfleet.plan.recipe_io import load_recipe  # noqa: E402
 from deepfleet.train import loop  # noqa: E402
-from deepfleet.train.distributed import RankEnv  # noqa: E402
+from deepfleet.train.distributed import RankEnv, exit_rank  # noqa: E402
 
 
 def without_a_compiler() -> None:
@@ -36,3 +36,4 @@ if __name__ == "__main__":
     run = loop.build_training_run(load_recipe(recipe_path), RankEnv.from_environ())
     run.compiled.requested = "auto"     # compiled (the tiny model is below auto's size), with auto's fallback
     loop.train_and_save(run)
+    exit_rank(0)

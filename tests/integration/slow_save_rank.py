@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.train import checkpoint
-from deepfleet.train.distributed import RankEnv
+from deepfleet.train.distributed import RankEnv, exit_rank
 from deepfleet.train.loop import run_training
 
 SLOW_STEP_DIR = "step-4"
@@ -27,3 +27,4 @@ checkpoint._fsync_tree = slow_flush
 
 if __name__ == "__main__":
     run_training(load_recipe(sys.argv[1]), RankEnv.from_environ())
+    exit_rank(0)

@@ -7,7 +7,7 @@ import sys
 
 from deepfleet.plan.recipe_io import load_recipe
 from deepfleet.train import metrics
-from deepfleet.train.distributed import RankEnv
+from deepfleet.train.distributed import RankEnv, exit_rank
 from deepfleet.train.loop import run_training
 
 KILL_AFTER_STEP = int(os.environ["KILL_AFTER_STEP"])
@@ -24,3 +24,4 @@ metrics.MetricsWriter.write_step = write_step_then_die
 
 if __name__ == "__main__":
     run_training(load_recipe(sys.argv[1]), RankEnv.from_environ())
+    exit_rank(0)
