@@ -47,17 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe = load_recipe(args.recipe) if args.recipe else parse_recipe(os.environ[RECIPE_ENV], f"${RECIPE_ENV}")
         run_training(recipe, rank_env, console_stream=console if rank_env.is_main else None, startup=startup)
+        exit_code = 0
     except DeepfleetError as exc:
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
     except Preempted as stop:
-        close_distributed()
         print(preempted_line(stop.step, str(stop.checkpoint)), file=sys.stderr)
-        return EXIT_PREEMPTED
+        exit_code = EXIT_PREEMPTED
     finally:
         console.flush()
     close_distributed()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":
